@@ -1,0 +1,568 @@
+//! onrec's request and feedback pipelines, free of any transport.
+//!
+//! [`Engine`] is a cheap `Clone` handle around shared state: the catalog, the ranker and
+//! the per-user state. The HTTP and gRPC adapters, the simulator and the benchmarks all
+//! drive the service through it, so they run the same code.
+
+pub mod bounded;
+pub mod catalog;
+pub mod error;
+pub mod popularity;
+pub mod types;
+
+use std::collections::{BinaryHeap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::RwLock;
+
+use crate::bounded::Sharded;
+use crate::catalog::{Catalog, Inserted};
+use crate::popularity::Popularity;
+pub use crate::error::{EngineError, FieldError};
+pub use crate::types::*;
+
+/// How much each event type moves an item's popularity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EventWeights {
+    /// Weight of an impression.
+    pub impression: f64,
+    /// Weight of a click.
+    pub click: f64,
+    /// Weight of an add-to-cart.
+    pub add_to_cart: f64,
+    /// Weight of a purchase.
+    pub purchase: f64,
+    /// Weight of a dislike (negative pushes the item down for everyone).
+    pub dislike: f64,
+}
+
+impl EventWeights {
+    /// The weight of `kind`.
+    pub fn of(&self, kind: EventType) -> f64 {
+        match kind {
+            EventType::Impression => self.impression,
+            EventType::Click => self.click,
+            EventType::AddToCart => self.add_to_cart,
+            EventType::Purchase => self.purchase,
+            EventType::Dislike => self.dislike,
+        }
+    }
+}
+
+impl Default for EventWeights {
+    fn default() -> Self {
+        Self {
+            impression: 0.0,
+            click: 1.0,
+            add_to_cart: 2.0,
+            purchase: 3.0,
+            dislike: -1.0,
+        }
+    }
+}
+
+/// The engine's settings; the server fills them from its configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Largest `n` a request may ask for.
+    pub max_n: u32,
+    /// Time for an event's weight in popularity to halve.
+    pub half_life: Duration,
+    /// Leave out the items in the user's history.
+    pub exclude_seen: bool,
+    /// Items kept per user history.
+    pub history_len: usize,
+    /// Users whose state is kept; the least recently active are forgotten first.
+    pub max_users: usize,
+    /// Event ids remembered for deduplication (at least the most recent half of this).
+    pub dedupe_capacity: usize,
+    /// Popularity weight per event type.
+    pub weights: EventWeights,
+    /// How far in the future an event's timestamp may lie.
+    pub max_future_skew: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_n: 100,
+            half_life: Duration::from_secs(6 * 3600),
+            exclude_seen: true,
+            history_len: 50,
+            max_users: 1_000_000,
+            dedupe_capacity: 1_000_000,
+            weights: EventWeights::default(),
+            max_future_skew: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Items a user disliked that are remembered and hidden from them.
+const MAX_DISLIKED: usize = 100;
+
+/// What the engine keeps per user.
+#[derive(Debug, Default, Clone)]
+struct UserState {
+    /// Items interacted with, oldest first, at most `history_len`.
+    history: VecDeque<u32>,
+    /// Items disliked, oldest first, at most [`MAX_DISLIKED`].
+    disliked: VecDeque<u32>,
+}
+
+fn push_bounded(q: &mut VecDeque<u32>, idx: u32, cap: usize) {
+    q.push_back(idx);
+    while q.len() > cap {
+        q.pop_front();
+    }
+}
+
+/// The ranker's state: catalog and scores change together under one lock.
+#[derive(Debug)]
+struct Ranking {
+    catalog: Catalog,
+    popularity: Popularity,
+    /// Bumped by every catalog change; part of the model version.
+    catalog_generation: u64,
+}
+
+/// A snapshot of the engine's size, for metrics and readiness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Items in the catalog.
+    pub catalog_items: usize,
+    /// Items that may be recommended.
+    pub available_items: usize,
+    /// Users whose state is kept.
+    pub users_tracked: usize,
+    /// The ranker's name.
+    pub ranker: &'static str,
+    /// Version of the model that ranks now.
+    pub model_version: String,
+}
+
+/// The ranker's name in responses and metrics.
+pub const RANKER: &str = "popularity";
+
+struct Inner {
+    config: EngineConfig,
+    ranking: RwLock<Ranking>,
+    users: Sharded<String, UserState>,
+    /// 128-bit digests of event ids: a fixed size per id, whatever its length.
+    seen_events: Sharded<u128, ()>,
+}
+
+/// The pipelines behind a cheap `Clone` handle.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A 128-bit digest of an event id, from two independently keyed SipHashes.
+fn event_digest(event_id: &str) -> u128 {
+    let half = |key: u64| {
+        let mut h = std::hash::DefaultHasher::new();
+        key.hash(&mut h);
+        event_id.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half(0x5eed_0001)) << 64) | u128::from(half(0x5eed_0002))
+}
+
+/// A candidate in the top-n heap, ordered so the heap's top is the worst kept candidate.
+#[derive(Debug, PartialEq)]
+struct Candidate {
+    key: f64,
+    idx: u32,
+}
+
+impl Eq for Candidate {}
+
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Higher key is better; on ties the lower index (catalog order) is better.
+        other
+            .key
+            .total_cmp(&self.key)
+            .then(self.idx.cmp(&other.idx))
+    }
+}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Engine {
+    /// An engine over `items`, which are validated and inserted in order.
+    pub fn new(config: EngineConfig, items: Vec<Item>) -> Result<Self, EngineError> {
+        let now = now_ms();
+        let mut ranking = Ranking {
+            catalog: Catalog::default(),
+            popularity: Popularity::new(config.half_life.as_secs_f64() * 1000.0, now),
+            catalog_generation: 1,
+        };
+        for (i, item) in items.into_iter().enumerate() {
+            item.validate().map_err(|e| e.under(&format!("[{i}]")))?;
+            Self::insert_item(&mut ranking, item, now);
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                users: Sharded::new(config.max_users),
+                seen_events: Sharded::new(config.dedupe_capacity),
+                config,
+                ranking: RwLock::new(ranking),
+            }),
+        })
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    fn insert_item(ranking: &mut Ranking, item: Item, now: i64) -> Inserted {
+        let prior = item.popularity;
+        let inserted = ranking.catalog.upsert(item);
+        ranking.popularity.grow(ranking.catalog.len());
+        if let (Inserted::Created(idx), Some(prior)) = (inserted, prior) {
+            ranking.popularity.add(idx, prior, now);
+        }
+        inserted
+    }
+
+    /// The top-n items for one user, best first.
+    pub fn recommend(&self, req: &RecommendRequest) -> Result<Recommendation, EngineError> {
+        let cfg = &self.inner.config;
+        req.validate(cfg.max_n)?;
+        let now = now_ms();
+        let ranking = self.inner.ranking.read();
+        let catalog = &ranking.catalog;
+
+        let mut hidden: HashSet<u32> = req
+            .exclude
+            .iter()
+            .filter_map(|id| catalog.index_of(id))
+            .collect();
+        {
+            let users = self.inner.users.shard(&req.user_id);
+            let user = users.peek(&req.user_id);
+            if cfg.exclude_seen {
+                if req.recent_items.is_empty() {
+                    hidden.extend(user.iter().flat_map(|u| u.history.iter().copied()));
+                } else {
+                    hidden.extend(req.recent_items.iter().filter_map(|id| catalog.index_of(id)));
+                }
+            }
+            hidden.extend(user.iter().flat_map(|u| u.disliked.iter().copied()));
+        }
+
+        let n = req.n as usize;
+        let mut heap = BinaryHeap::with_capacity(n + 1);
+        for (idx, item) in catalog.items().iter().enumerate() {
+            let idx = idx as u32;
+            if !item.available || hidden.contains(&idx) {
+                continue;
+            }
+            heap.push(Candidate {
+                key: ranking.popularity.rank_key(idx),
+                idx,
+            });
+            if heap.len() > n {
+                heap.pop();
+            }
+        }
+        let items = heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|c| {
+                let item = catalog.get(c.idx);
+                RecommendedItem {
+                    item_id: item.item_id.clone(),
+                    score: ranking.popularity.score_at(c.idx, now),
+                    propensity: 1.0,
+                    explored: false,
+                    category: item.category.clone(),
+                    title: item.title.clone(),
+                }
+            })
+            .collect();
+        Ok(Recommendation {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            model_version: Self::model_version(&ranking),
+            ranker: RANKER.to_owned(),
+            segment: req.segment.clone().unwrap_or_else(|| "default".to_owned()),
+            items,
+        })
+    }
+
+    fn model_version(ranking: &Ranking) -> String {
+        format!("{RANKER}-c{}", ranking.catalog_generation)
+    }
+
+    /// Validates and applies one event. Safe to call again with the same event: the
+    /// second time it is a [`EventOutcome::Duplicate`].
+    pub fn record(&self, event: &Event) -> EventOutcome {
+        let cfg = &self.inner.config;
+        let now = now_ms();
+        if let Err(e) = event.validate(now, duration_ms(cfg.max_future_skew)) {
+            return EventOutcome::Invalid(e);
+        }
+        let at = event.timestamp.unwrap_or(now);
+        // The write lock is taken before the dedupe check so that an event is marked seen
+        // only together with its effect: a concurrent duplicate waits and then sees it.
+        let mut ranking = self.inner.ranking.write();
+        let Some(idx) = ranking.catalog.index_of(&event.item_id) else {
+            return EventOutcome::UnknownItem;
+        };
+        let digest = event_digest(&event.event_id);
+        {
+            let mut seen = self.inner.seen_events.shard(&digest);
+            if seen.contains(&digest) {
+                return EventOutcome::Duplicate;
+            }
+            seen.get_or_insert_with(digest, || ());
+        }
+        ranking.popularity.add(idx, cfg.weights.of(event.kind), at);
+        drop(ranking);
+
+        if event.kind.is_interaction() || event.kind == EventType::Dislike {
+            let mut users = self.inner.users.shard(&event.user_id);
+            let user = users.get_or_insert_with(event.user_id.clone(), UserState::default);
+            if event.kind == EventType::Dislike {
+                push_bounded(&mut user.disliked, idx, MAX_DISLIKED);
+            } else {
+                push_bounded(&mut user.history, idx, cfg.history_len);
+            }
+        }
+        EventOutcome::Accepted
+    }
+
+    /// Applies a batch all-or-nothing as far as validity goes: if any event is malformed
+    /// nothing is applied and the error names it (`[3].type`). Otherwise every event is
+    /// applied and the summary says what became of each.
+    pub fn record_batch(&self, events: &[Event]) -> Result<EventsSummary, EngineError> {
+        let now = now_ms();
+        let skew = duration_ms(self.inner.config.max_future_skew);
+        for (i, e) in events.iter().enumerate() {
+            e.validate(now, skew).map_err(|err| err.under(&format!("[{i}]")))?;
+        }
+        let mut summary = EventsSummary::default();
+        for (i, e) in events.iter().enumerate() {
+            summary.add(i as u64, &e.event_id, &e.item_id, &self.record(e));
+        }
+        Ok(summary)
+    }
+
+    /// Inserts or replaces items, all-or-nothing: if any item is malformed nothing changes
+    /// and the error names it (`[2].price`).
+    pub fn upsert_items(&self, items: Vec<Item>) -> Result<UpsertSummary, EngineError> {
+        for (i, item) in items.iter().enumerate() {
+            item.validate().map_err(|e| e.under(&format!("[{i}]")))?;
+        }
+        let now = now_ms();
+        let mut ranking = self.inner.ranking.write();
+        let (mut created, mut updated) = (0, 0);
+        for item in items {
+            match Self::insert_item(&mut ranking, item, now) {
+                Inserted::Created(_) => created += 1,
+                Inserted::Updated(_) => updated += 1,
+            }
+        }
+        ranking.catalog_generation += 1;
+        Ok(UpsertSummary {
+            created,
+            updated,
+            catalog_size: ranking.catalog.len() as u64,
+        })
+    }
+
+    /// The items a user interacted with, oldest first, as the engine recorded them.
+    pub fn history(&self, user_id: &str) -> Vec<String> {
+        let key = user_id.to_owned();
+        let ranking = self.inner.ranking.read();
+        let users = self.inner.users.shard(&key);
+        users.peek(&key).map_or_else(Vec::new, |u| {
+            u.history
+                .iter()
+                .map(|&i| ranking.catalog.get(i).item_id.clone())
+                .collect()
+        })
+    }
+
+    /// Sizes and the current model version.
+    pub fn stats(&self) -> Stats {
+        let ranking = self.inner.ranking.read();
+        Stats {
+            catalog_items: ranking.catalog.len(),
+            available_items: ranking.catalog.available(),
+            users_tracked: self.inner.users.len(),
+            ranker: RANKER,
+            model_version: Self::model_version(&ranking),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(items: usize) -> Engine {
+        Engine::new(EngineConfig::default(), catalog::demo_catalog(items)).unwrap()
+    }
+
+    fn event(id: &str, user: &str, item: &str, kind: EventType) -> Event {
+        Event {
+            event_id: id.into(),
+            user_id: user.into(),
+            item_id: item.into(),
+            kind,
+            request_id: None,
+            value: None,
+            timestamp: None,
+        }
+    }
+
+    fn ids(r: &Recommendation) -> Vec<&str> {
+        r.items.iter().map(|i| i.item_id.as_str()).collect()
+    }
+
+    #[test]
+    fn returns_n_items_best_first() {
+        let e = engine(200);
+        let r = e.recommend(&RecommendRequest::new("u", 10)).unwrap();
+        assert_eq!(r.items.len(), 10);
+        assert!(r.items.windows(2).all(|w| w[0].score >= w[1].score));
+        assert!(r.items.iter().all(|i| i.propensity == 1.0 && !i.explored));
+        assert_eq!((r.ranker.as_str(), r.segment.as_str()), ("popularity", "default"));
+        let again = e.recommend(&RecommendRequest::new("v", 10)).unwrap();
+        assert_eq!(ids(&r), ids(&again));
+        assert_ne!(r.request_id, again.request_id);
+    }
+
+    #[test]
+    fn clicks_move_an_item_up_for_everyone() {
+        let e = engine(200);
+        let before = e.recommend(&RecommendRequest::new("u", 100)).unwrap();
+        let target = before.items[90].item_id.clone();
+        let top = before.items[0].score;
+        let clicks = (top.ceil() as usize) + 1;
+        for i in 0..clicks {
+            let ev = event(&format!("e{i}"), &format!("user{i}"), &target, EventType::Click);
+            assert_eq!(e.record(&ev), EventOutcome::Accepted);
+        }
+        let after = e.recommend(&RecommendRequest::new("someone-else", 5)).unwrap();
+        assert_eq!(after.items[0].item_id, target);
+    }
+
+    #[test]
+    fn duplicates_count_once() {
+        let e = engine(50);
+        let target = e.recommend(&RecommendRequest::new("u", 50)).unwrap().items[49]
+            .item_id
+            .clone();
+        let ev = event("dup", "u1", &target, EventType::Purchase);
+        assert_eq!(e.record(&ev), EventOutcome::Accepted);
+        let once = e.recommend(&RecommendRequest::new("x", 50)).unwrap();
+        assert_eq!(e.record(&ev), EventOutcome::Duplicate);
+        let twice = e.recommend(&RecommendRequest::new("x", 50)).unwrap();
+        let score = |r: &Recommendation| r.items.iter().find(|i| i.item_id == target).unwrap().score;
+        assert!((score(&once) - score(&twice)).abs() < 1e-6 * score(&once));
+    }
+
+    #[test]
+    fn seen_excluded_and_disliked_items_are_never_returned() {
+        let e = engine(30);
+        let all = e.recommend(&RecommendRequest::new("u", 30)).unwrap();
+        let (a, b, c) = (&all.items[0].item_id, &all.items[1].item_id, &all.items[2].item_id);
+        e.record(&event("1", "u", a, EventType::Click));
+        e.record(&event("2", "u", b, EventType::Dislike));
+        let mut req = RecommendRequest::new("u", 30);
+        req.exclude = vec![c.clone(), "not-in-catalog".into()];
+        let r = e.recommend(&req).unwrap();
+        assert_eq!(r.items.len(), 27);
+        for id in [a, b, c] {
+            assert!(!ids(&r).contains(&id.as_str()), "{id} returned");
+        }
+        assert_eq!(e.history("u"), vec![a.clone()]);
+        // recent_items in the request replace the recorded history.
+        let mut req = RecommendRequest::new("u", 30);
+        req.recent_items = vec![c.clone()];
+        let r = e.recommend(&req).unwrap();
+        assert!(ids(&r).contains(&a.as_str()) && !ids(&r).contains(&c.as_str()));
+    }
+
+    #[test]
+    fn empty_catalog_and_unknown_users_get_empty_or_popular_results() {
+        let e = Engine::new(EngineConfig::default(), Vec::new()).unwrap();
+        assert!(e.recommend(&RecommendRequest::new("u", 5)).unwrap().items.is_empty());
+        assert_eq!(
+            e.record(&event("e", "u", "nope", EventType::Click)),
+            EventOutcome::UnknownItem
+        );
+        let e = engine(3);
+        assert_eq!(e.recommend(&RecommendRequest::new("new", 10)).unwrap().items.len(), 3);
+    }
+
+    #[test]
+    fn batches_are_validated_before_anything_is_applied() {
+        let e = engine(10);
+        let good = event("a", "u", "sku-00001", EventType::Click);
+        let bad = event("", "u", "sku-00002", EventType::Click);
+        let err = e.record_batch(&[good.clone(), bad]).unwrap_err().to_string();
+        assert_eq!(err, "[1].event_id: must not be empty");
+        assert!(e.history("u").is_empty());
+        let s = e
+            .record_batch(&[good.clone(), good, event("b", "u", "zzz", EventType::Click)])
+            .unwrap();
+        assert_eq!((s.accepted, s.duplicates, s.unknown_items), (1, 1, 1));
+        assert_eq!(s.errors.len(), 1);
+        assert_eq!(s.errors[0].index, 2);
+    }
+
+    #[test]
+    fn upserts_add_hide_and_version_the_catalog() {
+        let e = engine(5);
+        let v1 = e.stats().model_version;
+        let mut hidden = e.recommend(&RecommendRequest::new("u", 1)).unwrap().items[0].item_id.clone();
+        let mut item = Item::new(hidden.clone(), "x");
+        item.available = false;
+        let s = e.upsert_items(vec![item, Item::new("new-1", "y")]).unwrap();
+        assert_eq!((s.created, s.updated, s.catalog_size), (1, 1, 6));
+        assert_ne!(e.stats().model_version, v1);
+        assert_eq!(e.stats().available_items, 5);
+        let r = e.recommend(&RecommendRequest::new("u", 10)).unwrap();
+        assert!(!ids(&r).contains(&hidden.as_str()));
+        hidden.clear();
+        let err = e.upsert_items(vec![Item::new("ok", ""), Item::new(hidden, "")]).unwrap_err();
+        assert_eq!(err.to_string(), "[1].item_id: must not be empty");
+        assert_eq!(e.stats().catalog_items, 6);
+    }
+
+    #[test]
+    fn event_digests_differ_per_id() {
+        assert_ne!(event_digest("a"), event_digest("b"));
+        assert_eq!(event_digest("a"), event_digest("a"));
+    }
+}

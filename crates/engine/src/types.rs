@@ -1,0 +1,574 @@
+//! The requests, events, items and answers the engine deals in, with their validation.
+//!
+//! These are the JSON shapes of the HTTP API and of catalog files; the gRPC adapter maps
+//! its messages onto them, so both transports validate through the same code.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::FieldError;
+
+/// Longest accepted id (user, item, event, request), in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+/// Most `recent_items` or `exclude` entries one request may carry.
+pub const MAX_LIST_LEN: usize = 1000;
+/// Most free-form context attributes one request may carry.
+pub const MAX_CONTEXT_ATTRIBUTES: usize = 32;
+/// Longest accepted short text (segment, device, country, page, category, tag), in bytes.
+pub const MAX_LABEL_BYTES: usize = 128;
+/// Longest accepted item title, in bytes.
+pub const MAX_TITLE_BYTES: usize = 1024;
+/// Number of items returned when a request does not say.
+pub const DEFAULT_N: u32 = 10;
+
+fn default_n() -> u32 {
+    DEFAULT_N
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Checks an identifier: non-empty, not only whitespace, at most [`MAX_ID_BYTES`], no
+/// control characters.
+pub fn check_id(field: &str, id: &str) -> Result<(), FieldError> {
+    if id.trim().is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    check_text(field, id, MAX_ID_BYTES)
+}
+
+fn check_text(field: &str, text: &str, max: usize) -> Result<(), FieldError> {
+    if text.len() > max {
+        return Err(FieldError::new(
+            field,
+            format!("is {} bytes long; at most {max} are allowed", text.len()),
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(FieldError::new(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn check_ids(field: &str, ids: &[String]) -> Result<(), FieldError> {
+    if ids.len() > MAX_LIST_LEN {
+        return Err(FieldError::new(
+            field,
+            format!("has {} entries; at most {MAX_LIST_LEN} are allowed", ids.len()),
+        ));
+    }
+    ids.iter()
+        .enumerate()
+        .try_for_each(|(i, id)| check_id(&format!("{field}[{i}]"), id))
+}
+
+/// What the caller knows about the moment of the request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Context {
+    /// Device class, e.g. `mobile`, `desktop`, `app`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// ISO 3166-1 alpha-2 country code, e.g. `DE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    /// Local hour of day, 0..=23.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hour: Option<u32>,
+    /// Page or placement, e.g. `home`, `product`, `cart`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<String>,
+    /// Further free-form attributes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Context {
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        for (name, value) in [
+            ("device", &self.device),
+            ("country", &self.country),
+            ("page", &self.page),
+        ] {
+            if let Some(v) = value {
+                check_text(name, v, MAX_LABEL_BYTES)?;
+            }
+        }
+        if let Some(hour) = self.hour
+            && hour > 23
+        {
+            return Err(FieldError::new("hour", format!("is {hour}; must be 0..=23")));
+        }
+        if self.attributes.len() > MAX_CONTEXT_ATTRIBUTES {
+            return Err(FieldError::new(
+                "attributes",
+                format!(
+                    "has {} entries; at most {MAX_CONTEXT_ATTRIBUTES} are allowed",
+                    self.attributes.len()
+                ),
+            ));
+        }
+        for (k, v) in &self.attributes {
+            check_id("attributes", k)?;
+            check_text(&format!("attributes.{k}"), v, MAX_LABEL_BYTES)?;
+        }
+        Ok(())
+    }
+}
+
+/// A request for the top-N items for one user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RecommendRequest {
+    /// The user asking; any non-empty string (anonymous session ids work too).
+    pub user_id: String,
+    /// How many items to return: 1..=max_n (a server setting, 100 by default).
+    #[serde(default = "default_n")]
+    #[cfg_attr(feature = "openapi", schema(default = 10, minimum = 1))]
+    pub n: u32,
+    /// The moment of the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Context>,
+    /// The user's most recent items, newest last; replaces the recorded history when given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_items: Vec<String>,
+    /// Items that must not be returned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// Explicit user segment; absent means "derive it".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<String>,
+}
+
+impl RecommendRequest {
+    /// A request for `n` items for `user_id` with nothing else set.
+    pub fn new(user_id: impl Into<String>, n: u32) -> Self {
+        Self {
+            user_id: user_id.into(),
+            n,
+            context: None,
+            recent_items: Vec::new(),
+            exclude: Vec::new(),
+            segment: None,
+        }
+    }
+
+    /// Checks every field against `max_n`; the error names the first bad one.
+    pub fn validate(&self, max_n: u32) -> Result<(), FieldError> {
+        check_id("user_id", &self.user_id)?;
+        if self.n == 0 || self.n > max_n {
+            return Err(FieldError::new(
+                "n",
+                format!("is {}; must be 1..={max_n}", self.n),
+            ));
+        }
+        if let Some(ctx) = &self.context {
+            ctx.validate().map_err(|e| e.under("context"))?;
+        }
+        check_ids("recent_items", &self.recent_items)?;
+        check_ids("exclude", &self.exclude)?;
+        if let Some(segment) = &self.segment {
+            check_id("segment", segment)?;
+            check_text("segment", segment, MAX_LABEL_BYTES)?;
+        }
+        Ok(())
+    }
+}
+
+/// One slot of a recommendation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RecommendedItem {
+    /// The item.
+    pub item_id: String,
+    /// Ranking score, higher is better; comparable within one response only.
+    pub score: f64,
+    /// Probability the policy had of placing this item in this slot.
+    pub propensity: f64,
+    /// Whether exploration rather than the ranking filled this slot.
+    pub explored: bool,
+    /// The item's category.
+    pub category: String,
+    /// The item's title.
+    pub title: String,
+}
+
+/// The answer to a [`RecommendRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Recommendation {
+    /// Send it back in `Event.request_id` to attribute feedback to this answer.
+    pub request_id: String,
+    /// Version of the model that ranked.
+    pub model_version: String,
+    /// The ranker that produced the ranking, e.g. `popularity`.
+    pub ranker: String,
+    /// The segment the user was served as.
+    pub segment: String,
+    /// At most `n` items, best first; fewer when the catalog has fewer eligible items.
+    pub items: Vec<RecommendedItem>,
+}
+
+/// What a user did with an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    /// The item was shown.
+    Impression,
+    /// The item was clicked.
+    Click,
+    /// The item was put in the cart.
+    AddToCart,
+    /// The item was bought.
+    Purchase,
+    /// The user asked not to see the item again.
+    Dislike,
+}
+
+impl EventType {
+    /// Every type, in the order of the protobuf enum.
+    pub const ALL: [EventType; 5] = [
+        Self::Impression,
+        Self::Click,
+        Self::AddToCart,
+        Self::Purchase,
+        Self::Dislike,
+    ];
+
+    /// The name used in JSON and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Impression => "impression",
+            Self::Click => "click",
+            Self::AddToCart => "add_to_cart",
+            Self::Purchase => "purchase",
+            Self::Dislike => "dislike",
+        }
+    }
+
+    /// Whether the event shows interest, and so enters the user's history.
+    pub fn is_interaction(self) -> bool {
+        matches!(self, Self::Click | Self::AddToCart | Self::Purchase)
+    }
+}
+
+/// Feedback about one item from one user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// Unique per event; an `event_id` seen before is counted once.
+    pub event_id: String,
+    /// Who acted.
+    pub user_id: String,
+    /// On what.
+    pub item_id: String,
+    /// What they did.
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// The `request_id` of the recommendation that showed the item, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Optional monetary or rating value (e.g. the purchase amount); must be finite.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// When it happened, in milliseconds since the Unix epoch; absent means "now".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<i64>,
+}
+
+impl Event {
+    /// Checks every field; `now_ms` and `max_future_skew_ms` bound the timestamp.
+    pub fn validate(&self, now_ms: i64, max_future_skew_ms: i64) -> Result<(), FieldError> {
+        check_id("event_id", &self.event_id)?;
+        check_id("user_id", &self.user_id)?;
+        check_id("item_id", &self.item_id)?;
+        if let Some(request_id) = &self.request_id {
+            check_id("request_id", request_id)?;
+        }
+        if let Some(value) = self.value
+            && !value.is_finite()
+        {
+            return Err(FieldError::new("value", "must be a finite number"));
+        }
+        if let Some(ts) = self.timestamp {
+            if ts < 0 {
+                return Err(FieldError::new(
+                    "timestamp",
+                    format!("is {ts}; must be milliseconds since the Unix epoch"),
+                ));
+            }
+            if ts > now_ms.saturating_add(max_future_skew_ms) {
+                return Err(FieldError::new(
+                    "timestamp",
+                    format!(
+                        "is {} ms ahead of the server's clock; at most {max_future_skew_ms} ms are allowed",
+                        ts - now_ms
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What became of one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventOutcome {
+    /// Counted.
+    Accepted,
+    /// Counted before under the same `event_id`; ignored.
+    Duplicate,
+    /// Malformed; nothing changed.
+    Invalid(FieldError),
+    /// Well formed, but the catalog has no such item; nothing changed.
+    UnknownItem,
+    /// The server was at capacity; nothing changed, a retry is safe.
+    Overloaded,
+}
+
+impl EventOutcome {
+    /// The name used in API answers and metric labels.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Duplicate => "duplicate",
+            Self::Invalid(_) => "invalid",
+            Self::UnknownItem => "unknown_item",
+            Self::Overloaded => "overloaded",
+        }
+    }
+
+    /// Why the event was not accepted, or `None` for accepted and duplicate events.
+    pub fn error(&self, item_id: &str) -> Option<String> {
+        match self {
+            Self::Accepted | Self::Duplicate => None,
+            Self::Invalid(e) => Some(e.to_string()),
+            Self::UnknownItem => Some(format!("item_id: '{item_id}' is not in the catalog")),
+            Self::Overloaded => Some("the server is at capacity; retry later".to_owned()),
+        }
+    }
+}
+
+/// One event that was not accepted, in a summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EventError {
+    /// Position in the batch or stream, from 0 (for NDJSON: the line number minus one).
+    pub index: u64,
+    /// The event's id, when it could be read.
+    pub event_id: String,
+    /// `invalid`, `unknown_item` or `overloaded`.
+    pub status: String,
+    /// What was wrong.
+    pub error: String,
+}
+
+/// Most errors a summary lists; the counters still count every event.
+pub const MAX_SUMMARY_ERRORS: usize = 100;
+
+/// Counts of what became of a batch or stream of events.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EventsSummary {
+    /// Events read.
+    pub received: u64,
+    /// Events counted.
+    pub accepted: u64,
+    /// Events ignored as already counted.
+    pub duplicates: u64,
+    /// Malformed events.
+    pub invalid: u64,
+    /// Events naming an item the catalog does not have.
+    pub unknown_items: u64,
+    /// Events refused because the server was at capacity.
+    pub overloaded: u64,
+    /// The first errors (at most 100), in order.
+    pub errors: Vec<EventError>,
+}
+
+impl EventsSummary {
+    /// Adds the outcome of the event at `index`.
+    pub fn add(&mut self, index: u64, event_id: &str, item_id: &str, outcome: &EventOutcome) {
+        self.received += 1;
+        match outcome {
+            EventOutcome::Accepted => self.accepted += 1,
+            EventOutcome::Duplicate => self.duplicates += 1,
+            EventOutcome::Invalid(_) => self.invalid += 1,
+            EventOutcome::UnknownItem => self.unknown_items += 1,
+            EventOutcome::Overloaded => self.overloaded += 1,
+        }
+        if let Some(error) = outcome.error(item_id)
+            && self.errors.len() < MAX_SUMMARY_ERRORS
+        {
+            self.errors.push(EventError {
+                index,
+                event_id: event_id.to_owned(),
+                status: outcome.as_str().to_owned(),
+                error,
+            });
+        }
+    }
+}
+
+/// A catalog item: the JSON shape of `PUT /v1/items` and of each catalog file line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Item {
+    /// The item's id (a SKU).
+    pub item_id: String,
+    /// Display title.
+    #[serde(default)]
+    pub title: String,
+    /// Category.
+    #[serde(default)]
+    pub category: String,
+    /// Price, non-negative.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<f64>,
+    /// Free-form tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Unavailable items are kept but never recommended.
+    #[serde(default = "default_true")]
+    pub available: bool,
+    /// Prior popularity for a new item (non-negative); ignored for items already known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub popularity: Option<f64>,
+}
+
+impl Item {
+    /// An available item with only an id and a category.
+    pub fn new(item_id: impl Into<String>, category: impl Into<String>) -> Self {
+        Self {
+            item_id: item_id.into(),
+            title: String::new(),
+            category: category.into(),
+            price: None,
+            tags: Vec::new(),
+            available: true,
+            popularity: None,
+        }
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        check_id("item_id", &self.item_id)?;
+        check_text("title", &self.title, MAX_TITLE_BYTES)?;
+        check_text("category", &self.category, MAX_LABEL_BYTES)?;
+        for (name, value) in [("price", self.price), ("popularity", self.popularity)] {
+            if let Some(v) = value
+                && !(v.is_finite() && v >= 0.0)
+            {
+                return Err(FieldError::new(name, "must be a finite, non-negative number"));
+            }
+        }
+        if self.tags.len() > MAX_CONTEXT_ATTRIBUTES {
+            return Err(FieldError::new(
+                "tags",
+                format!("has {} entries; at most {MAX_CONTEXT_ATTRIBUTES} are allowed", self.tags.len()),
+            ));
+        }
+        self.tags
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, t)| check_text(&format!("tags[{i}]"), t, MAX_LABEL_BYTES))
+    }
+}
+
+/// What an upsert changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UpsertSummary {
+    /// Items that were new.
+    pub created: u64,
+    /// Items that replaced one with the same id.
+    pub updated: u64,
+    /// Items in the catalog afterwards.
+    pub catalog_size: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_validation_names_the_field() {
+        let mut r = RecommendRequest::new("u1", 0);
+        assert_eq!(r.validate(100).unwrap_err().field, "n");
+        r.n = 101;
+        assert_eq!(r.validate(100).unwrap_err().field, "n");
+        r.n = 100;
+        assert!(r.validate(100).is_ok());
+        r.user_id = "  ".into();
+        assert_eq!(r.validate(100).unwrap_err().field, "user_id");
+        r.user_id = "u1".into();
+        r.exclude = vec!["a".into(), String::new()];
+        assert_eq!(r.validate(100).unwrap_err().field, "exclude[1]");
+        r.exclude.clear();
+        r.context = Some(Context {
+            hour: Some(24),
+            ..Context::default()
+        });
+        assert_eq!(r.validate(100).unwrap_err().field, "context.hour");
+    }
+
+    #[test]
+    fn event_validation_bounds_values_and_time() {
+        let e = Event {
+            event_id: "e1".into(),
+            user_id: "u1".into(),
+            item_id: "i1".into(),
+            kind: EventType::Click,
+            request_id: None,
+            value: Some(f64::NAN),
+            timestamp: None,
+        };
+        assert_eq!(e.validate(1000, 10).unwrap_err().field, "value");
+        let e = Event {
+            value: None,
+            timestamp: Some(1011),
+            ..e
+        };
+        assert_eq!(e.validate(1000, 10).unwrap_err().field, "timestamp");
+        assert!(e.validate(1001, 10).is_ok());
+    }
+
+    #[test]
+    fn unknown_event_type_is_a_serde_error_naming_the_variants() {
+        let err = serde_json::from_str::<Event>(
+            r#"{"event_id":"e","user_id":"u","item_id":"i","type":"like"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown variant `like`"), "{err}");
+        assert!(err.contains("add_to_cart"), "{err}");
+    }
+
+    #[test]
+    fn field_paths_nest() {
+        let e = FieldError::new("type", "bad").under("[3]");
+        assert_eq!(e.field, "[3].type");
+        assert_eq!(FieldError::new("[1]", "x").under("exclude").field, "exclude[1]");
+    }
+
+    #[test]
+    fn summary_counts_every_event_but_lists_a_bounded_number_of_errors() {
+        let mut s = EventsSummary::default();
+        for i in 0..(MAX_SUMMARY_ERRORS as u64 + 5) {
+            s.add(i, "e", "i", &EventOutcome::UnknownItem);
+        }
+        s.add(999, "e", "i", &EventOutcome::Accepted);
+        assert_eq!(s.received, MAX_SUMMARY_ERRORS as u64 + 6);
+        assert_eq!(s.unknown_items, MAX_SUMMARY_ERRORS as u64 + 5);
+        assert_eq!(s.accepted, 1);
+        assert_eq!(s.errors.len(), MAX_SUMMARY_ERRORS);
+    }
+}
