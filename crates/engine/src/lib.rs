@@ -359,20 +359,15 @@ impl Engine {
         EventOutcome::Accepted
     }
 
-    /// Applies a batch all-or-nothing as far as validity goes: if any event is malformed
-    /// nothing is applied and the error names it (`[3].type`). Otherwise every event is
-    /// applied and the summary says what became of each.
-    pub fn record_batch(&self, events: &[Event]) -> Result<EventsSummary, EngineError> {
+    /// Checks a batch before any of it is applied: the error names the first malformed
+    /// event (`[3].type`), so a batch is applied whole or not at all as far as validity goes.
+    pub fn validate_batch(&self, events: &[Event]) -> Result<(), EngineError> {
         let now = now_ms();
         let skew = duration_ms(self.inner.config.max_future_skew);
         for (i, e) in events.iter().enumerate() {
             e.validate(now, skew).map_err(|err| err.under(&format!("[{i}]")))?;
         }
-        let mut summary = EventsSummary::default();
-        for (i, e) in events.iter().enumerate() {
-            summary.add(i as u64, &e.event_id, &e.item_id, &self.record(e));
-        }
-        Ok(summary)
+        Ok(())
     }
 
     /// Inserts or replaces items, all-or-nothing: if any item is malformed nothing changes
@@ -530,15 +525,9 @@ mod tests {
         let e = engine(10);
         let good = event("a", "u", "sku-00001", EventType::Click);
         let bad = event("", "u", "sku-00002", EventType::Click);
-        let err = e.record_batch(&[good.clone(), bad]).unwrap_err().to_string();
+        let err = e.validate_batch(&[good.clone(), bad]).unwrap_err().to_string();
         assert_eq!(err, "[1].event_id: must not be empty");
-        assert!(e.history("u").is_empty());
-        let s = e
-            .record_batch(&[good.clone(), good, event("b", "u", "zzz", EventType::Click)])
-            .unwrap();
-        assert_eq!((s.accepted, s.duplicates, s.unknown_items), (1, 1, 1));
-        assert_eq!(s.errors.len(), 1);
-        assert_eq!(s.errors[0].index, 2);
+        assert!(e.validate_batch(&[good]).is_ok());
     }
 
     #[test]

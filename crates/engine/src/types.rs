@@ -329,8 +329,6 @@ pub enum EventOutcome {
     Invalid(FieldError),
     /// Well formed, but the catalog has no such item; nothing changed.
     UnknownItem,
-    /// The server was at capacity; nothing changed, a retry is safe.
-    Overloaded,
 }
 
 impl EventOutcome {
@@ -341,7 +339,6 @@ impl EventOutcome {
             Self::Duplicate => "duplicate",
             Self::Invalid(_) => "invalid",
             Self::UnknownItem => "unknown_item",
-            Self::Overloaded => "overloaded",
         }
     }
 
@@ -351,7 +348,6 @@ impl EventOutcome {
             Self::Accepted | Self::Duplicate => None,
             Self::Invalid(e) => Some(e.to_string()),
             Self::UnknownItem => Some(format!("item_id: '{item_id}' is not in the catalog")),
-            Self::Overloaded => Some("the server is at capacity; retry later".to_owned()),
         }
     }
 }
@@ -364,7 +360,7 @@ pub struct EventError {
     pub index: u64,
     /// The event's id, when it could be read.
     pub event_id: String,
-    /// `invalid`, `unknown_item` or `overloaded`.
+    /// `invalid` or `unknown_item`.
     pub status: String,
     /// What was wrong.
     pub error: String,
@@ -387,8 +383,6 @@ pub struct EventsSummary {
     pub invalid: u64,
     /// Events naming an item the catalog does not have.
     pub unknown_items: u64,
-    /// Events refused because the server was at capacity.
-    pub overloaded: u64,
     /// The first errors (at most 100), in order.
     pub errors: Vec<EventError>,
 }
@@ -402,7 +396,6 @@ impl EventsSummary {
             EventOutcome::Duplicate => self.duplicates += 1,
             EventOutcome::Invalid(_) => self.invalid += 1,
             EventOutcome::UnknownItem => self.unknown_items += 1,
-            EventOutcome::Overloaded => self.overloaded += 1,
         }
         if let Some(error) = outcome.error(item_id)
             && self.errors.len() < MAX_SUMMARY_ERRORS

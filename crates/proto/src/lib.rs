@@ -2,6 +2,8 @@
 
 #![allow(missing_docs, unused_qualifications, clippy::all)]
 
+pub mod codec;
+
 /// Version 1 of the contract: the `Recommender` service and its messages.
 pub mod v1 {
     tonic::include_proto!("onrec.v1");

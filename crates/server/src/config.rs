@@ -1,0 +1,345 @@
+//! The one typed configuration: CLI flags, `ONREC_*` environment, an optional TOML file.
+//!
+//! Precedence: flag, then environment, then the file, then the built-in default. A TOML key
+//! is the flag's name with `_` for `-` (`--http-addr` is `http_addr`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, FromArgMatches};
+use serde::{Deserialize, Serialize};
+
+use onrec_engine::{EngineConfig, EventWeights};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 6h)"))
+}
+
+/// Settings of `onrec serve`.
+#[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// TOML file with any of these settings (keys as the flags, with `_` for `-`)
+    #[arg(long, env = "ONREC_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address of the HTTP API, health checks and metrics
+    #[arg(long, env = "ONREC_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Address of the gRPC API
+    #[arg(long, env = "ONREC_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// JSON-lines catalog, one item per line; without it a built-in demo catalog is used
+    #[arg(long, env = "ONREC_CATALOG")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<PathBuf>,
+
+    /// Items in the built-in demo catalog (used when no catalog file is given)
+    #[arg(long, env = "ONREC_DEMO_ITEMS", default_value_t = 3000)]
+    pub demo_items: usize,
+
+    /// Largest n a recommend request may ask for
+    #[arg(long, env = "ONREC_MAX_N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_n: u32,
+
+    /// Time for an event's weight in item popularity to halve
+    #[arg(long, env = "ONREC_HALF_LIFE", default_value = "6h", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub half_life: Duration,
+
+    /// Leave the items in a user's history out of their recommendations
+    #[arg(long, env = "ONREC_EXCLUDE_SEEN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub exclude_seen: bool,
+
+    /// Items kept per user history
+    #[arg(long, env = "ONREC_HISTORY_LEN", default_value_t = 50)]
+    pub history_len: usize,
+
+    /// Users whose state is kept in memory; the least recently active go first
+    #[arg(long, env = "ONREC_MAX_USERS", default_value_t = 1_000_000)]
+    pub max_users: usize,
+
+    /// Event ids remembered to count duplicates once
+    #[arg(long, env = "ONREC_DEDUPE_CAPACITY", default_value_t = 1_000_000)]
+    pub dedupe_capacity: usize,
+
+    /// Popularity weight of an impression
+    #[arg(long, env = "ONREC_WEIGHT_IMPRESSION", default_value_t = 0.0)]
+    pub weight_impression: f64,
+
+    /// Popularity weight of a click
+    #[arg(long, env = "ONREC_WEIGHT_CLICK", default_value_t = 1.0)]
+    pub weight_click: f64,
+
+    /// Popularity weight of an add-to-cart
+    #[arg(long, env = "ONREC_WEIGHT_ADD_TO_CART", default_value_t = 2.0)]
+    pub weight_add_to_cart: f64,
+
+    /// Popularity weight of a purchase
+    #[arg(long, env = "ONREC_WEIGHT_PURCHASE", default_value_t = 3.0)]
+    pub weight_purchase: f64,
+
+    /// Popularity weight of a dislike (the item is also hidden from that user)
+    #[arg(long, env = "ONREC_WEIGHT_DISLIKE", default_value_t = -1.0, allow_negative_numbers = true)]
+    pub weight_dislike: f64,
+
+    /// How far ahead of the server's clock an event timestamp may be
+    #[arg(long, env = "ONREC_MAX_FUTURE_SKEW", default_value = "5m", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+
+    /// API keys for the write endpoints (events, items), comma-separated; none = open
+    #[arg(long, env = "ONREC_WRITE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[serde(default)]
+    pub write_api_keys: Vec<String>,
+
+    /// API keys for recommend, comma-separated (write keys work too); none = open
+    #[arg(long, env = "ONREC_READ_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[serde(default)]
+    pub read_api_keys: Vec<String>,
+
+    /// Largest JSON request body or gRPC message, in bytes
+    #[arg(long, env = "ONREC_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Largest NDJSON event stream in one request, in bytes
+    #[arg(long, env = "ONREC_MAX_STREAM_BYTES", default_value_t = 256 << 20)]
+    pub max_stream_bytes: usize,
+
+    /// Largest single event (one NDJSON line), in bytes
+    #[arg(long, env = "ONREC_MAX_EVENT_BYTES", default_value_t = 64 << 10)]
+    pub max_event_bytes: usize,
+
+    /// Time limit of a unary request, body included
+    #[arg(long, env = "ONREC_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+
+    /// Longest wait for the next event of an event stream
+    #[arg(long, env = "ONREC_STREAM_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+
+    /// On SIGTERM or Ctrl-C, how long in-flight requests and streams may take to finish
+    #[arg(long, env = "ONREC_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+
+    /// Requests served at once; beyond it requests get 429 / RESOURCE_EXHAUSTED
+    #[arg(long, env = "ONREC_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
+    /// Log format
+    #[arg(long, env = "ONREC_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `onrec_server=debug,info` (RUST_LOG syntax)
+    #[arg(long, env = "ONREC_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+const SECRET_KEYS: [&str; 2] = ["write_api_keys", "read_api_keys"];
+
+impl Config {
+    /// Builds the configuration from parsed arguments, reading the TOML file they name.
+    pub fn from_matches(matches: &ArgMatches) -> anyhow::Result<Self> {
+        let cli = Self::from_arg_matches(matches)?;
+        let Some(path) = cli.config.clone() else {
+            return cli.validated();
+        };
+        let file = read_toml(&path)?;
+        let mut merged = toml::Table::try_from(&cli).context("serializing the configuration")?;
+        for (key, value) in file {
+            // `matches` knows only real settings: an unknown key is left for serde to reject.
+            let explicit = matches!(
+                matches.try_get_raw(&key).ok().and_then(|_| matches.value_source(&key)),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            );
+            if key == "config" {
+                bail!("{}: `config` cannot be set inside a config file", path.display());
+            }
+            if !explicit {
+                merged.insert(key, value);
+            }
+        }
+        let mut config: Self = merged
+            .try_into()
+            .with_context(|| format!("{}: invalid configuration", path.display()))?;
+        config.config = Some(path);
+        config.validated()
+    }
+
+    fn validated(self) -> anyhow::Result<Self> {
+        for (name, value) in [
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_stream_bytes", self.max_stream_bytes),
+            ("max_event_bytes", self.max_event_bytes),
+            ("history_len", self.history_len),
+            ("max_users", self.max_users),
+            ("dedupe_capacity", self.dedupe_capacity),
+        ] {
+            if value == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        for (name, value) in [
+            ("weight_impression", self.weight_impression),
+            ("weight_click", self.weight_click),
+            ("weight_add_to_cart", self.weight_add_to_cart),
+            ("weight_purchase", self.weight_purchase),
+            ("weight_dislike", self.weight_dislike),
+        ] {
+            if !value.is_finite() {
+                bail!("{name} must be a finite number");
+            }
+        }
+        if self.half_life.is_zero() {
+            bail!("half_life must be longer than zero");
+        }
+        if self.max_n == 0 || self.max_concurrent_requests == 0 {
+            bail!("max_n and max_concurrent_requests must be at least 1");
+        }
+        for (name, keys) in [
+            ("write_api_keys", &self.write_api_keys),
+            ("read_api_keys", &self.read_api_keys),
+        ] {
+            if keys.iter().any(|k| k.trim().is_empty()) {
+                bail!("{name} must not contain an empty key");
+            }
+        }
+        Ok(self)
+    }
+
+    /// The engine's part of the settings.
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            max_n: self.max_n,
+            half_life: self.half_life,
+            exclude_seen: self.exclude_seen,
+            history_len: self.history_len,
+            max_users: self.max_users,
+            dedupe_capacity: self.dedupe_capacity,
+            weights: EventWeights {
+                impression: self.weight_impression,
+                click: self.weight_click,
+                add_to_cart: self.weight_add_to_cart,
+                purchase: self.weight_purchase,
+                dislike: self.weight_dislike,
+            },
+            max_future_skew: self.max_future_skew,
+        }
+    }
+
+    /// The effective settings as one line of JSON, API keys replaced by `***`.
+    pub fn masked(&self) -> String {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            for key in SECRET_KEYS {
+                if let Some(serde_json::Value::Array(keys)) = map.get_mut(key) {
+                    keys.iter_mut().for_each(|k| *k = "***".into());
+                }
+            }
+            if let Some(path) = &self.config {
+                map.insert("config".into(), path.display().to_string().into());
+            }
+        }
+        value.to_string()
+    }
+}
+
+fn read_toml(path: &Path) -> anyhow::Result<toml::Table> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn load(args: &[&str]) -> anyhow::Result<Config> {
+        let matches = Cli::command().try_get_matches_from(std::iter::once("onrec").chain(args.iter().copied()))?;
+        Config::from_matches(&matches)
+    }
+
+    fn temp_toml(name: &str, text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("onrec-{}-{name}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn defaults_run() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.http_addr.port(), 8080);
+        assert_eq!(c.grpc_addr.port(), 50051);
+        assert_eq!(c.half_life, Duration::from_secs(6 * 3600));
+        assert_eq!(c.engine(), EngineConfig::default());
+    }
+
+    #[test]
+    fn file_fills_in_and_flags_win() {
+        let path = temp_toml(
+            "merge",
+            "max_n = 7\nhalf_life = \"2h\"\nhttp_addr = \"127.0.0.1:9\"\nwrite_api_keys = [\"k1\"]\n",
+        );
+        let p = path.to_str().unwrap();
+        let c = load(&["--config", p, "--max-n", "9"]).unwrap();
+        assert_eq!(c.max_n, 9);
+        assert_eq!(c.half_life, Duration::from_secs(7200));
+        assert_eq!(c.http_addr, "127.0.0.1:9".parse().unwrap());
+        assert_eq!(c.write_api_keys, vec!["k1"]);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn unknown_or_bad_file_keys_are_errors() {
+        let path = temp_toml("unknown", "max_nn = 7\n");
+        let err = format!("{:#}", load(&["--config", path.to_str().unwrap()]).unwrap_err());
+        assert!(err.contains("unknown field `max_nn`"), "{err}");
+        let path = temp_toml("bad", "half_life = \"soon\"\n");
+        let err = format!("{:#}", load(&["--config", path.to_str().unwrap()]).unwrap_err());
+        assert!(err.contains("half_life"), "{err}");
+    }
+
+    #[test]
+    fn bad_flags_are_errors() {
+        assert!(load(&["--max-n", "0"]).is_err());
+        assert!(load(&["--half-life", "0s"]).is_err());
+        assert!(load(&["--write-api-keys", "a,,b"]).is_err());
+    }
+
+    #[test]
+    fn masked_config_hides_keys() {
+        let c = load(&["--write-api-keys", "s3cret,other", "--read-api-keys", "r34d"]).unwrap();
+        assert_eq!(c.write_api_keys.len(), 2);
+        let shown = c.masked();
+        assert!(!shown.contains("s3cret") && !shown.contains("r34d"), "{shown}");
+        assert!(shown.contains("\"write_api_keys\":[\"***\",\"***\"]"), "{shown}");
+    }
+}

@@ -1,0 +1,132 @@
+//! The API's one error type, mapped once to HTTP and once to gRPC.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use onrec_engine::{EngineError, FieldError};
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed input; names the field.
+    #[error("{0}")]
+    InvalidArgument(FieldError),
+    /// A body that is not JSON at all, or not the expected shape at a known place.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No or a wrong API key.
+    #[error("missing or invalid API key (send `Authorization: Bearer <key>`)")]
+    Unauthenticated,
+    /// The server is at its concurrency limit.
+    #[error("the server is at capacity ({0} requests in flight); retry later")]
+    Overloaded(u32),
+    /// The request took longer than its limit.
+    #[error("{0}")]
+    Timeout(String),
+    /// A body or stream over its size limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// A failure that is not the caller's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::InvalidArgument(f) => Self::InvalidArgument(f),
+            EngineError::Catalog { .. } => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<FieldError> for ApiError {
+    fn from(e: FieldError) -> Self {
+        Self::InvalidArgument(e)
+    }
+}
+
+impl ApiError {
+    /// The outcome label of metrics and the `code` of HTTP error bodies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument(_) | Self::BadRequest(_) => "invalid_argument",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Overloaded(_) => "overloaded",
+            Self::Timeout(_) => "timeout",
+            Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::ShuttingDown => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    fn http_status(&self) -> StatusCode {
+        match self {
+            Self::InvalidArgument(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn grpc_code(&self) -> tonic::Code {
+        match self {
+            Self::InvalidArgument(_) | Self::BadRequest(_) => tonic::Code::InvalidArgument,
+            Self::Unauthenticated => tonic::Code::Unauthenticated,
+            Self::Overloaded(_) => tonic::Code::ResourceExhausted,
+            Self::Timeout(_) => tonic::Code::DeadlineExceeded,
+            Self::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,
+            Self::ShuttingDown => tonic::Code::Unavailable,
+            Self::Internal(_) => tonic::Code::Internal,
+        }
+    }
+}
+
+/// The JSON body of every HTTP error.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Human-readable; for bad input it starts with the field's path.
+    pub error: String,
+    /// `invalid_argument`, `unauthenticated`, `overloaded`, `timeout`,
+    /// `payload_too_large`, `unavailable` or `internal`.
+    pub code: &'static str,
+    /// The offending field's path, for `invalid_argument` errors that have one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.http_status();
+        let mut response = (
+            status,
+            axum::Json(ErrorBody {
+                error: self.to_string(),
+                code: self.code(),
+                field: match &self {
+                    Self::InvalidArgument(f) => Some(f.field.clone()),
+                    _ => None,
+                },
+            }),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        tonic::Status::new(e.grpc_code(), e.to_string())
+    }
+}

@@ -1,0 +1,324 @@
+//! The gRPC API (tonic): `onrec.v1.Recommender`, `grpc.health.v1` and server reflection.
+//!
+//! Messages are mapped onto the engine's types here and validated by the engine, so both
+//! transports accept and reject exactly the same requests.
+
+use std::pin::Pin;
+use std::time::Instant;
+
+use futures_util::Stream;
+use onrec_engine as engine;
+use onrec_engine::{EventOutcome, FieldError};
+use onrec_proto::v1 as pb;
+use onrec_proto::v1::recommender_server::{Recommender, RecommenderServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Router;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::App;
+use crate::auth::Access;
+use crate::error::ApiError;
+use crate::events::EventSink;
+use crate::metrics::{self, Transport};
+
+/// The `Recommender` service over the app.
+#[derive(Clone)]
+pub struct GrpcApi {
+    app: App,
+}
+
+/// The gRPC server with every service, and the reporter that switches
+/// `grpc.health.v1` between serving and not.
+pub fn server(app: App) -> anyhow::Result<(tonic_health::server::HealthReporter, Router)> {
+    let limit = app.config().max_body_bytes;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let recommender = RecommenderServer::new(GrpcApi { app })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(recommender);
+    Ok((reporter, router))
+}
+
+/// Serves until `token` is cancelled, then lets in-flight calls and streams finish.
+pub async fn serve(router: Router, listener: TcpListener, token: CancellationToken) -> anyhow::Result<()> {
+    router
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+fn authorization<T>(req: &Request<T>) -> Option<&str> {
+    req.metadata().get("authorization").and_then(|v| v.to_str().ok())
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn context_from(c: pb::Context) -> engine::Context {
+    engine::Context {
+        device: non_empty(c.device),
+        country: non_empty(c.country),
+        hour: c.hour,
+        page: non_empty(c.page),
+        attributes: c.attributes.into_iter().collect(),
+    }
+}
+
+fn recommend_request_from(r: pb::RecommendRequest) -> engine::RecommendRequest {
+    engine::RecommendRequest {
+        user_id: r.user_id,
+        n: r.n,
+        context: r.context.map(context_from),
+        recent_items: r.recent_items,
+        exclude: r.exclude,
+        segment: non_empty(r.segment),
+    }
+}
+
+fn recommendation_to(r: engine::Recommendation) -> pb::RecommendResponse {
+    pb::RecommendResponse {
+        request_id: r.request_id,
+        model_version: r.model_version,
+        ranker: r.ranker,
+        segment: r.segment,
+        items: r
+            .items
+            .into_iter()
+            .map(|i| pb::RecommendedItem {
+                item_id: i.item_id,
+                score: i.score,
+                propensity: i.propensity,
+                explored: i.explored,
+                category: i.category,
+                title: i.title,
+            })
+            .collect(),
+    }
+}
+
+fn event_type_from(value: i32) -> Result<engine::EventType, FieldError> {
+    match pb::EventType::try_from(value) {
+        Ok(pb::EventType::Impression) => Ok(engine::EventType::Impression),
+        Ok(pb::EventType::Click) => Ok(engine::EventType::Click),
+        Ok(pb::EventType::AddToCart) => Ok(engine::EventType::AddToCart),
+        Ok(pb::EventType::Purchase) => Ok(engine::EventType::Purchase),
+        Ok(pb::EventType::Dislike) => Ok(engine::EventType::Dislike),
+        Ok(pb::EventType::Unspecified) => Err(FieldError::new("type", "must be set")),
+        Err(_) => Err(FieldError::new("type", format!("unknown event type {value}"))),
+    }
+}
+
+fn event_from(e: pb::Event) -> Result<engine::Event, FieldError> {
+    Ok(engine::Event {
+        kind: event_type_from(e.r#type)?,
+        event_id: e.event_id,
+        user_id: e.user_id,
+        item_id: e.item_id,
+        request_id: non_empty(e.request_id),
+        value: e.value,
+        timestamp: (e.timestamp != 0).then_some(e.timestamp),
+    })
+}
+
+fn status_to(outcome: &EventOutcome) -> pb::EventStatus {
+    match outcome {
+        EventOutcome::Accepted => pb::EventStatus::Accepted,
+        EventOutcome::Duplicate => pb::EventStatus::Duplicate,
+        EventOutcome::Invalid(_) => pb::EventStatus::Invalid,
+        EventOutcome::UnknownItem => pb::EventStatus::UnknownItem,
+    }
+}
+
+fn status_name_to(status: &str) -> pb::EventStatus {
+    match status {
+        "invalid" => pb::EventStatus::Invalid,
+        "unknown_item" => pb::EventStatus::UnknownItem,
+        "duplicate" => pb::EventStatus::Duplicate,
+        "accepted" => pb::EventStatus::Accepted,
+        _ => pb::EventStatus::Unspecified,
+    }
+}
+
+fn summary_to(s: engine::EventsSummary) -> pb::RecordEventsSummary {
+    pb::RecordEventsSummary {
+        received: s.received,
+        accepted: s.accepted,
+        duplicates: s.duplicates,
+        invalid: s.invalid,
+        unknown_items: s.unknown_items,
+        errors: s
+            .errors
+            .into_iter()
+            .map(|e| pb::EventError {
+                index: e.index,
+                status: status_name_to(&e.status).into(),
+                event_id: e.event_id,
+                error: e.error,
+            })
+            .collect(),
+    }
+}
+
+fn item_from(i: pb::Item) -> engine::Item {
+    engine::Item {
+        item_id: i.item_id,
+        title: i.title,
+        category: i.category,
+        price: i.price,
+        tags: i.tags,
+        available: i.available.unwrap_or(true),
+        popularity: i.popularity,
+    }
+}
+
+impl GrpcApi {
+    /// Runs a unary call: key check, admission, time limit, metrics, status mapping.
+    async fn unary<T>(
+        &self,
+        endpoint: &'static str,
+        access: Access,
+        authorization: Option<&str>,
+        work: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<Response<T>, Status> {
+        let started = Instant::now();
+        let limit = self.app.config().request_timeout;
+        let result = match self.app.admit(Transport::Grpc, access, authorization) {
+            Ok(_admitted) => tokio::time::timeout(limit, work)
+                .await
+                .unwrap_or_else(|_| Err(ApiError::Timeout(format!("request not completed within {limit:?}")))),
+            Err(e) => Err(e),
+        };
+        metrics::finish(Transport::Grpc, endpoint, started, &result);
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    /// The next message of an event stream, `None` at its end or on shutdown.
+    async fn next_event(app: &App, stream: &mut Streaming<pb::Event>) -> Result<Option<pb::Event>, ApiError> {
+        let idle = app.config().stream_idle_timeout;
+        tokio::select! {
+            biased;
+            () = app.shutdown_token().cancelled() => Ok(None),
+            next = tokio::time::timeout(idle, stream.message()) => match next {
+                Err(_) => Err(ApiError::Timeout(format!("no event for {idle:?} (stream_idle_timeout)"))),
+                Ok(Err(status)) => Err(ApiError::BadRequest(status.message().to_owned())),
+                Ok(Ok(message)) => Ok(message),
+            },
+        }
+    }
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<pb::EventAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Recommender for GrpcApi {
+    async fn recommend(&self, request: Request<pb::RecommendRequest>) -> Result<Response<pb::RecommendResponse>, Status> {
+        let auth = authorization(&request).map(str::to_owned);
+        let req = recommend_request_from(request.into_inner());
+        self.unary("recommend", Access::Read, auth.as_deref(), async {
+            Ok(recommendation_to(self.app.engine().recommend(&req)?))
+        })
+        .await
+    }
+
+    async fn record_events(&self, request: Request<Streaming<pb::Event>>) -> Result<Response<pb::RecordEventsSummary>, Status> {
+        let started = Instant::now();
+        let result = match self.app.admit(Transport::Grpc, Access::Write, authorization(&request)) {
+            Ok(_admitted) => {
+                let mut stream = request.into_inner();
+                let mut sink = EventSink::new(&self.app);
+                loop {
+                    match Self::next_event(&self.app, &mut stream).await {
+                        Ok(Some(event)) => {
+                            let id = event.event_id.clone();
+                            sink.push_parsed(&id, event_from(event));
+                        }
+                        Ok(None) => break Ok(summary_to(sink.finish())),
+                        Err(e) => {
+                            let s = sink.summary();
+                            break Err(match e {
+                                ApiError::Timeout(m) => ApiError::Timeout(format!("{m}; {} events read, {} accepted", s.received, s.accepted)),
+                                other => other,
+                            });
+                        }
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        metrics::finish(Transport::Grpc, "record_events", started, &result);
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    type StreamEventsStream = AckStream;
+
+    async fn stream_events(&self, request: Request<Streaming<pb::Event>>) -> Result<Response<AckStream>, Status> {
+        let started = Instant::now();
+        let admitted = match self.app.admit(Transport::Grpc, Access::Write, authorization(&request)) {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                metrics::request(Transport::Grpc, "stream_events", e.code(), started.elapsed());
+                return Err(e.into());
+            }
+        };
+        let app = self.app.clone();
+        let mut stream = request.into_inner();
+        // A small buffer: a client that stops reading acks stops the reading of events.
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let _admitted = admitted;
+            let mut sink = EventSink::new(&app);
+            let outcome = loop {
+                match Self::next_event(&app, &mut stream).await {
+                    Ok(Some(event)) => {
+                        let index = sink.next_index();
+                        let (event_id, item_id) = (event.event_id.clone(), event.item_id.clone());
+                        let outcome = sink.push_parsed(&event_id, event_from(event));
+                        let ack = pb::EventAck {
+                            index,
+                            status: status_to(&outcome).into(),
+                            error: outcome.error(&item_id).unwrap_or_default(),
+                            event_id,
+                        };
+                        if tx.send(Ok(ack)).await.is_err() {
+                            break "ok";
+                        }
+                    }
+                    Ok(None) => break "ok",
+                    Err(e) => {
+                        let code = e.code();
+                        // The client may be gone already; then there is no one to tell.
+                        let _ = tx.send(Err(e.into())).await;
+                        break code;
+                    }
+                }
+            };
+            metrics::request(Transport::Grpc, "stream_events", outcome, started.elapsed());
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn upsert_items(&self, request: Request<pb::UpsertItemsRequest>) -> Result<Response<pb::UpsertItemsResponse>, Status> {
+        let auth = authorization(&request).map(str::to_owned);
+        let items = request.into_inner().items.into_iter().map(item_from).collect();
+        self.unary("upsert_items", Access::Write, auth.as_deref(), async {
+            let s = self.app.engine().upsert_items(items)?;
+            self.app.refresh_gauges();
+            Ok(pb::UpsertItemsResponse {
+                created: s.created,
+                updated: s.updated,
+                catalog_size: s.catalog_size,
+            })
+        })
+        .await
+    }
+}

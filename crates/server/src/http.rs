@@ -1,0 +1,372 @@
+//! The HTTP API (axum): JSON in and out, NDJSON event streams, health, metrics, OpenAPI.
+
+use std::future::Future;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use onrec_engine::{Event, EventsSummary, FieldError, Item, Recommendation, RecommendRequest, UpsertSummary};
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use utoipa::OpenApi;
+
+use crate::App;
+use crate::auth::Access;
+use crate::error::{ApiError, ErrorBody};
+use crate::events::EventSink;
+use crate::metrics::{self, Transport};
+
+/// Content type of a streamed event body: one JSON event per line.
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// The router with every route, over `app`.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/v1/recommend", post(recommend))
+        .route("/v1/events", post(record_events))
+        .route("/v1/items", put(upsert_items))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(prometheus))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .with_state(app)
+}
+
+/// Serves the router on `listener` until the app's shutdown token is cancelled, then
+/// lets in-flight requests finish.
+pub async fn serve(app: App, listener: TcpListener) -> anyhow::Result<()> {
+    let token = app.shutdown_token().clone();
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await?;
+    Ok(())
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+}
+
+/// Runs one API request: key check, admission, time limit, metrics, error mapping.
+async fn handle<T, F>(app: &App, endpoint: &'static str, access: Access, headers: &HeaderMap, work: F) -> Response
+where
+    T: IntoResponse,
+    F: Future<Output = Result<T, ApiError>>,
+{
+    let started = Instant::now();
+    let result = match app.admit(Transport::Http, access, authorization(headers)) {
+        Ok(_admitted) => work.await,
+        Err(e) => Err(e),
+    };
+    metrics::finish(Transport::Http, endpoint, started, &result);
+    result.into_response()
+}
+
+/// Bounds `work` by the unary request timeout.
+async fn timed<T>(app: &App, work: impl Future<Output = Result<T, ApiError>>) -> Result<T, ApiError> {
+    let limit = app.config().request_timeout;
+    tokio::time::timeout(limit, work)
+        .await
+        .map_err(|_| ApiError::Timeout(format!("request not completed within {limit:?}")))?
+}
+
+/// Reads a whole body of at most `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
+        if bytes.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "request body exceeds {limit} bytes (max_body_bytes)"
+            )));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// Parses JSON; the error names the field where parsing failed (`[3].type`, `n`).
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(FieldError::new("body", "is empty; expected JSON"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path == "?" { "body".to_owned() } else { path };
+        FieldError::new(field, e.into_inner().to_string())
+    })?;
+    de.end()
+        .map_err(|e| FieldError::new("body", format!("unexpected data after the JSON value: {e}")))?;
+    Ok(value)
+}
+
+async fn read_json<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiError> {
+    let bytes = read_body(body, app.config().max_body_bytes).await?;
+    Ok(parse_json(&bytes)?)
+}
+
+/// Top-N items for one user.
+#[utoipa::path(post, path = "/v1/recommend", tag = "recommend",
+    request_body = RecommendRequest,
+    responses(
+        (status = 200, description = "At most n items, best first", body = Recommendation),
+        (status = 400, description = "Malformed request; `field` names the culprit", body = ErrorBody),
+        (status = 401, description = "Missing or wrong read API key", body = ErrorBody),
+        (status = 429, description = "At capacity; retry later", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
+async fn recommend(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    handle(&app, "recommend", Access::Read, &headers, timed(&app, async {
+        let req: RecommendRequest = read_json(&app, body).await?;
+        let recommendation = app.engine().recommend(&req)?;
+        tracing::debug!(user_id = %req.user_id, request_id = %recommendation.request_id, n = recommendation.items.len(), "recommended");
+        Ok(Json(recommendation))
+    }))
+    .await
+}
+
+/// Feedback events: a JSON array (validated whole, then applied) or an NDJSON stream
+/// (applied line by line as it arrives).
+#[utoipa::path(post, path = "/v1/events", tag = "events",
+    request_body(description = "A JSON array of events, or NDJSON (one event per line) with `Content-Type: application/x-ndjson`",
+        content((Vec<Event> = "application/json"), (Event = "application/x-ndjson"))),
+    responses(
+        (status = 200, description = "What became of each event", body = EventsSummary),
+        (status = 400, description = "A malformed JSON array (nothing applied); `field` names the culprit", body = ErrorBody),
+        (status = 401, description = "Missing or wrong write API key", body = ErrorBody),
+        (status = 408, description = "The stream stalled; the events before the stall were applied", body = ErrorBody),
+        (status = 413, description = "Body or stream too large", body = ErrorBody),
+        (status = 429, description = "At capacity; retry later", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
+async fn record_events(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    let is_ndjson = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(NDJSON));
+    handle(&app, "record_events", Access::Write, &headers, async {
+        if is_ndjson {
+            return ndjson_events(&app, body).await.map(Json);
+        }
+        timed(&app, async {
+            let events: Vec<Event> = read_json(&app, body).await?;
+            app.engine().validate_batch(&events)?;
+            let mut sink = EventSink::new(&app);
+            events.iter().for_each(|e| {
+                sink.push(e);
+            });
+            Ok(Json(sink.finish()))
+        })
+        .await
+    })
+    .await
+}
+
+/// Applies NDJSON events as lines arrive. A malformed line is counted and reported in the
+/// summary and the stream goes on; on shutdown the stream stops at a line boundary and
+/// the summary covers what was read.
+async fn ndjson_events(app: &App, body: Body) -> Result<EventsSummary, ApiError> {
+    let cfg = app.config();
+    let mut stream = body.into_data_stream();
+    let mut sink = EventSink::new(app);
+    let mut line = Vec::new();
+    let mut overlong = false;
+    let mut total = 0usize;
+    let shutdown = app.shutdown_token();
+    let so_far = |s: &EventSink<'_>| {
+        let s = s.summary();
+        format!("{} events were read and {} accepted before that", s.received, s.accepted)
+    };
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            next = tokio::time::timeout(cfg.stream_idle_timeout, stream.next()) => next,
+        };
+        let chunk = match next {
+            Err(_) => {
+                return Err(ApiError::Timeout(format!(
+                    "no data for {:?} (stream_idle_timeout); {}",
+                    cfg.stream_idle_timeout,
+                    so_far(&sink)
+                )));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::BadRequest(format!("reading the event stream: {e}; {}", so_far(&sink))));
+            }
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        total += chunk.len();
+        if total > cfg.max_stream_bytes {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "event stream exceeds {} bytes (max_stream_bytes); {}",
+                cfg.max_stream_bytes,
+                so_far(&sink)
+            )));
+        }
+        let mut rest = &chunk[..];
+        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
+            if !overlong {
+                line.extend_from_slice(&rest[..pos]);
+            }
+            ndjson_line(&mut sink, &line, overlong, cfg.max_event_bytes);
+            line.clear();
+            overlong = false;
+            rest = &rest[pos + 1..];
+        }
+        if !overlong {
+            line.extend_from_slice(rest);
+            if line.len() > cfg.max_event_bytes {
+                overlong = true;
+                line.clear();
+            }
+        }
+    }
+    if overlong || !line.iter().all(u8::is_ascii_whitespace) {
+        ndjson_line(&mut sink, &line, overlong, cfg.max_event_bytes);
+    }
+    Ok(sink.finish())
+}
+
+fn ndjson_line(sink: &mut EventSink<'_>, line: &[u8], overlong: bool, max: usize) {
+    if overlong || line.len() > max {
+        sink.push_invalid("", FieldError::new("line", format!("is longer than {max} bytes (max_event_bytes)")));
+        return;
+    }
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return;
+    }
+    let parsed = parse_json::<Event>(line);
+    let event_id = match &parsed {
+        Ok(e) => e.event_id.clone(),
+        Err(_) => String::new(),
+    };
+    sink.push_parsed(&event_id, parsed);
+}
+
+/// Inserts or replaces catalog items, all or nothing.
+#[utoipa::path(put, path = "/v1/items", tag = "catalog",
+    request_body(content = Vec<Item>, description = "Items to insert or replace; the same shape as a catalog file line"),
+    responses(
+        (status = 200, description = "What changed", body = UpsertSummary),
+        (status = 400, description = "A malformed item (nothing changed); `field` names the culprit", body = ErrorBody),
+        (status = 401, description = "Missing or wrong write API key", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
+async fn upsert_items(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    handle(&app, "upsert_items", Access::Write, &headers, timed(&app, async {
+        let items: Vec<Item> = read_json(&app, body).await?;
+        let summary = app.engine().upsert_items(items)?;
+        app.refresh_gauges();
+        tracing::info!(created = summary.created, updated = summary.updated, catalog_size = summary.catalog_size, "catalog updated");
+        Ok(Json(summary))
+    }))
+    .await
+}
+
+/// Liveness: 200 while the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive", content_type = "application/json")))]
+async fn healthz() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// Readiness: 200 when serving, 503 while starting or draining.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "Takes traffic"), (status = 503, description = "Starting or draining")))]
+async fn readyz(State(app): State<App>) -> Response {
+    if app.is_ready() {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        let status = if app.shutdown_token().is_cancelled() { "draining" } else { "starting" };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": status}))).into_response()
+    }
+}
+
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn prometheus(State(app): State<App>) -> Response {
+    app.refresh_gauges();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics::render()).into_response()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
+async fn openapi() -> Response {
+    Json(ApiDoc::openapi()).into_response()
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(ErrorBody {
+            error: "no such route; see /openapi.json".to_owned(),
+            code: "not_found",
+            field: None,
+        }),
+    )
+        .into_response()
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi.components.get_or_insert_with(Default::default).add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document of the HTTP API.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "onrec", description = "Online recommendations: top-N items, feedback events, catalog updates."),
+    paths(recommend, record_events, upsert_items, healthz, readyz, prometheus, openapi),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let e = parse_json::<RecommendRequest>(br#"{"user_id":"u","n":-1}"#).unwrap_err();
+        assert_eq!(e.field, "n");
+        let e = parse_json::<Vec<Event>>(br#"[{"event_id":"e","user_id":"u","item_id":"i","type":"click"},{"event_id":"e","user_id":"u","item_id":"i","type":"like"}]"#).unwrap_err();
+        assert_eq!(e.field, "[1].type");
+        assert!(e.message.contains("unknown variant `like`"), "{}", e.message);
+        assert_eq!(parse_json::<RecommendRequest>(b"{").unwrap_err().field, "body");
+        assert_eq!(parse_json::<RecommendRequest>(b"  ").unwrap_err().field, "body");
+        assert_eq!(parse_json::<RecommendRequest>(br#"{"user_id":"u"} x"#).unwrap_err().field, "body");
+        assert_eq!(parse_json::<RecommendRequest>(br#"{"user_id":"u","nn":1}"#).unwrap_err().field, "body");
+    }
+
+    #[test]
+    fn openapi_lists_every_route() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        for path in ["/v1/recommend", "/v1/events", "/v1/items", "/healthz", "/readyz", "/metrics", "/openapi.json"] {
+            assert!(doc["paths"].get(path).is_some(), "{path} missing");
+        }
+        let events = &doc["paths"]["/v1/events"]["post"]["requestBody"]["content"];
+        assert!(events.get("application/json").is_some() && events.get(NDJSON).is_some());
+        let required = &doc["components"]["schemas"]["RecommendRequest"]["required"];
+        assert_eq!(required, &serde_json::json!(["user_id"]));
+    }
+}

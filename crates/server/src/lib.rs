@@ -1,0 +1,207 @@
+//! onrec's transports: axum HTTP and tonic gRPC over one [`onrec_engine::Engine`].
+//!
+//! [`run`] takes bound listeners and a shutdown future (so tests bind port 0 and stop the
+//! server cleanly); both transports share [`App`]: the engine, the API keys, the admission
+//! semaphore and the shutdown token. Errors map to HTTP and gRPC in [`error`] only.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use onrec_engine::{Engine, catalog};
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::Config;
+use crate::auth::{Access, ApiKeys};
+use crate::error::ApiError;
+use crate::metrics::{Inflight, Transport};
+
+/// State shared by both transports; a cheap `Clone`.
+#[derive(Clone, Debug)]
+pub struct App {
+    engine: Engine,
+    config: Arc<Config>,
+    keys: ApiKeys,
+    admission: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    ready: Arc<AtomicBool>,
+    model_version: Arc<Mutex<Option<String>>>,
+}
+
+/// What a request holds while it runs: its admission permit and in-flight count.
+#[derive(Debug)]
+pub struct Admitted {
+    _permit: OwnedSemaphorePermit,
+    _inflight: Inflight,
+}
+
+impl App {
+    /// State for `engine` under `config`.
+    pub fn new(engine: Engine, config: Config) -> Self {
+        Self {
+            keys: ApiKeys::new(&config.read_api_keys, &config.write_api_keys),
+            admission: Arc::new(Semaphore::new(config.max_concurrent_requests as usize)),
+            engine,
+            config: Arc::new(config),
+            shutdown: CancellationToken::new(),
+            ready: Arc::new(AtomicBool::new(false)),
+            model_version: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Cancelled when the server starts shutting down.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Whether the server takes traffic: started and not draining.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.shutdown.is_cancelled()
+    }
+
+    /// Checks the API key and takes an admission permit, or says why not.
+    pub fn admit(
+        &self,
+        transport: Transport,
+        access: Access,
+        authorization: Option<&str>,
+    ) -> Result<Admitted, ApiError> {
+        self.keys.check(access, authorization)?;
+        let permit = Arc::clone(&self.admission)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded(self.config.max_concurrent_requests))?;
+        Ok(Admitted {
+            _permit: permit,
+            _inflight: Inflight::start(transport),
+        })
+    }
+
+    /// Refreshes the metrics that mirror the engine's state.
+    pub fn refresh_gauges(&self) {
+        let stats = self.engine.stats();
+        let mut last = self.model_version.lock();
+        metrics::engine_state(&stats, last.as_deref());
+        *last = Some(stats.model_version);
+    }
+}
+
+/// Builds the engine from the configured catalog, or the demo catalog without one.
+pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
+    let started = Instant::now();
+    let (items, source) = match &config.catalog {
+        Some(path) => (catalog::Catalog::read_jsonl(path)?, path.display().to_string()),
+        None => (catalog::demo_catalog(config.demo_items), "built-in demo".to_owned()),
+    };
+    let engine = Engine::new(config.engine(), items).context("building the catalog")?;
+    let stats = engine.stats();
+    tracing::info!(
+        source,
+        items = stats.catalog_items,
+        available = stats.available_items,
+        took_ms = started.elapsed().as_millis() as u64,
+        "catalog loaded"
+    );
+    Ok(engine)
+}
+
+/// The listeners [`run`] serves on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// For the HTTP API.
+    pub http: TcpListener,
+    /// For the gRPC API.
+    pub grpc: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let http = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding HTTP to {}", config.http_addr))?;
+        let grpc = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("binding gRPC to {}", config.grpc_addr))?;
+        Ok(Self { http, grpc })
+    }
+}
+
+/// Serves HTTP and gRPC until `shutdown` completes, then drains in-flight requests and
+/// streams for at most `shutdown_grace` and returns.
+pub async fn run(
+    app: App,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let http_addr = listeners.http.local_addr()?;
+    let grpc_addr = listeners.grpc.local_addr()?;
+    metrics::handle();
+    app.refresh_gauges();
+
+    let token = app.shutdown.clone();
+    let (health, grpc_server) = grpc::server(app.clone())?;
+    let http = tokio::spawn(http::serve(app.clone(), listeners.http));
+    let grpc = tokio::spawn(grpc::serve(grpc_server, listeners.grpc, token.clone()));
+    let upkeep = tokio::spawn(metrics_upkeep(token.clone()));
+
+    app.ready.store(true, Ordering::Release);
+    health.set_serving::<onrec_proto::v1::recommender_server::RecommenderServer<grpc::GrpcApi>>().await;
+    tracing::info!(%http_addr, %grpc_addr, "listening");
+
+    shutdown.await;
+    tracing::info!(grace = ?app.config.shutdown_grace, "shutting down: draining requests and streams");
+    app.ready.store(false, Ordering::Release);
+    health.set_not_serving::<onrec_proto::v1::recommender_server::RecommenderServer<grpc::GrpcApi>>().await;
+    token.cancel();
+
+    let drained = tokio::time::timeout(app.config.shutdown_grace, async {
+        let (h, g) = tokio::join!(http, grpc);
+        h.context("HTTP server task")??;
+        g.context("gRPC server task")??;
+        anyhow::Ok(())
+    })
+    .await;
+    upkeep.abort();
+    match drained {
+        Ok(result) => {
+            result?;
+            tracing::info!("drained; bye");
+        }
+        Err(_) => tracing::warn!(
+            grace = ?app.config.shutdown_grace,
+            "requests still running after the shutdown grace period; stopping anyway"
+        ),
+    }
+    Ok(())
+}
+
+async fn metrics_upkeep(token: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    while token.run_until_cancelled(tick.tick()).await.is_some() {
+        metrics::handle().run_upkeep();
+    }
+}

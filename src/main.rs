@@ -1,0 +1,74 @@
+//! The `onrec` command line: `onrec serve` (also what plain `onrec` runs).
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use onrec_server::{App, Config, Listeners};
+
+/// onrec: online recommendations over HTTP and gRPC, learning from feedback as it serves.
+#[derive(Debug, Parser)]
+#[command(name = "onrec", version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Without a subcommand, onrec serves with these settings.
+    #[command(flatten)]
+    serve: Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve recommendations and take feedback (the default)
+    Serve(Config),
+}
+
+fn main() -> anyhow::Result<()> {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    match cli.command {
+        Some(Command::Serve(_)) => {
+            let serve_matches = matches
+                .subcommand_matches("serve")
+                .ok_or_else(|| anyhow::anyhow!("the serve subcommand's arguments are missing"))?;
+            serve(Config::from_matches(serve_matches)?)
+        }
+        None => serve(Config::from_matches(&matches)?),
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    onrec_server::telemetry::init(config.log_format, &config.log_level)?;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config.masked(), "starting onrec");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let engine = onrec_server::build_engine(&config)?;
+        let listeners = Listeners::bind(&config).await?;
+        onrec_server::run(App::new(engine, config), listeners, shutdown_signal()).await
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
