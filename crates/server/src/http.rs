@@ -355,7 +355,7 @@ mod tests {
         assert_eq!(parse_json::<RecommendRequest>(b"{").unwrap_err().field, "body");
         assert_eq!(parse_json::<RecommendRequest>(b"  ").unwrap_err().field, "body");
         assert_eq!(parse_json::<RecommendRequest>(br#"{"user_id":"u"} x"#).unwrap_err().field, "body");
-        assert_eq!(parse_json::<RecommendRequest>(br#"{"user_id":"u","nn":1}"#).unwrap_err().field, "body");
+        assert_eq!(parse_json::<RecommendRequest>(br#"{"user_id":"u","nn":1}"#).unwrap_err().field, "nn");
     }
 
     #[test]
