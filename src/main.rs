@@ -37,7 +37,9 @@ fn main() -> anyhow::Result<()> {
 fn serve(config: Config) -> anyhow::Result<()> {
     onrec_server::telemetry::init(config.log_format, &config.log_level)?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config.masked(), "starting onrec");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let engine = onrec_server::build_engine(&config)?;
         let listeners = Listeners::bind(&config).await?;

@@ -78,7 +78,9 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
     pub fn new(capacity: usize) -> Self {
         let per_shard = capacity.div_ceil(SHARDS).max(2);
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(Bounded::new(per_shard))).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Bounded::new(per_shard)))
+                .collect(),
             hasher: RandomState::new(),
         }
     }

@@ -112,17 +112,73 @@ impl Catalog {
 }
 
 const CATEGORIES: [(&str, [&str; 6]); 12] = [
-    ("shoes", ["Runner", "Sneaker", "Boot", "Loafer", "Sandal", "Trail Shoe"]),
-    ("apparel", ["Tee", "Hoodie", "Jacket", "Jeans", "Dress", "Sweater"]),
-    ("electronics", ["Headphones", "Speaker", "Charger", "Smartwatch", "Tablet", "Camera"]),
-    ("home", ["Lamp", "Cushion", "Rug", "Vase", "Throw", "Mirror"]),
-    ("kitchen", ["Kettle", "Pan", "Knife Set", "Blender", "Mug", "Grinder"]),
-    ("beauty", ["Serum", "Cream", "Cleanser", "Palette", "Perfume", "Balm"]),
-    ("sports", ["Yoga Mat", "Dumbbell", "Bottle", "Racket", "Helmet", "Gloves"]),
-    ("toys", ["Puzzle", "Blocks", "Plush", "Kite", "Board Game", "Robot"]),
-    ("books", ["Novel", "Cookbook", "Atlas", "Biography", "Comic", "Guide"]),
-    ("garden", ["Planter", "Hose", "Shears", "Seed Kit", "Lantern", "Bench"]),
-    ("office", ["Notebook", "Pen Set", "Desk Lamp", "Organizer", "Chair", "Backpack"]),
+    (
+        "shoes",
+        [
+            "Runner",
+            "Sneaker",
+            "Boot",
+            "Loafer",
+            "Sandal",
+            "Trail Shoe",
+        ],
+    ),
+    (
+        "apparel",
+        ["Tee", "Hoodie", "Jacket", "Jeans", "Dress", "Sweater"],
+    ),
+    (
+        "electronics",
+        [
+            "Headphones",
+            "Speaker",
+            "Charger",
+            "Smartwatch",
+            "Tablet",
+            "Camera",
+        ],
+    ),
+    (
+        "home",
+        ["Lamp", "Cushion", "Rug", "Vase", "Throw", "Mirror"],
+    ),
+    (
+        "kitchen",
+        ["Kettle", "Pan", "Knife Set", "Blender", "Mug", "Grinder"],
+    ),
+    (
+        "beauty",
+        ["Serum", "Cream", "Cleanser", "Palette", "Perfume", "Balm"],
+    ),
+    (
+        "sports",
+        [
+            "Yoga Mat", "Dumbbell", "Bottle", "Racket", "Helmet", "Gloves",
+        ],
+    ),
+    (
+        "toys",
+        ["Puzzle", "Blocks", "Plush", "Kite", "Board Game", "Robot"],
+    ),
+    (
+        "books",
+        ["Novel", "Cookbook", "Atlas", "Biography", "Comic", "Guide"],
+    ),
+    (
+        "garden",
+        ["Planter", "Hose", "Shears", "Seed Kit", "Lantern", "Bench"],
+    ),
+    (
+        "office",
+        [
+            "Notebook",
+            "Pen Set",
+            "Desk Lamp",
+            "Organizer",
+            "Chair",
+            "Backpack",
+        ],
+    ),
     ("pets", ["Leash", "Bed", "Bowl", "Toy", "Brush", "Carrier"]),
 ];
 
@@ -164,7 +220,7 @@ impl SplitMix64 {
 /// The built-in demo catalog: `n` items (`sku-00000`, …) in 12 categories, with prices
 /// and a Zipf-shaped prior popularity, identical on every run.
 pub fn demo_catalog(n: usize) -> Vec<Item> {
-    let mut rng = SplitMix64::new(0x6f6e_7265_63);
+    let mut rng = SplitMix64::new(0x006f_6e72_6563);
     // A random permutation decides which items are popular, so that popularity is not
     // tied to id order or category.
     let mut rank: Vec<usize> = (0..n).collect();
@@ -224,17 +280,27 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("onrec-catalog-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.jsonl");
-        std::fs::write(&path, "{\"item_id\":\"a\"}\n\n{\"item_id\":\"b\",\"price\":-1}\n").unwrap();
+        std::fs::write(
+            &path,
+            "{\"item_id\":\"a\"}\n\n{\"item_id\":\"b\",\"price\":-1}\n",
+        )
+        .unwrap();
         let err = Catalog::read_jsonl(&path).unwrap_err().to_string();
         assert!(err.contains("line 3: price"), "{err}");
         std::fs::write(&path, "{\"item_id\":\"a\"}\n{\"item_id\":\"a\"}\n").unwrap();
         let err = Catalog::read_jsonl(&path).unwrap_err().to_string();
-        assert!(err.contains("line 2: item_id 'a' was already given on line 1"), "{err}");
+        assert!(
+            err.contains("line 2: item_id 'a' was already given on line 1"),
+            "{err}"
+        );
         std::fs::write(&path, "{\"item_id\":\"a\"}\n{\"id\":\"b\"}\n").unwrap();
         let err = Catalog::read_jsonl(&path).unwrap_err().to_string();
         assert!(err.contains("line 2: unknown field `id`"), "{err}");
         std::fs::write(&path, "{\"item_id\":\"a\",\"category\":\"x\"}\n").unwrap();
-        assert_eq!(Catalog::read_jsonl(&path).unwrap(), vec![Item::new("a", "x")]);
+        assert_eq!(
+            Catalog::read_jsonl(&path).unwrap(),
+            vec![Item::new("a", "x")]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -19,8 +19,8 @@ use parking_lot::RwLock;
 
 use crate::bounded::Sharded;
 use crate::catalog::{Catalog, Inserted};
-use crate::popularity::Popularity;
 pub use crate::error::{EngineError, FieldError};
+use crate::popularity::Popularity;
 pub use crate::types::*;
 
 /// How much each event type moves an item's popularity.
@@ -272,7 +272,11 @@ impl Engine {
                 if req.recent_items.is_empty() {
                     hidden.extend(user.iter().flat_map(|u| u.history.iter().copied()));
                 } else {
-                    hidden.extend(req.recent_items.iter().filter_map(|id| catalog.index_of(id)));
+                    hidden.extend(
+                        req.recent_items
+                            .iter()
+                            .filter_map(|id| catalog.index_of(id)),
+                    );
                 }
             }
             hidden.extend(user.iter().flat_map(|u| u.disliked.iter().copied()));
@@ -365,7 +369,8 @@ impl Engine {
         let now = now_ms();
         let skew = duration_ms(self.inner.config.max_future_skew);
         for (i, e) in events.iter().enumerate() {
-            e.validate(now, skew).map_err(|err| err.under(&format!("[{i}]")))?;
+            e.validate(now, skew)
+                .map_err(|err| err.under(&format!("[{i}]")))?;
         }
         Ok(())
     }
@@ -450,7 +455,10 @@ mod tests {
         assert_eq!(r.items.len(), 10);
         assert!(r.items.windows(2).all(|w| w[0].score >= w[1].score));
         assert!(r.items.iter().all(|i| i.propensity == 1.0 && !i.explored));
-        assert_eq!((r.ranker.as_str(), r.segment.as_str()), ("popularity", "default"));
+        assert_eq!(
+            (r.ranker.as_str(), r.segment.as_str()),
+            ("popularity", "default")
+        );
         let again = e.recommend(&RecommendRequest::new("v", 10)).unwrap();
         assert_eq!(ids(&r), ids(&again));
         assert_ne!(r.request_id, again.request_id);
@@ -464,10 +472,17 @@ mod tests {
         let top = before.items[0].score;
         let clicks = (top.ceil() as usize) + 1;
         for i in 0..clicks {
-            let ev = event(&format!("e{i}"), &format!("user{i}"), &target, EventType::Click);
+            let ev = event(
+                &format!("e{i}"),
+                &format!("user{i}"),
+                &target,
+                EventType::Click,
+            );
             assert_eq!(e.record(&ev), EventOutcome::Accepted);
         }
-        let after = e.recommend(&RecommendRequest::new("someone-else", 5)).unwrap();
+        let after = e
+            .recommend(&RecommendRequest::new("someone-else", 5))
+            .unwrap();
         assert_eq!(after.items[0].item_id, target);
     }
 
@@ -482,7 +497,8 @@ mod tests {
         let once = e.recommend(&RecommendRequest::new("x", 50)).unwrap();
         assert_eq!(e.record(&ev), EventOutcome::Duplicate);
         let twice = e.recommend(&RecommendRequest::new("x", 50)).unwrap();
-        let score = |r: &Recommendation| r.items.iter().find(|i| i.item_id == target).unwrap().score;
+        let score =
+            |r: &Recommendation| r.items.iter().find(|i| i.item_id == target).unwrap().score;
         assert!((score(&once) - score(&twice)).abs() < 1e-6 * score(&once));
     }
 
@@ -490,7 +506,11 @@ mod tests {
     fn seen_excluded_and_disliked_items_are_never_returned() {
         let e = engine(30);
         let all = e.recommend(&RecommendRequest::new("u", 30)).unwrap();
-        let (a, b, c) = (&all.items[0].item_id, &all.items[1].item_id, &all.items[2].item_id);
+        let (a, b, c) = (
+            &all.items[0].item_id,
+            &all.items[1].item_id,
+            &all.items[2].item_id,
+        );
         e.record(&event("1", "u", a, EventType::Click));
         e.record(&event("2", "u", b, EventType::Dislike));
         let mut req = RecommendRequest::new("u", 30);
@@ -511,13 +531,24 @@ mod tests {
     #[test]
     fn empty_catalog_and_unknown_users_get_empty_or_popular_results() {
         let e = Engine::new(EngineConfig::default(), Vec::new()).unwrap();
-        assert!(e.recommend(&RecommendRequest::new("u", 5)).unwrap().items.is_empty());
+        assert!(
+            e.recommend(&RecommendRequest::new("u", 5))
+                .unwrap()
+                .items
+                .is_empty()
+        );
         assert_eq!(
             e.record(&event("e", "u", "nope", EventType::Click)),
             EventOutcome::UnknownItem
         );
         let e = engine(3);
-        assert_eq!(e.recommend(&RecommendRequest::new("new", 10)).unwrap().items.len(), 3);
+        assert_eq!(
+            e.recommend(&RecommendRequest::new("new", 10))
+                .unwrap()
+                .items
+                .len(),
+            3
+        );
     }
 
     #[test]
@@ -525,7 +556,10 @@ mod tests {
         let e = engine(10);
         let good = event("a", "u", "sku-00001", EventType::Click);
         let bad = event("", "u", "sku-00002", EventType::Click);
-        let err = e.validate_batch(&[good.clone(), bad]).unwrap_err().to_string();
+        let err = e
+            .validate_batch(&[good.clone(), bad])
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "[1].event_id: must not be empty");
         assert!(e.validate_batch(&[good]).is_ok());
     }
@@ -534,7 +568,9 @@ mod tests {
     fn upserts_add_hide_and_version_the_catalog() {
         let e = engine(5);
         let v1 = e.stats().model_version;
-        let mut hidden = e.recommend(&RecommendRequest::new("u", 1)).unwrap().items[0].item_id.clone();
+        let mut hidden = e.recommend(&RecommendRequest::new("u", 1)).unwrap().items[0]
+            .item_id
+            .clone();
         let mut item = Item::new(hidden.clone(), "x");
         item.available = false;
         let s = e.upsert_items(vec![item, Item::new("new-1", "y")]).unwrap();
@@ -544,7 +580,9 @@ mod tests {
         let r = e.recommend(&RecommendRequest::new("u", 10)).unwrap();
         assert!(!ids(&r).contains(&hidden.as_str()));
         hidden.clear();
-        let err = e.upsert_items(vec![Item::new("ok", ""), Item::new(hidden, "")]).unwrap_err();
+        let err = e
+            .upsert_items(vec![Item::new("ok", ""), Item::new(hidden, "")])
+            .unwrap_err();
         assert_eq!(err.to_string(), "[1].item_id: must not be empty");
         assert_eq!(e.stats().catalog_items, 6);
     }

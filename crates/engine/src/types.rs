@@ -47,7 +47,10 @@ fn check_text(field: &str, text: &str, max: usize) -> Result<(), FieldError> {
         ));
     }
     if text.chars().any(char::is_control) {
-        return Err(FieldError::new(field, "must not contain control characters"));
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
@@ -56,7 +59,10 @@ fn check_ids(field: &str, ids: &[String]) -> Result<(), FieldError> {
     if ids.len() > MAX_LIST_LEN {
         return Err(FieldError::new(
             field,
-            format!("has {} entries; at most {MAX_LIST_LEN} are allowed", ids.len()),
+            format!(
+                "has {} entries; at most {MAX_LIST_LEN} are allowed",
+                ids.len()
+            ),
         ));
     }
     ids.iter()
@@ -101,7 +107,10 @@ impl Context {
         if let Some(hour) = self.hour
             && hour > 23
         {
-            return Err(FieldError::new("hour", format!("is {hour}; must be 0..=23")));
+            return Err(FieldError::new(
+                "hour",
+                format!("is {hour}; must be 0..=23"),
+            ));
         }
         if self.attributes.len() > MAX_CONTEXT_ATTRIBUTES {
             return Err(FieldError::new(
@@ -460,13 +469,19 @@ impl Item {
             if let Some(v) = value
                 && !(v.is_finite() && v >= 0.0)
             {
-                return Err(FieldError::new(name, "must be a finite, non-negative number"));
+                return Err(FieldError::new(
+                    name,
+                    "must be a finite, non-negative number",
+                ));
             }
         }
         if self.tags.len() > MAX_CONTEXT_ATTRIBUTES {
             return Err(FieldError::new(
                 "tags",
-                format!("has {} entries; at most {MAX_CONTEXT_ATTRIBUTES} are allowed", self.tags.len()),
+                format!(
+                    "has {} entries; at most {MAX_CONTEXT_ATTRIBUTES} are allowed",
+                    self.tags.len()
+                ),
             ));
         }
         self.tags
@@ -549,7 +564,10 @@ mod tests {
     fn field_paths_nest() {
         let e = FieldError::new("type", "bad").under("[3]");
         assert_eq!(e.field, "[3].type");
-        assert_eq!(FieldError::new("[1]", "x").under("exclude").field, "exclude[1]");
+        assert_eq!(
+            FieldError::new("[1]", "x").under("exclude").field,
+            "exclude[1]"
+        );
     }
 
     #[test]

@@ -40,7 +40,10 @@ impl<U: prost::Message + Default> Decoder for ProtoDecoder<U> {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         self.0.decode(buf).map_err(|s| {
-            let name = std::any::type_name::<U>().rsplit("::").next().unwrap_or("message");
+            let name = std::any::type_name::<U>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("message");
             Status::invalid_argument(format!("malformed {name}: {}", s.message()))
         })
     }

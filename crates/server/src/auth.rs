@@ -48,14 +48,19 @@ impl ApiKeys {
             Access::Write => [&self.write, &self.write],
         };
         let token = authorization
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .ok_or(ApiError::Unauthenticated)?;
         // Every key is compared, so the time taken does not tell which key nearly matched.
         let matched = required
             .iter()
             .flat_map(|keys| keys.iter())
-            .fold(subtle::Choice::from(0), |acc, key| acc | key.as_slice().ct_eq(token.as_bytes()));
+            .fold(subtle::Choice::from(0), |acc, key| {
+                acc | key.as_slice().ct_eq(token.as_bytes())
+            });
         if bool::from(matched) {
             Ok(())
         } else {

@@ -106,12 +106,22 @@ pub struct Config {
     pub max_future_skew: Duration,
 
     /// API keys for the write endpoints (events, items), comma-separated; none = open
-    #[arg(long, env = "ONREC_WRITE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "ONREC_WRITE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     #[serde(default)]
     pub write_api_keys: Vec<String>,
 
     /// API keys for recommend, comma-separated (write keys work too); none = open
-    #[arg(long, env = "ONREC_READ_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "ONREC_READ_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     #[serde(default)]
     pub read_api_keys: Vec<String>,
 
@@ -170,11 +180,17 @@ impl Config {
         for (key, value) in file {
             // `matches` knows only real settings: an unknown key is left for serde to reject.
             let explicit = matches!(
-                matches.try_get_raw(&key).ok().and_then(|_| matches.value_source(&key)),
+                matches
+                    .try_get_raw(&key)
+                    .ok()
+                    .and_then(|_| matches.value_source(&key)),
                 Some(ValueSource::CommandLine | ValueSource::EnvVariable)
             );
             if key == "config" {
-                bail!("{}: `config` cannot be set inside a config file", path.display());
+                bail!(
+                    "{}: `config` cannot be set inside a config file",
+                    path.display()
+                );
             }
             if !explicit {
                 merged.insert(key, value);
@@ -283,7 +299,8 @@ mod tests {
     }
 
     fn load(args: &[&str]) -> anyhow::Result<Config> {
-        let matches = Cli::command().try_get_matches_from(std::iter::once("onrec").chain(args.iter().copied()))?;
+        let matches = Cli::command()
+            .try_get_matches_from(std::iter::once("onrec").chain(args.iter().copied()))?;
         Config::from_matches(&matches)
     }
 
@@ -320,10 +337,16 @@ mod tests {
     #[test]
     fn unknown_or_bad_file_keys_are_errors() {
         let path = temp_toml("unknown", "max_nn = 7\n");
-        let err = format!("{:#}", load(&["--config", path.to_str().unwrap()]).unwrap_err());
+        let err = format!(
+            "{:#}",
+            load(&["--config", path.to_str().unwrap()]).unwrap_err()
+        );
         assert!(err.contains("unknown field `max_nn`"), "{err}");
         let path = temp_toml("bad", "half_life = \"soon\"\n");
-        let err = format!("{:#}", load(&["--config", path.to_str().unwrap()]).unwrap_err());
+        let err = format!(
+            "{:#}",
+            load(&["--config", path.to_str().unwrap()]).unwrap_err()
+        );
         assert!(err.contains("half_life"), "{err}");
     }
 
@@ -336,10 +359,22 @@ mod tests {
 
     #[test]
     fn masked_config_hides_keys() {
-        let c = load(&["--write-api-keys", "s3cret,other", "--read-api-keys", "r34d"]).unwrap();
+        let c = load(&[
+            "--write-api-keys",
+            "s3cret,other",
+            "--read-api-keys",
+            "r34d",
+        ])
+        .unwrap();
         assert_eq!(c.write_api_keys.len(), 2);
         let shown = c.masked();
-        assert!(!shown.contains("s3cret") && !shown.contains("r34d"), "{shown}");
-        assert!(shown.contains("\"write_api_keys\":[\"***\",\"***\"]"), "{shown}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("r34d"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("\"write_api_keys\":[\"***\",\"***\"]"),
+            "{shown}"
+        );
     }
 }

@@ -32,7 +32,8 @@ impl<'a> EventSink<'a> {
         let outcome = self.app.engine().record(event);
         metrics::event(Some(event.kind), &outcome);
         let index = self.next_index();
-        self.summary.add(index, &event.event_id, &event.item_id, &outcome);
+        self.summary
+            .add(index, &event.event_id, &event.item_id, &outcome);
         outcome
     }
 
@@ -46,7 +47,11 @@ impl<'a> EventSink<'a> {
     }
 
     /// Applies one event that may have failed to parse.
-    pub fn push_parsed(&mut self, event_id: &str, parsed: Result<Event, FieldError>) -> EventOutcome {
+    pub fn push_parsed(
+        &mut self,
+        event_id: &str,
+        parsed: Result<Event, FieldError>,
+    ) -> EventOutcome {
         match parsed {
             Ok(event) => self.push(&event),
             Err(error) => self.push_invalid(event_id, error),

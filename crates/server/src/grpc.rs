@@ -49,7 +49,11 @@ pub fn server(app: App) -> anyhow::Result<(tonic_health::server::HealthReporter,
 }
 
 /// Serves until `token` is cancelled, then lets in-flight calls and streams finish.
-pub async fn serve(router: Router, listener: TcpListener, token: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    router: Router,
+    listener: TcpListener,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
     router
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
         .await?;
@@ -57,7 +61,9 @@ pub async fn serve(router: Router, listener: TcpListener, token: CancellationTok
 }
 
 fn authorization<T>(req: &Request<T>) -> Option<&str> {
-    req.metadata().get("authorization").and_then(|v| v.to_str().ok())
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -114,7 +120,10 @@ fn event_type_from(value: i32) -> Result<engine::EventType, FieldError> {
         Ok(pb::EventType::Purchase) => Ok(engine::EventType::Purchase),
         Ok(pb::EventType::Dislike) => Ok(engine::EventType::Dislike),
         Ok(pb::EventType::Unspecified) => Err(FieldError::new("type", "must be set")),
-        Err(_) => Err(FieldError::new("type", format!("unknown event type {value}"))),
+        Err(_) => Err(FieldError::new(
+            "type",
+            format!("unknown event type {value}"),
+        )),
     }
 }
 
@@ -193,9 +202,11 @@ impl GrpcApi {
         let started = Instant::now();
         let limit = self.app.config().request_timeout;
         let result = match self.app.admit(Transport::Grpc, access, authorization) {
-            Ok(_admitted) => tokio::time::timeout(limit, work)
-                .await
-                .unwrap_or_else(|_| Err(ApiError::Timeout(format!("request not completed within {limit:?}")))),
+            Ok(_admitted) => tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+                Err(ApiError::Timeout(format!(
+                    "request not completed within {limit:?}"
+                )))
+            }),
             Err(e) => Err(e),
         };
         metrics::finish(Transport::Grpc, endpoint, started, &result);
@@ -203,7 +214,10 @@ impl GrpcApi {
     }
 
     /// The next message of an event stream, `None` at its end or on shutdown.
-    async fn next_event(app: &App, stream: &mut Streaming<pb::Event>) -> Result<Option<pb::Event>, ApiError> {
+    async fn next_event(
+        app: &App,
+        stream: &mut Streaming<pb::Event>,
+    ) -> Result<Option<pb::Event>, ApiError> {
         let idle = app.config().stream_idle_timeout;
         tokio::select! {
             biased;
@@ -221,7 +235,10 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<pb::EventAck, Status>> + Send>
 
 #[tonic::async_trait]
 impl Recommender for GrpcApi {
-    async fn recommend(&self, request: Request<pb::RecommendRequest>) -> Result<Response<pb::RecommendResponse>, Status> {
+    async fn recommend(
+        &self,
+        request: Request<pb::RecommendRequest>,
+    ) -> Result<Response<pb::RecommendResponse>, Status> {
         let auth = authorization(&request).map(str::to_owned);
         let req = recommend_request_from(request.into_inner());
         self.unary("recommend", Access::Read, auth.as_deref(), async {
@@ -230,9 +247,15 @@ impl Recommender for GrpcApi {
         .await
     }
 
-    async fn record_events(&self, request: Request<Streaming<pb::Event>>) -> Result<Response<pb::RecordEventsSummary>, Status> {
+    async fn record_events(
+        &self,
+        request: Request<Streaming<pb::Event>>,
+    ) -> Result<Response<pb::RecordEventsSummary>, Status> {
         let started = Instant::now();
-        let result = match self.app.admit(Transport::Grpc, Access::Write, authorization(&request)) {
+        let result = match self
+            .app
+            .admit(Transport::Grpc, Access::Write, authorization(&request))
+        {
             Ok(_admitted) => {
                 let mut stream = request.into_inner();
                 let mut sink = EventSink::new(&self.app);
@@ -246,7 +269,10 @@ impl Recommender for GrpcApi {
                         Err(e) => {
                             let s = sink.summary();
                             break Err(match e {
-                                ApiError::Timeout(m) => ApiError::Timeout(format!("{m}; {} events read, {} accepted", s.received, s.accepted)),
+                                ApiError::Timeout(m) => ApiError::Timeout(format!(
+                                    "{m}; {} events read, {} accepted",
+                                    s.received, s.accepted
+                                )),
                                 other => other,
                             });
                         }
@@ -261,12 +287,23 @@ impl Recommender for GrpcApi {
 
     type StreamEventsStream = AckStream;
 
-    async fn stream_events(&self, request: Request<Streaming<pb::Event>>) -> Result<Response<AckStream>, Status> {
+    async fn stream_events(
+        &self,
+        request: Request<Streaming<pb::Event>>,
+    ) -> Result<Response<AckStream>, Status> {
         let started = Instant::now();
-        let admitted = match self.app.admit(Transport::Grpc, Access::Write, authorization(&request)) {
+        let admitted = match self
+            .app
+            .admit(Transport::Grpc, Access::Write, authorization(&request))
+        {
             Ok(admitted) => admitted,
             Err(e) => {
-                metrics::request(Transport::Grpc, "stream_events", e.code(), started.elapsed());
+                metrics::request(
+                    Transport::Grpc,
+                    "stream_events",
+                    e.code(),
+                    started.elapsed(),
+                );
                 return Err(e.into());
             }
         };
@@ -307,9 +344,17 @@ impl Recommender for GrpcApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn upsert_items(&self, request: Request<pb::UpsertItemsRequest>) -> Result<Response<pb::UpsertItemsResponse>, Status> {
+    async fn upsert_items(
+        &self,
+        request: Request<pb::UpsertItemsRequest>,
+    ) -> Result<Response<pb::UpsertItemsResponse>, Status> {
         let auth = authorization(&request).map(str::to_owned);
-        let items = request.into_inner().items.into_iter().map(item_from).collect();
+        let items = request
+            .into_inner()
+            .items
+            .into_iter()
+            .map(item_from)
+            .collect();
         self.unary("upsert_items", Access::Write, auth.as_deref(), async {
             let s = self.app.engine().upsert_items(items)?;
             self.app.refresh_gauges();

@@ -10,7 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::StreamExt;
-use onrec_engine::{Event, EventsSummary, FieldError, Item, Recommendation, RecommendRequest, UpsertSummary};
+use onrec_engine::{
+    Event, EventsSummary, FieldError, Item, RecommendRequest, Recommendation, UpsertSummary,
+};
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use utoipa::OpenApi;
@@ -49,11 +51,19 @@ pub async fn serve(app: App, listener: TcpListener) -> anyhow::Result<()> {
 }
 
 fn authorization(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
 }
 
 /// Runs one API request: key check, admission, time limit, metrics, error mapping.
-async fn handle<T, F>(app: &App, endpoint: &'static str, access: Access, headers: &HeaderMap, work: F) -> Response
+async fn handle<T, F>(
+    app: &App,
+    endpoint: &'static str,
+    access: Access,
+    headers: &HeaderMap,
+    work: F,
+) -> Response
 where
     T: IntoResponse,
     F: Future<Output = Result<T, ApiError>>,
@@ -68,7 +78,10 @@ where
 }
 
 /// Bounds `work` by the unary request timeout.
-async fn timed<T>(app: &App, work: impl Future<Output = Result<T, ApiError>>) -> Result<T, ApiError> {
+async fn timed<T>(
+    app: &App,
+    work: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
     let limit = app.config().request_timeout;
     tokio::time::timeout(limit, work)
         .await
@@ -80,7 +93,8 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     let mut stream = body.into_data_stream();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
         if bytes.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge(format!(
                 "request body exceeds {limit} bytes (max_body_bytes)"
@@ -99,11 +113,16 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." || path == "?" { "body".to_owned() } else { path };
+        let field = if path == "." || path == "?" {
+            "body".to_owned()
+        } else {
+            path
+        };
         FieldError::new(field, e.into_inner().to_string())
     })?;
-    de.end()
-        .map_err(|e| FieldError::new("body", format!("unexpected data after the JSON value: {e}")))?;
+    de.end().map_err(|e| {
+        FieldError::new("body", format!("unexpected data after the JSON value: {e}"))
+    })?;
     Ok(value)
 }
 
@@ -183,7 +202,10 @@ async fn ndjson_events(app: &App, body: Body) -> Result<EventsSummary, ApiError>
     let shutdown = app.shutdown_token();
     let so_far = |s: &EventSink<'_>| {
         let s = s.summary();
-        format!("{} events were read and {} accepted before that", s.received, s.accepted)
+        format!(
+            "{} events were read and {} accepted before that",
+            s.received, s.accepted
+        )
     };
     loop {
         let next = tokio::select! {
@@ -201,7 +223,10 @@ async fn ndjson_events(app: &App, body: Body) -> Result<EventsSummary, ApiError>
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
-                return Err(ApiError::BadRequest(format!("reading the event stream: {e}; {}", so_far(&sink))));
+                return Err(ApiError::BadRequest(format!(
+                    "reading the event stream: {e}; {}",
+                    so_far(&sink)
+                )));
             }
             Ok(Some(Ok(chunk))) => chunk,
         };
@@ -239,7 +264,13 @@ async fn ndjson_events(app: &App, body: Body) -> Result<EventsSummary, ApiError>
 
 fn ndjson_line(sink: &mut EventSink<'_>, line: &[u8], overlong: bool, max: usize) {
     if overlong || line.len() > max {
-        sink.push_invalid("", FieldError::new("line", format!("is longer than {max} bytes (max_event_bytes)")));
+        sink.push_invalid(
+            "",
+            FieldError::new(
+                "line",
+                format!("is longer than {max} bytes (max_event_bytes)"),
+            ),
+        );
         return;
     }
     if line.iter().all(u8::is_ascii_whitespace) {
@@ -264,13 +295,24 @@ fn ndjson_line(sink: &mut EventSink<'_>, line: &[u8], overlong: bool, max: usize
     ),
     security((), ("bearer" = [])))]
 async fn upsert_items(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
-    handle(&app, "upsert_items", Access::Write, &headers, timed(&app, async {
-        let items: Vec<Item> = read_json(&app, body).await?;
-        let summary = app.engine().upsert_items(items)?;
-        app.refresh_gauges();
-        tracing::info!(created = summary.created, updated = summary.updated, catalog_size = summary.catalog_size, "catalog updated");
-        Ok(Json(summary))
-    }))
+    handle(
+        &app,
+        "upsert_items",
+        Access::Write,
+        &headers,
+        timed(&app, async {
+            let items: Vec<Item> = read_json(&app, body).await?;
+            let summary = app.engine().upsert_items(items)?;
+            app.refresh_gauges();
+            tracing::info!(
+                created = summary.created,
+                updated = summary.updated,
+                catalog_size = summary.catalog_size,
+                "catalog updated"
+            );
+            Ok(Json(summary))
+        }),
+    )
     .await
 }
 
@@ -288,8 +330,16 @@ async fn readyz(State(app): State<App>) -> Response {
     if app.is_ready() {
         Json(serde_json::json!({"status": "ready"})).into_response()
     } else {
-        let status = if app.shutdown_token().is_cancelled() { "draining" } else { "starting" };
-        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": status}))).into_response()
+        let status = if app.shutdown_token().is_cancelled() {
+            "draining"
+        } else {
+            "starting"
+        };
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": status})),
+        )
+            .into_response()
     }
 }
 
@@ -298,7 +348,11 @@ async fn readyz(State(app): State<App>) -> Response {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn prometheus(State(app): State<App>) -> Response {
     app.refresh_gauges();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics::render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics::render(),
+    )
+        .into_response()
 }
 
 /// This document.
@@ -325,10 +379,13 @@ struct BearerAuth;
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        openapi.components.get_or_insert_with(Default::default).add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
     }
 }
 
@@ -351,17 +408,45 @@ mod tests {
         assert_eq!(e.field, "n");
         let e = parse_json::<Vec<Event>>(br#"[{"event_id":"e","user_id":"u","item_id":"i","type":"click"},{"event_id":"e","user_id":"u","item_id":"i","type":"like"}]"#).unwrap_err();
         assert_eq!(e.field, "[1].type");
-        assert!(e.message.contains("unknown variant `like`"), "{}", e.message);
-        assert_eq!(parse_json::<RecommendRequest>(b"{").unwrap_err().field, "body");
-        assert_eq!(parse_json::<RecommendRequest>(b"  ").unwrap_err().field, "body");
-        assert_eq!(parse_json::<RecommendRequest>(br#"{"user_id":"u"} x"#).unwrap_err().field, "body");
-        assert_eq!(parse_json::<RecommendRequest>(br#"{"user_id":"u","nn":1}"#).unwrap_err().field, "nn");
+        assert!(
+            e.message.contains("unknown variant `like`"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            parse_json::<RecommendRequest>(b"{").unwrap_err().field,
+            "body"
+        );
+        assert_eq!(
+            parse_json::<RecommendRequest>(b"  ").unwrap_err().field,
+            "body"
+        );
+        assert_eq!(
+            parse_json::<RecommendRequest>(br#"{"user_id":"u"} x"#)
+                .unwrap_err()
+                .field,
+            "body"
+        );
+        assert_eq!(
+            parse_json::<RecommendRequest>(br#"{"user_id":"u","nn":1}"#)
+                .unwrap_err()
+                .field,
+            "nn"
+        );
     }
 
     #[test]
     fn openapi_lists_every_route() {
         let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
-        for path in ["/v1/recommend", "/v1/events", "/v1/items", "/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        for path in [
+            "/v1/recommend",
+            "/v1/events",
+            "/v1/items",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/openapi.json",
+        ] {
             assert!(doc["paths"].get(path).is_some(), "{path} missing");
         }
         let events = &doc["paths"]["/v1/events"]["post"]["requestBody"]["content"];

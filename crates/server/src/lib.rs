@@ -25,8 +25,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-pub use crate::config::Config;
 use crate::auth::{Access, ApiKeys};
+pub use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::{Inflight, Transport};
 
@@ -113,8 +113,14 @@ impl App {
 pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
     let started = Instant::now();
     let (items, source) = match &config.catalog {
-        Some(path) => (catalog::Catalog::read_jsonl(path)?, path.display().to_string()),
-        None => (catalog::demo_catalog(config.demo_items), "built-in demo".to_owned()),
+        Some(path) => (
+            catalog::Catalog::read_jsonl(path)?,
+            path.display().to_string(),
+        ),
+        None => (
+            catalog::demo_catalog(config.demo_items),
+            "built-in demo".to_owned(),
+        ),
     };
     let engine = Engine::new(config.engine(), items).context("building the catalog")?;
     let stats = engine.stats();
@@ -169,13 +175,17 @@ pub async fn run(
     let upkeep = tokio::spawn(metrics_upkeep(token.clone()));
 
     app.ready.store(true, Ordering::Release);
-    health.set_serving::<onrec_proto::v1::recommender_server::RecommenderServer<grpc::GrpcApi>>().await;
+    health
+        .set_serving::<onrec_proto::v1::recommender_server::RecommenderServer<grpc::GrpcApi>>()
+        .await;
     tracing::info!(%http_addr, %grpc_addr, "listening");
 
     shutdown.await;
     tracing::info!(grace = ?app.config.shutdown_grace, "shutting down: draining requests and streams");
     app.ready.store(false, Ordering::Release);
-    health.set_not_serving::<onrec_proto::v1::recommender_server::RecommenderServer<grpc::GrpcApi>>().await;
+    health
+        .set_not_serving::<onrec_proto::v1::recommender_server::RecommenderServer<grpc::GrpcApi>>()
+        .await;
     token.cancel();
 
     let drained = tokio::time::timeout(app.config.shutdown_grace, async {

@@ -4,7 +4,9 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use onrec_engine::{EventOutcome, EventType, Stats};
 
@@ -54,13 +56,28 @@ pub fn handle() -> &'static PrometheusHandle {
 }
 
 fn describe() {
-    describe_counter!(REQUESTS, Unit::Count, "Requests served, by transport, endpoint and outcome.");
-    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Request latency, by transport, endpoint and outcome.");
+    describe_counter!(
+        REQUESTS,
+        Unit::Count,
+        "Requests served, by transport, endpoint and outcome."
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Request latency, by transport, endpoint and outcome."
+    );
     describe_counter!(EVENTS, Unit::Count, "Events received, by type and outcome.");
     describe_gauge!(CATALOG_ITEMS, Unit::Count, "Items in the catalog.");
-    describe_gauge!(USERS_TRACKED, Unit::Count, "Users whose state is kept in memory.");
+    describe_gauge!(
+        USERS_TRACKED,
+        Unit::Count,
+        "Users whose state is kept in memory."
+    );
     describe_gauge!(INFLIGHT, Unit::Count, "Requests in flight, by transport.");
-    describe_gauge!(MODEL_INFO, "Always 1, labelled with the ranker and model version serving now.");
+    describe_gauge!(
+        MODEL_INFO,
+        "Always 1, labelled with the ranker and model version serving now."
+    );
     describe_gauge!(BUILD_INFO, "Always 1, labelled with the onrec version.");
 }
 
@@ -84,7 +101,12 @@ impl Transport {
 }
 
 /// Records one finished request.
-pub fn request(transport: Transport, endpoint: &'static str, outcome: &'static str, took: Duration) {
+pub fn request(
+    transport: Transport,
+    endpoint: &'static str,
+    outcome: &'static str,
+    took: Duration,
+) {
     let labels = [
         ("transport", transport.as_str()),
         ("endpoint", endpoint),
@@ -95,7 +117,12 @@ pub fn request(transport: Transport, endpoint: &'static str, outcome: &'static s
 }
 
 /// Records a request's result, measured from `started`.
-pub fn finish<T>(transport: Transport, endpoint: &'static str, started: Instant, result: &Result<T, ApiError>) {
+pub fn finish<T>(
+    transport: Transport,
+    endpoint: &'static str,
+    started: Instant,
+    result: &Result<T, ApiError>,
+) {
     let outcome = result.as_ref().map_or_else(ApiError::code, |_| "ok");
     request(transport, endpoint, outcome, started.elapsed());
 }

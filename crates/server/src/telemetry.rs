@@ -18,7 +18,11 @@ pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
 }

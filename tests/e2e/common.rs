@@ -1,0 +1,183 @@
+//! Starts the real `onrec` binary on free ports and talks to it.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use onrec_proto::v1::recommender_client::RecommenderClient;
+use serde_json::Value;
+use tonic::transport::Channel;
+
+/// A running server process; killed when dropped.
+pub struct Server {
+    child: Child,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub client: reqwest::Client,
+    log: mpsc::Receiver<String>,
+    startup_log: std::sync::Mutex<Vec<String>>,
+}
+
+fn field(line: &Value, name: &str) -> Option<SocketAddr> {
+    line.get(name)?.as_str()?.parse().ok()
+}
+
+impl Server {
+    /// Starts `onrec serve` with `args` on 127.0.0.1:0 and waits until it listens.
+    pub fn start(args: &[&str]) -> Server {
+        Self::try_start(args).unwrap_or_else(|e| panic!("server did not start: {e}"))
+    }
+
+    /// Starts the server, or returns what it logged before it exited.
+    pub fn try_start(args: &[&str]) -> Result<Server, String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_onrec"))
+            .args([
+                "serve",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--log-format", "json", "--log-level", "info"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning onrec");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    if let Ok(json) = serde_json::from_str::<Value>(&line)
+                        && json["message"] == "listening"
+                        && let (Some(http), Some(grpc)) =
+                            (field(&json, "http_addr"), field(&json, "grpc_addr"))
+                    {
+                        return Ok(Server {
+                            child,
+                            http,
+                            grpc,
+                            client: reqwest::Client::new(),
+                            log: rx,
+                            startup_log: std::sync::Mutex::new(seen),
+                        });
+                    }
+                    seen.push(line);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let _ = child.kill();
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+        Err(format!("{status}; it logged:\n{}", seen.join("\n")))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub async fn grpc(&self) -> RecommenderClient<Channel> {
+        RecommenderClient::new(self.channel().await)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc))
+            .expect("valid uri")
+            .connect()
+            .await
+            .expect("connecting over gRPC")
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn recommend(&self, user: &str, n: u32) -> Vec<String> {
+        let (status, body) = self
+            .post(
+                "/v1/recommend",
+                serde_json::json!({"user_id": user, "n": n}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        item_ids(&body)
+    }
+
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let r = self.client.get(self.url(path)).send().await.expect("GET");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("running kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Log lines written so far that have not been read yet.
+    pub fn drain_log(&self) -> Vec<String> {
+        let mut lines = std::mem::take(&mut *self.startup_log.lock().expect("log lock"));
+        lines.extend(self.log.try_iter());
+        lines
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn item_ids(body: &Value) -> Vec<String> {
+    body["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|i| i["item_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn click(event_id: &str, user: &str, item: &str) -> Value {
+    serde_json::json!({"event_id": event_id, "user_id": user, "item_id": item, "type": "click"})
+}

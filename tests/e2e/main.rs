@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `onrec` binary on free ports, real HTTP and gRPC clients.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+mod grpc;
+mod http;
+mod lifecycle;
