@@ -45,6 +45,32 @@ fn parse_args() -> Args {
     args
 }
 
+/// The server's own latency quantile from its Prometheus histogram: the upper bound of
+/// the bucket where the quantile falls.
+fn server_quantile(metrics: &str, q: f64) -> Option<f64> {
+    let prefix = r#"onrec_request_duration_seconds_bucket{transport="http",endpoint="recommend",outcome="ok",le=""#;
+    let buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            Some((
+                if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                },
+                count.trim().parse().ok()?,
+            ))
+        })
+        .collect();
+    let total = buckets.last()?.1;
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map(|(le, _)| *le)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -56,7 +82,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = parse_args();
-    let server = common::Server::start(&["--log-level", "warn"]);
+    let server = common::Server::start(&[]);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
@@ -130,5 +156,13 @@ async fn main() {
         ms(99.0),
         ms(99.9),
         latencies.last().copied().unwrap_or(f64::NAN) * 1e3
+    );
+    let (_, metrics) = server.get_text("/metrics").await;
+    let bound =
+        |q| server_quantile(&metrics, q).map_or("?".to_owned(), |s| format!("{:.3}", s * 1e3));
+    println!(
+        "server-side (histogram bucket bounds) ms: p50 <= {}  p99 <= {}",
+        bound(0.5),
+        bound(0.99)
     );
 }
