@@ -1,4 +1,7 @@
-//! The `onrec` command line: `onrec serve` (also what plain `onrec` runs).
+//! The `onrec` command line: `onrec serve` (also what plain `onrec` runs), `onrec train`,
+//! `onrec eval`.
+
+mod model_cli;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use onrec_server::{App, Config, Listeners};
@@ -17,7 +20,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve recommendations and take feedback (the default)
-    Serve(Config),
+    Serve(Box<Config>),
+    /// Train the Transformer encoder on an interaction log and write a checkpoint
+    Train(model_cli::TrainArgs),
+    /// Evaluate a checkpoint with chronological leave-one-out and full ranking
+    Eval(model_cli::EvalArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,6 +37,8 @@ fn main() -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("the serve subcommand's arguments are missing"))?;
             serve(Config::from_matches(serve_matches)?)
         }
+        Some(Command::Train(args)) => model_cli::train(args),
+        Some(Command::Eval(args)) => model_cli::eval(args),
         None => serve(Config::from_matches(&matches)?),
     }
 }

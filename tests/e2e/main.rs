@@ -6,3 +6,4 @@ mod common;
 mod grpc;
 mod http;
 mod lifecycle;
+mod model;

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::Path;
 
+use onrec_model::rng::SplitMix64;
+
 use crate::error::EngineError;
 use crate::types::Item;
 
@@ -186,37 +188,6 @@ const ADJECTIVES: [&str; 10] = [
     "Classic", "Urban", "Eco", "Pro", "Compact", "Deluxe", "Vintage", "Sport", "Soft", "Smart",
 ];
 
-/// SplitMix64: a tiny generator whose output is fixed forever, so the demo catalog is
-/// the same on every build and platform.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator started at `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A uniform number in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// A uniform number in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// The built-in demo catalog: `n` items (`sku-00000`, …) in 12 categories, with prices
 /// and a Zipf-shaped prior popularity, identical on every run.
 pub fn demo_catalog(n: usize) -> Vec<Item> {
@@ -224,9 +195,7 @@ pub fn demo_catalog(n: usize) -> Vec<Item> {
     // A random permutation decides which items are popular, so that popularity is not
     // tied to id order or category.
     let mut rank: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        rank.swap(i, rng.below(i as u64 + 1) as usize);
-    }
+    rng.shuffle(&mut rank);
     (0..n)
         .map(|i| {
             let (category, nouns) = CATEGORIES[rng.below(CATEGORIES.len() as u64) as usize];

@@ -43,6 +43,9 @@ pub enum EngineError {
     /// The caller sent something malformed; nothing was changed.
     #[error("{0}")]
     InvalidArgument(FieldError),
+    /// The engine is at capacity; retrying later is safe.
+    #[error("{0}")]
+    Overloaded(String),
     /// A catalog file could not be read or parsed.
     #[error("catalog {path}: {message}")]
     Catalog {

@@ -6,6 +6,7 @@
 
 pub mod bounded;
 pub mod catalog;
+pub mod encoder;
 pub mod error;
 pub mod popularity;
 pub mod types;
@@ -19,9 +20,12 @@ use parking_lot::RwLock;
 
 use crate::bounded::Sharded;
 use crate::catalog::{Catalog, Inserted};
+use crate::encoder::EncoderLink;
 pub use crate::error::{EngineError, FieldError};
 use crate::popularity::Popularity;
 pub use crate::types::*;
+use onrec_model::context::ContextIds;
+use onrec_model::serve::ServeError;
 
 /// How much each event type moves an item's popularity.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -118,13 +122,69 @@ fn push_bounded(q: &mut VecDeque<u32>, idx: u32, cap: usize) {
     }
 }
 
-/// The ranker's state: catalog and scores change together under one lock.
+/// Whether the engine ranks with an encoder.
+#[derive(Debug)]
+enum EncoderState {
+    /// Popularity only, by configuration.
+    None,
+    /// An encoder is being loaded or trained; popularity serves meanwhile.
+    Loading,
+    /// The encoder ranks users with a known history.
+    Ready(EncoderLink),
+}
+
+/// The ranker's state: catalog, scores and the encoder's view of the catalog change
+/// together under one lock.
 #[derive(Debug)]
 struct Ranking {
     catalog: Catalog,
     popularity: Popularity,
+    encoder: EncoderState,
     /// Bumped by every catalog change; part of the model version.
     catalog_generation: u64,
+}
+
+impl Ranking {
+    fn ranker(&self) -> &'static str {
+        match self.encoder {
+            EncoderState::Ready(_) => RANKER_ENCODER,
+            EncoderState::None | EncoderState::Loading => RANKER,
+        }
+    }
+
+    fn model_version(&self) -> String {
+        match &self.encoder {
+            EncoderState::Ready(link) => format!("{}-c{}", link.version, self.catalog_generation),
+            EncoderState::None | EncoderState::Loading => {
+                format!("{RANKER}-c{}", self.catalog_generation)
+            }
+        }
+    }
+
+    /// The `n` most popular available items outside `skip`, as (index, rank key).
+    fn popular(&self, skip: &HashSet<u32>, n: usize) -> Vec<u32> {
+        let mut heap = BinaryHeap::with_capacity(n + 1);
+        for (idx, item) in self.catalog.items().iter().enumerate() {
+            let idx = idx as u32;
+            if !item.available || skip.contains(&idx) {
+                continue;
+            }
+            heap.push(Candidate {
+                key: self.popularity.rank_key(idx),
+                idx,
+            });
+            if heap.len() > n {
+                heap.pop();
+            }
+        }
+        heap.into_sorted_vec().into_iter().map(|c| c.idx).collect()
+    }
+}
+
+/// How a request will be ranked, decided under the lock and carried out after it.
+enum Plan {
+    Popularity(Option<&'static str>),
+    Encoder(onrec_model::serve::Encoder, onrec_model::serve::Query),
 }
 
 /// A snapshot of the engine's size, for metrics and readiness.
@@ -142,8 +202,10 @@ pub struct Stats {
     pub model_version: String,
 }
 
-/// The ranker's name in responses and metrics.
+/// The popularity ranker's name in responses and metrics.
 pub const RANKER: &str = "popularity";
+/// The Transformer encoder's name in responses and metrics.
+pub const RANKER_ENCODER: &str = "transformer";
 
 struct Inner {
     config: EngineConfig,
@@ -221,6 +283,7 @@ impl Engine {
         let mut ranking = Ranking {
             catalog: Catalog::default(),
             popularity: Popularity::new(config.half_life.as_secs_f64() * 1000.0, now),
+            encoder: EncoderState::None,
             catalog_generation: 1,
         };
         for (i, item) in items.into_iter().enumerate() {
@@ -252,59 +315,137 @@ impl Engine {
         inserted
     }
 
+    /// Says that an encoder is on its way: until [`Engine::attach_encoder`], responses say
+    /// they fell back to popularity.
+    pub fn expect_encoder(&self) {
+        let mut ranking = self.inner.ranking.write();
+        if matches!(ranking.encoder, EncoderState::None) {
+            ranking.encoder = EncoderState::Loading;
+        }
+    }
+
+    /// Ranks with `encoder` from now on; `items` is its vocabulary (`items[0]` padding) and
+    /// `version` names its weights.
+    pub fn attach_encoder(
+        &self,
+        encoder: onrec_model::serve::Encoder,
+        items: &[String],
+        version: String,
+    ) {
+        let mut ranking = self.inner.ranking.write();
+        let link = EncoderLink::new(encoder, items, version, &ranking.catalog);
+        tracing::info!(
+            version = %link.version,
+            known_items = link.known_items(),
+            catalog_items = ranking.catalog.len(),
+            "encoder attached"
+        );
+        ranking.encoder = EncoderState::Ready(link);
+    }
+
     /// The top-n items for one user, best first.
-    pub fn recommend(&self, req: &RecommendRequest) -> Result<Recommendation, EngineError> {
+    ///
+    /// With an encoder, a user whose history it knows is ranked by it over the whole
+    /// catalog; other users, and slots the encoder cannot fill, get popular items, and the
+    /// response's `fallback` says why.
+    pub async fn recommend(&self, req: &RecommendRequest) -> Result<Recommendation, EngineError> {
         let cfg = &self.inner.config;
         req.validate(cfg.max_n)?;
+        let n = req.n as usize;
+        let (mut hidden, plan) = {
+            let ranking = self.inner.ranking.read();
+            let catalog = &ranking.catalog;
+            let mut hidden: HashSet<u32> = req
+                .exclude
+                .iter()
+                .filter_map(|id| catalog.index_of(id))
+                .collect();
+            let (history, disliked) = {
+                let users = self.inner.users.shard(&req.user_id);
+                let user = users.peek(&req.user_id);
+                let history: Vec<u32> = if req.recent_items.is_empty() {
+                    user.iter()
+                        .flat_map(|u| u.history.iter().copied())
+                        .collect()
+                } else {
+                    req.recent_items
+                        .iter()
+                        .filter_map(|id| catalog.index_of(id))
+                        .collect()
+                };
+                let disliked: Vec<u32> = user
+                    .iter()
+                    .flat_map(|u| u.disliked.iter().copied())
+                    .collect();
+                (history, disliked)
+            };
+            if cfg.exclude_seen {
+                hidden.extend(history.iter().copied());
+            }
+            hidden.extend(disliked);
+            let plan = match &ranking.encoder {
+                EncoderState::None => Plan::Popularity(None),
+                EncoderState::Loading => Plan::Popularity(Some("the encoder is still loading")),
+                EncoderState::Ready(link) => {
+                    let context = req.context.as_ref().map_or_else(ContextIds::default, |c| {
+                        ContextIds::from_parts(c.hour.map(|h| h as u8), c.device.as_deref())
+                    });
+                    match link.query(&history, &hidden, context, n) {
+                        Some(q) => Plan::Encoder(link.encoder().clone(), q),
+                        None => Plan::Popularity(Some("the user has no history the encoder knows")),
+                    }
+                }
+            };
+            (hidden, plan)
+        };
+
+        let (encoded, mut fallback) = match plan {
+            Plan::Popularity(reason) => (Vec::new(), reason),
+            Plan::Encoder(encoder, query) => match encoder.top_k(query).await {
+                Ok(found) => (found, None),
+                Err(ServeError::Overloaded) => {
+                    return Err(EngineError::Overloaded("the encoder queue is full".into()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "encoder failed; serving popularity");
+                    (Vec::new(), Some("the encoder failed"))
+                }
+            },
+        };
+
         let now = now_ms();
         let ranking = self.inner.ranking.read();
-        let catalog = &ranking.catalog;
-
-        let mut hidden: HashSet<u32> = req
-            .exclude
-            .iter()
-            .filter_map(|id| catalog.index_of(id))
-            .collect();
-        {
-            let users = self.inner.users.shard(&req.user_id);
-            let user = users.peek(&req.user_id);
-            if cfg.exclude_seen {
-                if req.recent_items.is_empty() {
-                    hidden.extend(user.iter().flat_map(|u| u.history.iter().copied()));
-                } else {
-                    hidden.extend(
-                        req.recent_items
-                            .iter()
-                            .filter_map(|id| catalog.index_of(id)),
-                    );
+        let mut picked: Vec<(u32, f64)> = Vec::with_capacity(n);
+        let mut ranker = RANKER;
+        if let EncoderState::Ready(link) = &ranking.encoder {
+            for (m, score) in encoded {
+                if let Some(c) = link.to_catalog(m).filter(|c| !hidden.contains(c)) {
+                    picked.push((c, f64::from(score)));
+                    hidden.insert(c);
                 }
             }
-            hidden.extend(user.iter().flat_map(|u| u.disliked.iter().copied()));
-        }
-
-        let n = req.n as usize;
-        let mut heap = BinaryHeap::with_capacity(n + 1);
-        for (idx, item) in catalog.items().iter().enumerate() {
-            let idx = idx as u32;
-            if !item.available || hidden.contains(&idx) {
-                continue;
-            }
-            heap.push(Candidate {
-                key: ranking.popularity.rank_key(idx),
-                idx,
-            });
-            if heap.len() > n {
-                heap.pop();
+            if !picked.is_empty() {
+                ranker = RANKER_ENCODER;
             }
         }
-        let items = heap
-            .into_sorted_vec()
+        if picked.len() < n {
+            if ranker == RANKER_ENCODER {
+                fallback =
+                    Some("the encoder found fewer items than asked; popular items fill the rest");
+            }
+            let fill = ranking.popular(&hidden, n - picked.len());
+            picked.extend(
+                fill.into_iter()
+                    .map(|idx| (idx, ranking.popularity.score_at(idx, now))),
+            );
+        }
+        let items = picked
             .into_iter()
-            .map(|c| {
-                let item = catalog.get(c.idx);
+            .map(|(idx, score)| {
+                let item = ranking.catalog.get(idx);
                 RecommendedItem {
                     item_id: item.item_id.clone(),
-                    score: ranking.popularity.score_at(c.idx, now),
+                    score,
                     propensity: 1.0,
                     explored: false,
                     category: item.category.clone(),
@@ -314,15 +455,12 @@ impl Engine {
             .collect();
         Ok(Recommendation {
             request_id: uuid::Uuid::new_v4().to_string(),
-            model_version: Self::model_version(&ranking),
-            ranker: RANKER.to_owned(),
+            model_version: ranking.model_version(),
+            ranker: ranker.to_owned(),
+            fallback: fallback.map(str::to_owned),
             segment: req.segment.clone().unwrap_or_else(|| "default".to_owned()),
             items,
         })
-    }
-
-    fn model_version(ranking: &Ranking) -> String {
-        format!("{RANKER}-c{}", ranking.catalog_generation)
     }
 
     /// Validates and applies one event. Safe to call again with the same event: the
@@ -391,6 +529,12 @@ impl Engine {
             }
         }
         ranking.catalog_generation += 1;
+        let Ranking {
+            catalog, encoder, ..
+        } = &mut *ranking;
+        if let EncoderState::Ready(link) = encoder {
+            link.sync(catalog);
+        }
         Ok(UpsertSummary {
             created,
             updated,
@@ -418,8 +562,8 @@ impl Engine {
             catalog_items: ranking.catalog.len(),
             available_items: ranking.catalog.available(),
             users_tracked: self.inner.users.len(),
-            ranker: RANKER,
-            model_version: Self::model_version(&ranking),
+            ranker: ranking.ranker(),
+            model_version: ranking.model_version(),
         }
     }
 }
@@ -444,6 +588,19 @@ mod tests {
         }
     }
 
+    fn rec(e: &Engine, req: &RecommendRequest) -> Result<Recommendation, EngineError> {
+        block_on(e.recommend(req))
+    }
+
+    /// Runs a future to completion on this thread (the engine's futures only wait on the
+    /// encoder thread, which these tests do not start).
+    fn block_on<T>(f: impl Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
     fn ids(r: &Recommendation) -> Vec<&str> {
         r.items.iter().map(|i| i.item_id.as_str()).collect()
     }
@@ -451,7 +608,7 @@ mod tests {
     #[test]
     fn returns_n_items_best_first() {
         let e = engine(200);
-        let r = e.recommend(&RecommendRequest::new("u", 10)).unwrap();
+        let r = rec(&e, &RecommendRequest::new("u", 10)).unwrap();
         assert_eq!(r.items.len(), 10);
         assert!(r.items.windows(2).all(|w| w[0].score >= w[1].score));
         assert!(r.items.iter().all(|i| i.propensity == 1.0 && !i.explored));
@@ -459,7 +616,7 @@ mod tests {
             (r.ranker.as_str(), r.segment.as_str()),
             ("popularity", "default")
         );
-        let again = e.recommend(&RecommendRequest::new("v", 10)).unwrap();
+        let again = rec(&e, &RecommendRequest::new("v", 10)).unwrap();
         assert_eq!(ids(&r), ids(&again));
         assert_ne!(r.request_id, again.request_id);
     }
@@ -467,7 +624,7 @@ mod tests {
     #[test]
     fn clicks_move_an_item_up_for_everyone() {
         let e = engine(200);
-        let before = e.recommend(&RecommendRequest::new("u", 100)).unwrap();
+        let before = rec(&e, &RecommendRequest::new("u", 100)).unwrap();
         let target = before.items[90].item_id.clone();
         let top = before.items[0].score;
         let clicks = (top.ceil() as usize) + 1;
@@ -480,23 +637,21 @@ mod tests {
             );
             assert_eq!(e.record(&ev), EventOutcome::Accepted);
         }
-        let after = e
-            .recommend(&RecommendRequest::new("someone-else", 5))
-            .unwrap();
+        let after = rec(&e, &RecommendRequest::new("someone-else", 5)).unwrap();
         assert_eq!(after.items[0].item_id, target);
     }
 
     #[test]
     fn duplicates_count_once() {
         let e = engine(50);
-        let target = e.recommend(&RecommendRequest::new("u", 50)).unwrap().items[49]
+        let target = rec(&e, &RecommendRequest::new("u", 50)).unwrap().items[49]
             .item_id
             .clone();
         let ev = event("dup", "u1", &target, EventType::Purchase);
         assert_eq!(e.record(&ev), EventOutcome::Accepted);
-        let once = e.recommend(&RecommendRequest::new("x", 50)).unwrap();
+        let once = rec(&e, &RecommendRequest::new("x", 50)).unwrap();
         assert_eq!(e.record(&ev), EventOutcome::Duplicate);
-        let twice = e.recommend(&RecommendRequest::new("x", 50)).unwrap();
+        let twice = rec(&e, &RecommendRequest::new("x", 50)).unwrap();
         let score =
             |r: &Recommendation| r.items.iter().find(|i| i.item_id == target).unwrap().score;
         assert!((score(&once) - score(&twice)).abs() < 1e-6 * score(&once));
@@ -505,7 +660,7 @@ mod tests {
     #[test]
     fn seen_excluded_and_disliked_items_are_never_returned() {
         let e = engine(30);
-        let all = e.recommend(&RecommendRequest::new("u", 30)).unwrap();
+        let all = rec(&e, &RecommendRequest::new("u", 30)).unwrap();
         let (a, b, c) = (
             &all.items[0].item_id,
             &all.items[1].item_id,
@@ -515,7 +670,7 @@ mod tests {
         e.record(&event("2", "u", b, EventType::Dislike));
         let mut req = RecommendRequest::new("u", 30);
         req.exclude = vec![c.clone(), "not-in-catalog".into()];
-        let r = e.recommend(&req).unwrap();
+        let r = rec(&e, &req).unwrap();
         assert_eq!(r.items.len(), 27);
         for id in [a, b, c] {
             assert!(!ids(&r).contains(&id.as_str()), "{id} returned");
@@ -524,7 +679,7 @@ mod tests {
         // recent_items in the request replace the recorded history.
         let mut req = RecommendRequest::new("u", 30);
         req.recent_items = vec![c.clone()];
-        let r = e.recommend(&req).unwrap();
+        let r = rec(&e, &req).unwrap();
         assert!(ids(&r).contains(&a.as_str()) && !ids(&r).contains(&c.as_str()));
     }
 
@@ -532,7 +687,7 @@ mod tests {
     fn empty_catalog_and_unknown_users_get_empty_or_popular_results() {
         let e = Engine::new(EngineConfig::default(), Vec::new()).unwrap();
         assert!(
-            e.recommend(&RecommendRequest::new("u", 5))
+            rec(&e, &RecommendRequest::new("u", 5))
                 .unwrap()
                 .items
                 .is_empty()
@@ -543,7 +698,7 @@ mod tests {
         );
         let e = engine(3);
         assert_eq!(
-            e.recommend(&RecommendRequest::new("new", 10))
+            rec(&e, &RecommendRequest::new("new", 10))
                 .unwrap()
                 .items
                 .len(),
@@ -568,7 +723,7 @@ mod tests {
     fn upserts_add_hide_and_version_the_catalog() {
         let e = engine(5);
         let v1 = e.stats().model_version;
-        let mut hidden = e.recommend(&RecommendRequest::new("u", 1)).unwrap().items[0]
+        let mut hidden = rec(&e, &RecommendRequest::new("u", 1)).unwrap().items[0]
             .item_id
             .clone();
         let mut item = Item::new(hidden.clone(), "x");
@@ -577,7 +732,7 @@ mod tests {
         assert_eq!((s.created, s.updated, s.catalog_size), (1, 1, 6));
         assert_ne!(e.stats().model_version, v1);
         assert_eq!(e.stats().available_items, 5);
-        let r = e.recommend(&RecommendRequest::new("u", 10)).unwrap();
+        let r = rec(&e, &RecommendRequest::new("u", 10)).unwrap();
         assert!(!ids(&r).contains(&hidden.as_str()));
         hidden.clear();
         let err = e

@@ -215,8 +215,11 @@ pub struct Recommendation {
     pub request_id: String,
     /// Version of the model that ranked.
     pub model_version: String,
-    /// The ranker that produced the ranking, e.g. `popularity`.
+    /// The ranker that produced the ranking: `transformer` or `popularity`.
     pub ranker: String,
+    /// Why popularity ranked instead of the encoder, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
     /// The segment the user was served as.
     pub segment: String,
     /// At most `n` items, best first; fewer when the catalog has fewer eligible items.

@@ -13,6 +13,7 @@ use clap::{ArgMatches, FromArgMatches};
 use serde::{Deserialize, Serialize};
 
 use onrec_engine::{EngineConfig, EventWeights};
+use onrec_model::device::DeviceChoice;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -53,6 +54,29 @@ pub struct Config {
     /// Items in the built-in demo catalog (used when no catalog file is given)
     #[arg(long, env = "ONREC_DEMO_ITEMS", default_value_t = 3000)]
     pub demo_items: usize,
+
+    /// Transformer checkpoint directory written by `onrec train`; without it, popularity
+    /// ranks (or the demo encoder, see demo_encoder)
+    #[arg(long, env = "ONREC_MODEL")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
+
+    /// With the demo catalog and no model: train a small encoder on synthetic sessions in
+    /// the background at start (popularity serves until it is ready)
+    #[arg(long, env = "ONREC_DEMO_ENCODER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub demo_encoder: bool,
+
+    /// Where the encoder runs: cpu, or cuda (falls back to cpu without a GPU)
+    #[arg(long, env = "ONREC_DEVICE", default_value = "cpu")]
+    pub device: DeviceChoice,
+
+    /// Requests that may wait for the encoder; beyond it recommend gets 429
+    #[arg(long, env = "ONREC_ENCODER_QUEUE", default_value_t = 1024)]
+    pub encoder_queue: usize,
+
+    /// Most requests the encoder scores in one batch
+    #[arg(long, env = "ONREC_ENCODER_MAX_BATCH", default_value_t = 64)]
+    pub encoder_max_batch: usize,
 
     /// Largest n a recommend request may ask for
     #[arg(long, env = "ONREC_MAX_N", default_value_t = 100,
@@ -211,6 +235,8 @@ impl Config {
             ("history_len", self.history_len),
             ("max_users", self.max_users),
             ("dedupe_capacity", self.dedupe_capacity),
+            ("encoder_queue", self.encoder_queue),
+            ("encoder_max_batch", self.encoder_max_batch),
         ] {
             if value == 0 {
                 bail!("{name} must be at least 1");

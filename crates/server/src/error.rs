@@ -19,6 +19,9 @@ pub enum ApiError {
     /// The server is at its concurrency limit.
     #[error("the server is at capacity ({0} requests in flight); retry later")]
     Overloaded(u32),
+    /// A stage of the pipeline is saturated (e.g. the encoder queue).
+    #[error("{0}; retry later")]
+    Busy(String),
     /// The request took longer than its limit.
     #[error("{0}")]
     Timeout(String),
@@ -37,6 +40,7 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::InvalidArgument(f) => Self::InvalidArgument(f),
+            EngineError::Overloaded(m) => Self::Busy(m),
             EngineError::Catalog { .. } => Self::Internal(e.to_string()),
         }
     }
@@ -54,7 +58,7 @@ impl ApiError {
         match self {
             Self::InvalidArgument(_) | Self::BadRequest(_) => "invalid_argument",
             Self::Unauthenticated => "unauthenticated",
-            Self::Overloaded(_) => "overloaded",
+            Self::Overloaded(_) | Self::Busy(_) => "overloaded",
             Self::Timeout(_) => "timeout",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::ShuttingDown => "unavailable",
@@ -66,7 +70,7 @@ impl ApiError {
         match self {
             Self::InvalidArgument(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded(_) | Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -78,7 +82,7 @@ impl ApiError {
         match self {
             Self::InvalidArgument(_) | Self::BadRequest(_) => tonic::Code::InvalidArgument,
             Self::Unauthenticated => tonic::Code::Unauthenticated,
-            Self::Overloaded(_) => tonic::Code::ResourceExhausted,
+            Self::Overloaded(_) | Self::Busy(_) => tonic::Code::ResourceExhausted,
             Self::Timeout(_) => tonic::Code::DeadlineExceeded,
             Self::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,
             Self::ShuttingDown => tonic::Code::Unavailable,

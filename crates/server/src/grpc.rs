@@ -96,6 +96,7 @@ fn recommendation_to(r: engine::Recommendation) -> pb::RecommendResponse {
         request_id: r.request_id,
         model_version: r.model_version,
         ranker: r.ranker,
+        fallback: r.fallback.unwrap_or_default(),
         segment: r.segment,
         items: r
             .items
@@ -213,6 +214,20 @@ impl GrpcApi {
         result.map(Response::new).map_err(Status::from)
     }
 
+    /// After a stream was answered early (on shutdown), keeps its request half open and
+    /// reads what the client still sends, unapplied and unacknowledged, until the client
+    /// closes it or the grace period ends. Dropping it at once would reset the stream and
+    /// could cost the client the answer it has not read yet.
+    fn discard_rest(app: &App, mut stream: Streaming<pb::Event>) {
+        let grace = app.config().shutdown_grace;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(grace, async {
+                while let Ok(Some(_)) = stream.message().await {}
+            })
+            .await;
+        });
+    }
+
     /// The next message of an event stream, `None` at its end or on shutdown.
     async fn next_event(
         app: &App,
@@ -242,7 +257,7 @@ impl Recommender for GrpcApi {
         let auth = authorization(&request).map(str::to_owned);
         let req = recommend_request_from(request.into_inner());
         self.unary("recommend", Access::Read, auth.as_deref(), async {
-            Ok(recommendation_to(self.app.engine().recommend(&req)?))
+            Ok(recommendation_to(self.app.engine().recommend(&req).await?))
         })
         .await
     }
@@ -265,7 +280,12 @@ impl Recommender for GrpcApi {
                             let id = event.event_id.clone();
                             sink.push_parsed(&id, event_from(event));
                         }
-                        Ok(None) => break Ok(summary_to(sink.finish())),
+                        Ok(None) => {
+                            if self.app.shutdown_token().is_cancelled() {
+                                Self::discard_rest(&self.app, stream);
+                            }
+                            break Ok(summary_to(sink.finish()));
+                        }
                         Err(e) => {
                             let s = sink.summary();
                             break Err(match e {
@@ -330,7 +350,13 @@ impl Recommender for GrpcApi {
                             break "ok";
                         }
                     }
-                    Ok(None) => break "ok",
+                    Ok(None) => {
+                        if app.shutdown_token().is_cancelled() {
+                            drop(tx);
+                            Self::discard_rest(&app, stream);
+                        }
+                        break "ok";
+                    }
                     Err(e) => {
                         let code = e.code();
                         // The client may be gone already; then there is no one to tell.

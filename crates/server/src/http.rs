@@ -144,7 +144,7 @@ async fn read_json<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiE
 async fn recommend(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
     handle(&app, "recommend", Access::Read, &headers, timed(&app, async {
         let req: RecommendRequest = read_json(&app, body).await?;
-        let recommendation = app.engine().recommend(&req)?;
+        let recommendation = app.engine().recommend(&req).await?;
         tracing::debug!(user_id = %req.user_id, request_id = %recommendation.request_id, n = recommendation.items.len(), "recommended");
         Ok(Json(recommendation))
     }))

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod encoder;
 pub mod error;
 pub mod events;
 pub mod grpc;
@@ -109,7 +110,9 @@ impl App {
     }
 }
 
-/// Builds the engine from the configured catalog, or the demo catalog without one.
+/// Builds the engine from the configured catalog (or the demo catalog), and attaches the
+/// configured encoder: a checkpoint loaded now, or the demo encoder trained in the
+/// background.
 pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
     let started = Instant::now();
     let (items, source) = match &config.catalog {
@@ -122,6 +125,10 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
             "built-in demo".to_owned(),
         ),
     };
+    let demo_pairs: Vec<(String, String)> = items
+        .iter()
+        .map(|i| (i.item_id.clone(), i.category.clone()))
+        .collect();
     let engine = Engine::new(config.engine(), items).context("building the catalog")?;
     let stats = engine.stats();
     tracing::info!(
@@ -131,6 +138,11 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         took_ms = started.elapsed().as_millis() as u64,
         "catalog loaded"
     );
+    if let Some(dir) = &config.model {
+        encoder::attach_checkpoint(&engine, config, dir)?;
+    } else if config.demo_encoder && config.catalog.is_none() && !demo_pairs.is_empty() {
+        encoder::spawn_demo(&engine, config, demo_pairs)?;
+    }
     Ok(engine)
 }
 

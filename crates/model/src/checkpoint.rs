@@ -1,0 +1,100 @@
+//! Checkpoints: a directory with the weights (`model.safetensors`), the encoder's shape
+//! (`config.json`) and the item vocabulary (`items.json`, index order), so it can be
+//! loaded without anything else. `training.json` records how it was made.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::ModelError;
+use crate::sasrec::{Config, SasRec};
+
+/// Weights file name.
+pub const WEIGHTS: &str = "model.safetensors";
+/// Encoder shape file name.
+pub const CONFIG: &str = "config.json";
+/// Item vocabulary file name: a JSON array of item ids, index 1 first.
+pub const ITEMS: &str = "items.json";
+/// Training record file name.
+pub const TRAINING: &str = "training.json";
+
+/// A loaded encoder with its vocabulary.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The encoder.
+    pub model: SasRec,
+    /// Item ids by index; index 0 is padding (an empty string).
+    pub items: Arc<Vec<String>>,
+    /// Index of each item id.
+    pub index: HashMap<String, u32>,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Checkpoint(format!("{}: {e}", path.display()))
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<(), ModelError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| io(path, e))?;
+    std::fs::write(path, text).map_err(|e| io(path, e))
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| io(path, e))
+}
+
+/// Writes weights, shape, vocabulary (`items[0]` is padding and not written) and the
+/// training record into `dir`, creating it.
+pub fn save(
+    dir: &Path,
+    varmap: &VarMap,
+    config: &Config,
+    items: &[String],
+    training: &impl Serialize,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    varmap
+        .save(dir.join(WEIGHTS))
+        .map_err(|e| io(&dir.join(WEIGHTS), e))?;
+    write_json(&dir.join(CONFIG), config)?;
+    write_json(&dir.join(ITEMS), &items[1..].to_vec())?;
+    write_json(&dir.join(TRAINING), training)
+}
+
+/// Loads a checkpoint directory onto `device`, checking that its parts agree.
+pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint, ModelError> {
+    let config: Config = read_json(&dir.join(CONFIG))?;
+    let ids: Vec<String> = read_json(&dir.join(ITEMS))?;
+    if ids.len() != config.num_items {
+        return Err(io(
+            dir,
+            format!(
+                "{ITEMS} has {} items but {CONFIG} says {}",
+                ids.len(),
+                config.num_items
+            ),
+        ));
+    }
+    let weights = dir.join(WEIGHTS);
+    let tensors = candle_core::safetensors::load(&weights, device).map_err(|e| io(&weights, e))?;
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    let model = SasRec::load(vb, &config).map_err(|e| io(&weights, e))?;
+    let mut items = Vec::with_capacity(ids.len() + 1);
+    items.push(String::new());
+    items.extend(ids);
+    let index = items
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(i, id)| (id.clone(), i as u32))
+        .collect();
+    Ok(Checkpoint {
+        model,
+        items: Arc::new(items),
+        index,
+    })
+}

@@ -1,0 +1,364 @@
+//! The sequence encoder: SASRec-style causal self-attention over a user's last L items,
+//! plus the request context, giving one user vector per sequence. The item tower is the
+//! item embedding table itself (shared with the input side), so a user's score for item
+//! i is the inner product `u · vᵢ`.
+//!
+//! Causal attention (not BERT4Rec's masked bidirectional model) because every position of
+//! every training sequence is then a next-item example in one forward pass, which trains
+//! well on 2 CPU cores, and serving is the same computation read at the last position.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use crate::context::{ContextIds, DEVICE_BUCKETS, HOUR_BUCKETS};
+use crate::rng::SplitMix64;
+
+/// The encoder's shape. Saved beside the weights, so a checkpoint describes itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Items in the vocabulary, without the padding index 0.
+    pub num_items: usize,
+    /// Longest history read (the last `max_len` items).
+    pub max_len: usize,
+    /// Width of item, position and user vectors.
+    pub hidden: usize,
+    /// Attention heads (divides `hidden`).
+    pub heads: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Width of the feed-forward layer.
+    pub ff: usize,
+    /// Dropout probability during training.
+    pub dropout: f32,
+}
+
+impl Config {
+    /// The defaults for `num_items` items: 2 blocks of width 64 over the last 50 items.
+    pub fn for_items(num_items: usize) -> Self {
+        Self {
+            num_items,
+            max_len: 50,
+            hidden: 64,
+            heads: 2,
+            layers: 2,
+            ff: 256,
+            dropout: 0.2,
+        }
+    }
+}
+
+/// Dropout with a seeded generator, so training is reproducible (candle's CPU generator
+/// cannot be seeded).
+#[derive(Debug)]
+pub struct Noise {
+    rng: SplitMix64,
+    p: f32,
+}
+
+impl Noise {
+    /// Dropout with probability `p`, drawn from `seed`.
+    pub fn new(p: f32, seed: u64) -> Self {
+        Self {
+            rng: SplitMix64::new(seed),
+            p,
+        }
+    }
+
+    fn apply(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let scale = 1.0 / keep;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if (self.rng.unit() as f32) < keep {
+                    scale
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
+    }
+}
+
+fn drop(x: Tensor, noise: &mut Option<&mut Noise>) -> candle_core::Result<Tensor> {
+    match noise {
+        Some(n) => n.apply(&x),
+        None => Ok(x),
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    ln1: LayerNorm,
+    qkv: Linear,
+    out: Linear,
+    ln2: LayerNorm,
+    ff1: Linear,
+    ff2: Linear,
+    heads: usize,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let h = cfg.hidden;
+        Ok(Self {
+            ln1: candle_nn::layer_norm(h, 1e-6, vb.pp("ln1"))?,
+            qkv: candle_nn::linear(h, 3 * h, vb.pp("qkv"))?,
+            out: candle_nn::linear(h, h, vb.pp("out"))?,
+            ln2: candle_nn::layer_norm(h, 1e-6, vb.pp("ln2"))?,
+            ff1: candle_nn::linear(h, cfg.ff, vb.pp("ff1"))?,
+            ff2: candle_nn::linear(cfg.ff, h, vb.pp("ff2"))?,
+            heads: cfg.heads,
+        })
+    }
+
+    /// Pre-norm attention and feed-forward with residuals; `mask` is added to the
+    /// attention logits (0 or a large negative number), shaped `[b, 1, l, l]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        noise: &mut Option<&mut Noise>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        let dh = d / self.heads;
+        let qkv = self.qkv.forward(&self.ln1.forward(x)?)?;
+        let split = |i: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(2, i * d, d)?
+                .reshape((b, l, self.heads, dh))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let logits = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?.broadcast_add(mask)?;
+        let attn = drop(candle_nn::ops::softmax_last_dim(&logits)?, noise)?;
+        let y = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
+        let x = (x + drop(self.out.forward(&y)?, noise)?)?;
+        let f = self.ff1.forward(&self.ln2.forward(&x)?)?.gelu()?;
+        let f = self.ff2.forward(&drop(f, noise)?)?;
+        x + drop(f, noise)?
+    }
+}
+
+/// The encoder.
+#[derive(Debug)]
+pub struct SasRec {
+    items: Embedding,
+    positions: Embedding,
+    hours: Embedding,
+    devices: Embedding,
+    blocks: Vec<Block>,
+    ln_out: LayerNorm,
+    cfg: Config,
+}
+
+/// Large negative logit for masked attention: not -inf, so a row with nothing to attend
+/// to (padding) becomes uniform instead of NaN.
+const MASKED: f32 = -1e9;
+
+impl SasRec {
+    /// Builds the encoder from weights named as in a checkpoint (`items.embeddings`,
+    /// `blocks.0.qkv.weight`, …).
+    pub fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let h = cfg.hidden;
+        if cfg.heads == 0 || !h.is_multiple_of(cfg.heads) {
+            candle_core::bail!("hidden ({h}) must be a multiple of heads ({})", cfg.heads);
+        }
+        Ok(Self {
+            items: candle_nn::embedding(cfg.num_items + 1, h, vb.pp("items"))?,
+            positions: candle_nn::embedding(cfg.max_len, h, vb.pp("positions"))?,
+            hours: candle_nn::embedding(HOUR_BUCKETS, h, vb.pp("context.hours"))?,
+            devices: candle_nn::embedding(DEVICE_BUCKETS, h, vb.pp("context.devices"))?,
+            blocks: (0..cfg.layers)
+                .map(|i| Block::load(vb.pp(format!("blocks.{i}")), cfg))
+                .collect::<candle_core::Result<_>>()?,
+            ln_out: candle_nn::layer_norm(h, 1e-6, vb.pp("ln_out"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The encoder's shape.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The item tower: one row per item index (row 0 is padding), `[num_items + 1, hidden]`.
+    pub fn item_table(&self) -> &Tensor {
+        self.items.embeddings()
+    }
+
+    /// Runs the blocks over left-padded item ids `[b, l]` (0 = padding).
+    fn encode(&self, ids: &Tensor, noise: &mut Option<&mut Noise>) -> candle_core::Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let device = ids.device();
+        let pos = Tensor::arange(0u32, l as u32, device)?;
+        let scale = (self.cfg.hidden as f64).sqrt();
+        let x = self
+            .items
+            .forward(ids)?
+            .affine(scale, 0.0)?
+            .broadcast_add(&self.positions.forward(&pos)?)?;
+        let real = ids.ne(0u32)?.to_dtype(DType::F32)?;
+        let mut x = drop(x, noise)?.broadcast_mul(&real.unsqueeze(2)?)?;
+
+        let ids_host: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let mut mask = vec![MASKED; b * l * l];
+        for r in 0..b {
+            for i in 0..l {
+                for j in 0..=i {
+                    if ids_host[r * l + j] != 0 {
+                        mask[(r * l + i) * l + j] = 0.0;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, l, l), device)?;
+        for block in &self.blocks {
+            x = block
+                .forward(&x, &mask, noise)?
+                .broadcast_mul(&real.unsqueeze(2)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Mixes the context into encoded positions and normalises: `[…, hidden]`.
+    fn head(&self, x: &Tensor, hours: &Tensor, devices: &Tensor) -> candle_core::Result<Tensor> {
+        let ctx = (self.hours.forward(hours)? + self.devices.forward(devices)?)?;
+        self.ln_out.forward(&(x + ctx)?)
+    }
+
+    /// Per-position outputs for training: position t, mixed with the context of the
+    /// interaction at t + 1, predicts the item at t + 1. Shapes: ids, hours, devices
+    /// `[b, l]` → `[b, l, hidden]`.
+    pub fn forward_train(
+        &self,
+        ids: &Tensor,
+        hours: &Tensor,
+        devices: &Tensor,
+        noise: Option<&mut Noise>,
+    ) -> candle_core::Result<Tensor> {
+        let mut noise = noise;
+        let x = self.encode(ids, &mut noise)?;
+        self.head(&x, hours, devices)
+    }
+
+    /// User vectors `[b, hidden]` from left-padded histories `[b, l]` and the context of
+    /// the moment of the request (`hours`, `devices`: `[b]`).
+    pub fn user_vectors(
+        &self,
+        ids: &Tensor,
+        hours: &Tensor,
+        devices: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (_, l) = ids.dims2()?;
+        let x = self.encode(ids, &mut None)?;
+        let last = x.narrow(1, l - 1, 1)?.squeeze(1)?;
+        self.head(&last, hours, devices)
+    }
+
+    /// Scores of every item index for each user vector: `[b, num_items + 1]`.
+    pub fn scores(&self, users: &Tensor) -> candle_core::Result<Tensor> {
+        users.matmul(&self.item_table().t()?)
+    }
+
+    /// Left-pads (or truncates to the last `max_len`) histories into `[b, max_len]` ids,
+    /// with the context of each request, on `device`.
+    pub fn batch(
+        &self,
+        histories: &[&[u32]],
+        contexts: &[ContextIds],
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let l = self.cfg.max_len;
+        let mut ids = vec![0u32; histories.len() * l];
+        for (r, h) in histories.iter().enumerate() {
+            let tail = &h[h.len().saturating_sub(l)..];
+            ids[r * l + (l - tail.len())..(r + 1) * l].copy_from_slice(tail);
+        }
+        let b = histories.len();
+        let hours: Vec<u32> = contexts.iter().map(|c| u32::from(c.hour)).collect();
+        let devices: Vec<u32> = contexts.iter().map(|c| u32::from(c.device)).collect();
+        Ok((
+            Tensor::from_vec(ids, (b, l), device)?,
+            Tensor::from_vec(hours, b, device)?,
+            Tensor::from_vec(devices, b, device)?,
+        ))
+    }
+}
+
+/// Re-initialises every variable from `seed`: normal(0, 0.02) for embeddings and weights,
+/// ones and zeros for layer norms, zeros for biases. Variables are visited in name order,
+/// so the result depends only on the seed and the shapes.
+pub fn init_seeded(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
+    let mut rng = SplitMix64::new(seed);
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &vars[name];
+        let (shape, device) = (var.shape().clone(), var.device().clone());
+        let is_norm = name.split('.').any(|p| p.starts_with("ln"));
+        let value = if name.ends_with(".bias") {
+            Tensor::zeros(shape, DType::F32, &device)?
+        } else if is_norm {
+            Tensor::ones(shape, DType::F32, &device)?
+        } else {
+            let data: Vec<f32> = (0..shape.elem_count())
+                .map(|_| (rng.normal() * 0.02) as f32)
+                .collect();
+            Tensor::from_vec(data, shape, &device)?
+        };
+        var.set(&value)?;
+    }
+    Ok(())
+}
+
+/// Cross-entropy of next-item prediction over the positions whose target is not padding.
+pub fn loss(model: &SasRec, hidden: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let d = model.config().hidden;
+    let hidden = hidden.reshape(((), d))?;
+    let targets = targets.flatten_all()?;
+    let keep: Vec<u32> = targets
+        .to_vec1::<u32>()?
+        .iter()
+        .enumerate()
+        .filter(|&(_, &t)| t != 0)
+        .map(|(i, _)| i as u32)
+        .collect();
+    let keep = Tensor::from_vec(keep.clone(), keep.len(), hidden.device())?;
+    let logits = model.scores(&hidden.index_select(&keep, 0)?)?;
+    candle_nn::loss::cross_entropy(&logits, &targets.index_select(&keep, 0)?)
+}
+
+/// Scales the gradients of `vars` so their global L2 norm is at most `max_norm`;
+/// returns the norm before clipping.
+pub fn clip_grads(
+    grads: &mut candle_core::backprop::GradStore,
+    vars: &[candle_core::Var],
+    max_norm: f64,
+) -> candle_core::Result<f64> {
+    let mut total = 0.0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            total += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        }
+    }
+    let norm = total.sqrt();
+    if norm > max_norm && norm.is_finite() {
+        let scale = max_norm / norm;
+        for v in vars {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    Ok(norm)
+}

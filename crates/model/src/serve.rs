@@ -1,0 +1,171 @@
+//! Serving the encoder: a dedicated OS thread owns the model; async callers send it jobs
+//! over a bounded channel and await a oneshot reply. Jobs queued together are encoded and
+//! scored as one batch: one forward pass and one matrix product over the item table.
+
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+
+use candle_core::{Device, Tensor};
+
+use crate::context::ContextIds;
+use crate::sasrec::SasRec;
+
+/// One user to score.
+#[derive(Debug, Clone)]
+pub struct Query {
+    /// Model item indices, oldest first (empty is allowed but gives a context-only vector).
+    pub history: Vec<u32>,
+    /// The moment of the request.
+    pub context: ContextIds,
+    /// Model item indices that must not be returned.
+    pub exclude: Vec<u32>,
+    /// How many items to return.
+    pub k: usize,
+}
+
+/// Why a query got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServeError {
+    /// The queue is full.
+    #[error("the encoder queue is full")]
+    Overloaded,
+    /// The worker thread is gone.
+    #[error("the encoder is not running")]
+    Stopped,
+    /// The forward pass failed.
+    #[error("encoder: {0}")]
+    Failed(String),
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<Vec<(u32, f32)>, ServeError>>;
+
+/// A cheap handle to the encoder thread.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    tx: SyncSender<(Query, Reply)>,
+    num_items: usize,
+}
+
+impl Encoder {
+    /// Starts the worker thread for `model` on `device`: at most `queue` jobs wait, at
+    /// most `max_batch` are scored together.
+    pub fn start(
+        model: SasRec,
+        device: Device,
+        queue: usize,
+        max_batch: usize,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(queue.max(1));
+        let num_items = model.config().num_items;
+        std::thread::Builder::new()
+            .name("onrec-encoder".into())
+            .spawn(move || worker(&model, &device, &rx, max_batch.max(1)))?;
+        Ok(Self { tx, num_items })
+    }
+
+    /// Items the model knows (indices 1..=num_items).
+    pub fn num_items(&self) -> usize {
+        self.num_items
+    }
+
+    /// The top `k` (index, score) pairs for one user, best first.
+    pub async fn top_k(&self, query: Query) -> Result<Vec<(u32, f32)>, ServeError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx.try_send((query, reply)).map_err(|e| match e {
+            TrySendError::Full(_) => ServeError::Overloaded,
+            TrySendError::Disconnected(_) => ServeError::Stopped,
+        })?;
+        rx.await.map_err(|_| ServeError::Stopped)?
+    }
+}
+
+fn worker(model: &SasRec, device: &Device, rx: &Receiver<(Query, Reply)>, max_batch: usize) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let queries: Vec<&Query> = jobs.iter().map(|(q, _)| q).collect();
+        match score_batch(model, device, &queries) {
+            Ok(results) => {
+                for ((_, reply), result) in jobs.into_iter().zip(results) {
+                    // The caller may have given up (timeout); nothing to do then.
+                    let _ = reply.send(Ok(result));
+                }
+            }
+            Err(e) => {
+                let e = ServeError::Failed(e.to_string());
+                for (_, reply) in jobs {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Scores every item for every query in one product, then keeps each query's top k.
+pub fn score_batch(
+    model: &SasRec,
+    device: &Device,
+    queries: &[&Query],
+) -> candle_core::Result<Vec<Vec<(u32, f32)>>> {
+    let users = user_vectors(model, device, queries)?;
+    let scores = model.scores(&users)?.to_vec2::<f32>()?;
+    Ok(queries
+        .iter()
+        .zip(scores)
+        .map(|(q, s)| top_k(s, &q.exclude, q.k))
+        .collect())
+}
+
+/// The `k` best (index, score) pairs of `scores[1..]`, best first, skipping `exclude`.
+pub fn top_k(mut scores: Vec<f32>, exclude: &[u32], k: usize) -> Vec<(u32, f32)> {
+    for &e in exclude {
+        if let Some(s) = scores.get_mut(e as usize) {
+            *s = f32::NEG_INFINITY;
+        }
+    }
+    let mut ranked: Vec<(u32, f32)> = scores
+        .into_iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, s)| s.is_finite())
+        .map(|(i, s)| (i as u32, s))
+        .collect();
+    let k = k.min(ranked.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let by_score = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    ranked.select_nth_unstable_by(k - 1, by_score);
+    ranked.truncate(k);
+    ranked.sort_by(by_score);
+    ranked
+}
+
+/// User vectors `[b, hidden]` for a batch of queries.
+pub fn user_vectors(
+    model: &SasRec,
+    device: &Device,
+    queries: &[&Query],
+) -> candle_core::Result<Tensor> {
+    let histories: Vec<&[u32]> = queries.iter().map(|q| q.history.as_slice()).collect();
+    let contexts: Vec<ContextIds> = queries.iter().map(|q| q.context).collect();
+    let (ids, hours, devices) = model.batch(&histories, &contexts, device)?;
+    model.user_vectors(&ids, &hours, &devices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_skips_padding_and_exclusions() {
+        let scores = vec![100.0, 0.1, 0.9, 0.5, 0.7];
+        assert_eq!(top_k(scores.clone(), &[], 2), vec![(2, 0.9), (4, 0.7)]);
+        assert_eq!(top_k(scores.clone(), &[2], 2), vec![(4, 0.7), (3, 0.5)]);
+        assert_eq!(top_k(scores, &[1, 2, 3, 4], 3), vec![]);
+    }
+}

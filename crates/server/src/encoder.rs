@@ -1,0 +1,93 @@
+//! Putting a Transformer encoder behind the engine: a checkpoint loaded at start, or the
+//! demo encoder trained on synthetic sessions in the background.
+
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use onrec_engine::Engine;
+use onrec_model::data::{Sequences, Split};
+use onrec_model::sasrec::Config as ModelConfig;
+use onrec_model::serve::Encoder;
+use onrec_model::train::{self, TrainConfig};
+use onrec_model::{checkpoint, device, eval, synth};
+
+use crate::Config;
+
+/// Loads the checkpoint in `dir` and attaches it; its version names a digest of the weights.
+pub fn attach_checkpoint(engine: &Engine, config: &Config, dir: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let device = device::select(config.device);
+    let ckpt = checkpoint::load(dir, &device)
+        .with_context(|| format!("loading the model in {}", dir.display()))?;
+    let weights = std::fs::read(dir.join(checkpoint::WEIGHTS)).context("reading the weights")?;
+    let mut h = std::hash::DefaultHasher::new();
+    weights.hash(&mut h);
+    let version = format!("sasrec-{:08x}", h.finish() as u32);
+    let encoder = Encoder::start(
+        ckpt.model,
+        device,
+        config.encoder_queue,
+        config.encoder_max_batch,
+    )?;
+    engine.attach_encoder(encoder, &ckpt.items, version);
+    tracing::info!(dir = %dir.display(), took_ms = started.elapsed().as_millis() as u64, "model loaded");
+    Ok(())
+}
+
+/// Users and interactions per user of the demo encoder's synthetic sessions.
+const DEMO_USERS: usize = 2000;
+const DEMO_STEPS: usize = 30;
+const DEMO_SEED: u64 = 7;
+
+/// Trains the demo encoder on its own thread and attaches it when done; popularity serves
+/// until then (responses say so in `fallback`).
+pub fn spawn_demo(
+    engine: &Engine,
+    config: &Config,
+    items: Vec<(String, String)>,
+) -> anyhow::Result<()> {
+    engine.expect_encoder();
+    let (engine, choice) = (engine.clone(), config.device);
+    let (queue, max_batch) = (config.encoder_queue, config.encoder_max_batch);
+    std::thread::Builder::new().name("onrec-demo-train".into()).spawn(move || {
+        let started = Instant::now();
+        let device = device::select(choice);
+        let seqs = Sequences::from_interactions(synth::sessions(&items, DEMO_USERS, DEMO_STEPS, DEMO_SEED));
+        let split = Split::leave_one_out(&seqs);
+        let model = ModelConfig {
+            num_items: seqs.num_items(),
+            max_len: 20,
+            hidden: 32,
+            heads: 2,
+            layers: 1,
+            ff: 128,
+            dropout: 0.1,
+        };
+        let tc = TrainConfig { epochs: 6, batch_size: 64, lr: 3e-3, patience: 2, seed: DEMO_SEED, progress: false, ..TrainConfig::default() };
+        let trained = match train::train(&model, &tc, &split, &device) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "demo encoder training failed; popularity keeps serving");
+                return;
+            }
+        };
+        let test = eval::evaluate(&trained.model, &split.test, &device);
+        let popularity = eval::evaluate_popularity(&split, seqs.num_items());
+        if let (Ok(t), Ok(p)) = (&test, &popularity) {
+            tracing::info!(
+                epochs = trained.report.epochs_run,
+                took_ms = started.elapsed().as_millis() as u64,
+                ndcg10 = t.history_excluded.ndcg10,
+                popularity_ndcg10 = p.history_excluded.ndcg10,
+                "demo encoder trained on synthetic sessions"
+            );
+        }
+        match Encoder::start(trained.model, device, queue, max_batch) {
+            Ok(encoder) => engine.attach_encoder(encoder, &seqs.items, "sasrec-demo".to_owned()),
+            Err(e) => tracing::error!(error = %e, "cannot start the encoder thread; popularity keeps serving"),
+        }
+    })?;
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! Training with `onrec train`, evaluating with `onrec eval`, and serving the checkpoint.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::Server;
+
+fn onrec(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_onrec"))
+        .args(args)
+        .output()
+        .expect("running onrec");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Synthetic sessions over the first `items` demo-catalog items, as CSV.
+fn write_sessions(path: &Path, items: usize) {
+    let catalog = onrec_engine::catalog::demo_catalog(items);
+    let pairs: Vec<(String, String)> = catalog
+        .iter()
+        .map(|i| (i.item_id.clone(), i.category.clone()))
+        .collect();
+    let mut csv = String::from("user,item,timestamp\n");
+    for it in onrec_model::synth::sessions(&pairs, 400, 25, 3) {
+        csv.push_str(&format!("{},{},{}\n", it.user, it.item, it.timestamp));
+    }
+    std::fs::write(path, csv).unwrap();
+}
+
+#[tokio::test]
+async fn train_eval_and_serve_a_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("onrec-model-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("sessions.csv");
+    write_sessions(&data, 120);
+    let ckpt = dir.join("ckpt");
+    let (ok, out) = onrec(&[
+        "train",
+        "--interactions",
+        data.to_str().unwrap(),
+        "--format",
+        "csv",
+        "--out",
+        ckpt.to_str().unwrap(),
+        "--epochs",
+        "8",
+        "--patience",
+        "3",
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--max-len",
+        "20",
+        "--lr",
+        "0.003",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("history excluded  encoder"), "{out}");
+    for file in [
+        "model.safetensors",
+        "config.json",
+        "items.json",
+        "training.json",
+    ] {
+        assert!(ckpt.join(file).exists(), "{file} missing");
+    }
+    let (ok, out) = onrec(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--interactions",
+        data.to_str().unwrap(),
+        "--format",
+        "csv",
+    ]);
+    assert!(ok, "{out}");
+    // The sessions follow category rings that popularity cannot see.
+    let ndcg = |label: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.contains(label))
+            .unwrap_or_else(|| panic!("{label} missing in {out}"));
+        line.split_whitespace()
+            .rev()
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        ndcg("history excluded  encoder") > 2.0 * ndcg("                  popularity"),
+        "{out}"
+    );
+
+    let s = Server::start(&["--model", ckpt.to_str().unwrap(), "--demo-items", "150"]);
+    let (status, body) = s
+        .post("/v1/recommend", json!({"user_id": "new", "n": 5}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["ranker"], "popularity", "{body}");
+    assert_eq!(
+        body["fallback"],
+        "the user has no history the encoder knows"
+    );
+    let (_, body) = s.post("/v1/recommend", json!({"user_id": "u", "n": 5, "recent_items": ["sku-00003", "sku-00007"], "context": {"hour": 9}})).await;
+    assert_eq!(body["ranker"], "transformer", "{body}");
+    assert!(body.get("fallback").is_none(), "{body}");
+    assert!(
+        body["model_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("sasrec-"),
+        "{body}"
+    );
+    let ids: Vec<&str> = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 5);
+    assert!(
+        !ids.contains(&"sku-00003") && !ids.contains(&"sku-00007"),
+        "history returned: {ids:?}"
+    );
+    // Items the checkpoint never saw (120..150) are served by popularity only.
+    let (_, body) = s
+        .post(
+            "/v1/recommend",
+            json!({"user_id": "u", "n": 5, "recent_items": ["sku-00140"]}),
+        )
+        .await;
+    assert_eq!(body["ranker"], "popularity", "{body}");
+    // History recorded from events feeds the encoder too.
+    let (_, summary) = s.post("/v1/events", json!([{"event_id": "m1", "user_id": "shopper", "item_id": "sku-00010", "type": "click"}])).await;
+    assert_eq!(summary["accepted"], 1);
+    let (_, body) = s
+        .post("/v1/recommend", json!({"user_id": "shopper", "n": 3}))
+        .await;
+    assert_eq!(body["ranker"], "transformer", "{body}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn bad_training_input_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("onrec-model-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("bad.csv");
+    std::fs::write(&data, "u1,i1,1\nu1,i2\n").unwrap();
+    let (ok, out) = onrec(&[
+        "train",
+        "--interactions",
+        data.to_str().unwrap(),
+        "--format",
+        "csv",
+        "--out",
+        dir.join("x").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        out.contains("line 2") && out.contains("expected 3 comma-separated fields"),
+        "{out}"
+    );
+    let err = Server::try_start(&["--model", dir.join("missing").to_str().unwrap()])
+        .err()
+        .expect("must not start");
+    assert!(err.contains("missing"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn the_demo_encoder_takes_over_once_trained() {
+    let s = Server::start(&["--demo-encoder", "true", "--demo-items", "300"]);
+    let (_, body) = s
+        .post(
+            "/v1/events",
+            json!([{"event_id": "d1", "user_id": "demo", "item_id": "sku-00001", "type": "click"}]),
+        )
+        .await;
+    assert_eq!(body["accepted"], 1);
+    // A guard against hanging, not a speed requirement.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        let (_, body) = s
+            .post("/v1/recommend", json!({"user_id": "demo", "n": 5}))
+            .await;
+        if body["ranker"] == "transformer" {
+            assert_eq!(body["model_version"].as_str().unwrap(), "sasrec-demo-c1");
+            return;
+        }
+        assert_eq!(body["fallback"], "the encoder is still loading", "{body}");
+        last = body;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("the demo encoder never took over; last answer {last}");
+}
