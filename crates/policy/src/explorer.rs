@@ -1,0 +1,217 @@
+//! The request-path façade: segment, policy, statistics and fallback in one call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rand::Rng;
+
+use crate::error::ConfigError;
+use crate::policy::{Candidate, Policy, Slot, exploit};
+use crate::segment::{DEFAULT_SEGMENT, SegmentConfig, UserFacts};
+use crate::stats::{SegmentStats, StatUpdate};
+use crate::store::BanditStore;
+
+/// A re-ranked slate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reranked {
+    /// The final slots, in order.
+    pub slots: Vec<Slot>,
+    /// The `kind` of the policy that chose them (`greedy` on a fallback).
+    pub policy: &'static str,
+    /// Whether the statistics could not be read, so the ranker's order was kept.
+    pub fallback: bool,
+}
+
+/// Segments, their policies and the statistics store, ready for requests.
+#[derive(Debug, Clone)]
+pub struct Explorer {
+    config: SegmentConfig,
+    policies: HashMap<String, Policy>,
+    default: Policy,
+    store: Arc<dyn BanditStore>,
+}
+
+impl Explorer {
+    /// Validates `config` and builds every segment's policy.
+    pub fn new(config: SegmentConfig, store: Arc<dyn BanditStore>) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let policies = config
+            .policies
+            .iter()
+            .map(|(name, p)| Ok((name.clone(), Policy::from_config(p)?)))
+            .collect::<Result<HashMap<_, _>, ConfigError>>()?;
+        let default = policies
+            .get(DEFAULT_SEGMENT)
+            .cloned()
+            .unwrap_or_else(Policy::greedy);
+        Ok(Self {
+            config,
+            policies,
+            default,
+            store,
+        })
+    }
+
+    /// The segment configuration.
+    pub fn config(&self) -> &SegmentConfig {
+        &self.config
+    }
+
+    /// The statistics store.
+    pub fn store(&self) -> &Arc<dyn BanditStore> {
+        &self.store
+    }
+
+    /// The segment of a request (see [`SegmentConfig::resolve`]).
+    pub fn segment(&self, explicit: Option<&str>, facts: &UserFacts<'_>) -> String {
+        self.config.resolve(explicit, facts)
+    }
+
+    /// The policy serving `segment`.
+    pub fn policy(&self, segment: &str) -> &Policy {
+        self.policies.get(segment).unwrap_or(&self.default)
+    }
+
+    /// Re-ranks `candidates` (best first) into `n` slots with `segment`'s policy. When the
+    /// statistics cannot be read in time, keeps the ranker's order (propensity 1, nothing
+    /// explored) and counts `onrec_bandit_fallbacks_total`. The future is `Send` when the
+    /// RNG is (e.g. `SmallRng`).
+    pub async fn rerank<R: Rng + ?Sized>(
+        &self,
+        segment: &str,
+        candidates: &[Candidate],
+        n: usize,
+        rng: &mut R,
+    ) -> Reranked {
+        let policy = self.policy(segment);
+        let stats = if policy.needs_stats() && !candidates.is_empty() && n > 0 {
+            let ids: Vec<&str> = candidates.iter().map(|c| c.item_id.as_str()).collect();
+            match self.store.fetch(segment, &ids).await {
+                Ok(stats) => stats,
+                Err(e) => {
+                    metrics::counter!("onrec_bandit_fallbacks_total").increment(1);
+                    tracing::debug!(segment, error = %e, "exploit-only fallback");
+                    return Reranked {
+                        slots: exploit(candidates, n),
+                        policy: Policy::greedy().kind(),
+                        fallback: true,
+                    };
+                }
+            }
+        } else {
+            SegmentStats::default()
+        };
+        Reranked {
+            slots: policy.select(candidates, &stats, n, rng),
+            policy: policy.kind(),
+            fallback: false,
+        }
+    }
+
+    /// One impression per slot of a served slate, for [`BanditStore::record`].
+    pub fn impressions(segment: &str, slots: &[Slot]) -> Vec<StatUpdate> {
+        slots
+            .iter()
+            .map(|s| StatUpdate::impression(segment, s.item_id.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rand::SeedableRng;
+    use rand::rngs::SmallRng;
+
+    use super::*;
+    use crate::error::StoreError;
+    use crate::policy::PolicyConfig;
+    use crate::stats::{SegmentSummary, StatsConfig};
+    use crate::store::StoreFuture;
+    use crate::store::memory::MemoryStore;
+
+    #[derive(Debug)]
+    struct Down;
+
+    impl BanditStore for Down {
+        fn fetch<'a>(&'a self, _: &'a str, _: &'a [&'a str]) -> StoreFuture<'a, SegmentStats> {
+            Box::pin(async { Err(StoreError::Timeout(Duration::from_millis(20))) })
+        }
+        fn record<'a>(&'a self, _: &'a [StatUpdate]) -> StoreFuture<'a, ()> {
+            Box::pin(async { Err(StoreError::Unavailable("down".into())) })
+        }
+        fn segment_summary<'a>(&'a self, _: &'a str, _: usize) -> StoreFuture<'a, SegmentSummary> {
+            Box::pin(async { Err(StoreError::Unavailable("down".into())) })
+        }
+        fn segments(&self) -> StoreFuture<'_, Vec<String>> {
+            Box::pin(async { Err(StoreError::Unavailable("down".into())) })
+        }
+        fn ping(&self) -> StoreFuture<'_, ()> {
+            Box::pin(async { Err(StoreError::Unavailable("down".into())) })
+        }
+    }
+
+    fn config() -> SegmentConfig {
+        let mut cfg = SegmentConfig::default();
+        cfg.policies
+            .insert("default".into(), PolicyConfig::Ucb1 { c: 1.0 });
+        cfg.policies.insert(
+            "fixed".into(),
+            PolicyConfig::EpsilonGreedy {
+                epsilon: 1.0,
+                epsilon_min: 0.0,
+                decay_impressions: None,
+            },
+        );
+        cfg
+    }
+
+    fn candidates() -> Vec<Candidate> {
+        (0..4)
+            .map(|i| Candidate::new(format!("item-{i}"), 4.0 - f64::from(i)))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn falls_back_to_the_ranker_order_when_the_store_fails() {
+        let explorer = Explorer::new(config(), Arc::new(Down)).unwrap();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let r = explorer.rerank("vip", &candidates(), 3, &mut rng).await;
+        assert!(r.fallback);
+        assert_eq!(r.policy, "greedy");
+        assert_eq!(r.slots, exploit(&candidates(), 3));
+        // A policy that needs no statistics does not ask for them.
+        let r = explorer.rerank("fixed", &candidates(), 3, &mut rng).await;
+        assert!(!r.fallback);
+        assert_eq!(r.policy, "epsilon_greedy");
+    }
+
+    #[tokio::test]
+    async fn ucb_tries_untried_items_as_impressions_are_recorded() {
+        let store = Arc::new(MemoryStore::new(StatsConfig::default()).unwrap());
+        let explorer = Explorer::new(config(), store.clone()).unwrap();
+        assert_eq!(explorer.policy("anything").kind(), "ucb1");
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let r = explorer.rerank("s", &candidates(), 1, &mut rng).await;
+            assert!(!r.fallback);
+            seen.push(r.slots[0].item_id.clone());
+            store
+                .record(&Explorer::impressions("s", &r.slots))
+                .await
+                .unwrap();
+        }
+        assert_eq!(seen, ["item-0", "item-1", "item-2", "item-3"]);
+    }
+
+    #[test]
+    fn invalid_policies_are_refused() {
+        let mut cfg = config();
+        cfg.policies
+            .insert("bad".into(), PolicyConfig::Ucb1 { c: -2.0 });
+        let err = Explorer::new(cfg, Arc::new(Down)).unwrap_err();
+        assert_eq!(err.field, "policies.bad.c");
+    }
+}

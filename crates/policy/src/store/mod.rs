@@ -1,0 +1,52 @@
+//! Where bandit statistics live: in memory, in Redis, and behind a fault-tolerant wrapper.
+//!
+//! [`BanditStore`] is object-safe (methods return boxed futures), so the service holds an
+//! `Arc<dyn BanditStore>` and picks the implementation from its configuration.
+
+pub mod memory;
+pub mod redis;
+pub mod resilient;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use crate::error::StoreError;
+use crate::stats::{SegmentStats, SegmentSummary, StatUpdate};
+
+/// The future a store method returns.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Per-(segment, item) impressions and reward sums, and per-segment totals.
+pub trait BanditStore: Send + Sync + fmt::Debug {
+    /// The segment's totals and the statistics of `item_ids` (absent items are left out),
+    /// decayed to now. One round trip.
+    fn fetch<'a>(
+        &'a self,
+        segment: &'a str,
+        item_ids: &'a [&'a str],
+    ) -> StoreFuture<'a, SegmentStats>;
+
+    /// Adds the updates to their items and segments, all or nothing. A batch with a bad
+    /// update ([`StatUpdate::check`]) is refused whole.
+    fn record<'a>(&'a self, updates: &'a [StatUpdate]) -> StoreFuture<'a, ()>;
+
+    /// The segment's totals and its `top` items by mean reward.
+    fn segment_summary<'a>(
+        &'a self,
+        segment: &'a str,
+        top: usize,
+    ) -> StoreFuture<'a, SegmentSummary>;
+
+    /// The segments with statistics, sorted by name.
+    fn segments(&self) -> StoreFuture<'_, Vec<String>>;
+
+    /// Answers when the store is reachable.
+    fn ping(&self) -> StoreFuture<'_, ()>;
+
+    /// The half-life the store decays statistics with, if any.
+    fn half_life(&self) -> Option<Duration> {
+        None
+    }
+}
