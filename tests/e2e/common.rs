@@ -32,6 +32,14 @@ impl Server {
 
     /// Starts the server, or returns what it logged before it exited.
     pub fn try_start(args: &[&str]) -> Result<Server, String> {
+        // Popularity without exploration unless a test asks otherwise, so rankings stay fixed.
+        let mut defaults: Vec<&str> = Vec::new();
+        if !args.contains(&"--demo-encoder") {
+            defaults.extend(["--demo-encoder", "false"]);
+        }
+        if !args.contains(&"--policy") {
+            defaults.extend(["--policy", "greedy"]);
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_onrec"))
             .args([
                 "serve",
@@ -41,6 +49,7 @@ impl Server {
                 "127.0.0.1:0",
             ])
             .args(["--log-format", "json", "--log-level", "info"])
+            .args(&defaults)
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -180,4 +189,86 @@ pub fn item_ids(body: &Value) -> Vec<String> {
 
 pub fn click(event_id: &str, user: &str, item: &str) -> Value {
     serde_json::json!({"event_id": event_id, "user_id": user, "item_id": item, "type": "click"})
+}
+
+/// A `redis-server` of the test's own on a free port; killed when dropped.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn redis_answers(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+impl RedisServer {
+    /// Starts one on a free port.
+    pub fn start() -> RedisServer {
+        let mut r = RedisServer {
+            child: None,
+            port: free_port(),
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it again on the same port (empty: it keeps nothing on disk).
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (.ci/run installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !redis_answers(self.port) {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills it (SIGKILL) and waits until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod bandit;
 mod common;
 mod grpc;
 mod http;

@@ -48,6 +48,20 @@ impl<K: Hash + Eq, V> Bounded<K, V> {
         self.current.get(key).or_else(|| self.previous.get(key))
     }
 
+    /// The value for `key` if held; the entry becomes most recent.
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V>
+    where
+        K: Clone,
+    {
+        if let Some(value) = self.previous.remove(key) {
+            if self.current.len() >= self.generation_cap {
+                self.previous = std::mem::take(&mut self.current);
+            }
+            self.current.insert(key.clone(), value);
+        }
+        self.current.get_mut(key)
+    }
+
     /// The value for `key`, inserting `make()` if absent; the entry becomes most recent.
     pub fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
         if !self.current.contains_key(&key) {
@@ -122,6 +136,9 @@ mod tests {
         assert!(m.contains(&0));
         assert_eq!(m.peek(&0), Some(&0));
         assert!(!m.contains(&1));
+        assert_eq!(m.get_mut(&1), None);
+        *m.get_mut(&0).unwrap() += 7;
+        assert_eq!(m.peek(&0), Some(&7));
     }
 
     #[test]

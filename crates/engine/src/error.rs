@@ -46,6 +46,9 @@ pub enum EngineError {
     /// The engine is at capacity; retrying later is safe.
     #[error("{0}")]
     Overloaded(String),
+    /// A backing store did not answer.
+    #[error("{0}")]
+    Unavailable(String),
     /// A catalog file could not be read or parsed.
     #[error("catalog {path}: {message}")]
     Catalog {

@@ -16,7 +16,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use onrec_policy::{Explorer, StatUpdate, UserFacts};
 use parking_lot::RwLock;
+use rand::SeedableRng;
 
 use crate::bounded::Sharded;
 use crate::catalog::{Catalog, Inserted};
@@ -86,6 +88,25 @@ pub struct EngineConfig {
     pub weights: EventWeights,
     /// How far in the future an event's timestamp may lie.
     pub max_future_skew: Duration,
+    /// Candidates the ranker proposes to the exploration policy (at least `n` are).
+    pub candidates: usize,
+    /// Where impressions for the bandit statistics come from.
+    pub impressions_from: ImpressionSource,
+    /// Discount γ of later rewards (add-to-cart, purchase) against the click: r = r_i + γ·r_l.
+    pub reward_gamma: f64,
+    /// How long after a response its feedback is attributed to it.
+    pub attribution_window: Duration,
+    /// Responses remembered for attribution.
+    pub impression_log_capacity: usize,
+}
+
+/// Where the bandit's impression counts come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImpressionSource {
+    /// Every served slot counts as shown.
+    Served,
+    /// Only `impression` events count (for clients that report what was actually seen).
+    Events,
 }
 
 impl Default for EngineConfig {
@@ -99,6 +120,11 @@ impl Default for EngineConfig {
             dedupe_capacity: 1_000_000,
             weights: EventWeights::default(),
             max_future_skew: Duration::from_secs(300),
+            candidates: 50,
+            impressions_from: ImpressionSource::Served,
+            reward_gamma: 0.9,
+            attribution_window: Duration::from_secs(24 * 3600),
+            impression_log_capacity: 100_000,
         }
     }
 }
@@ -113,7 +139,22 @@ struct UserState {
     history: VecDeque<u32>,
     /// Items disliked, oldest first, at most [`MAX_DISLIKED`].
     disliked: VecDeque<u32>,
+    /// The segment the user was last served as, for feedback without a `request_id`.
+    last_segment: Option<String>,
 }
+
+/// A served response, remembered so that feedback can be attributed to it.
+#[derive(Debug, Clone)]
+struct Impression {
+    segment: String,
+    items: Vec<String>,
+    at_ms: i64,
+}
+
+/// Bandit statistics updates waiting for the background writer.
+const STATS_QUEUE: usize = 65_536;
+/// Most updates the writer sends in one store call.
+const STATS_BATCH: usize = 1000;
 
 fn push_bounded(q: &mut VecDeque<u32>, idx: u32, cap: usize) {
     q.push_back(idx);
@@ -169,7 +210,7 @@ impl Ranking {
             if !item.available || skip.contains(&idx) {
                 continue;
             }
-            heap.push(Candidate {
+            heap.push(Ranked {
                 key: self.popularity.rank_key(idx),
                 idx,
             });
@@ -213,6 +254,10 @@ struct Inner {
     users: Sharded<String, UserState>,
     /// 128-bit digests of event ids: a fixed size per id, whatever its length.
     seen_events: Sharded<u128, ()>,
+    explorer: Explorer,
+    impressions: Sharded<String, Impression>,
+    stats_tx: tokio::sync::mpsc::Sender<StatUpdate>,
+    stats_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<StatUpdate>>>,
 }
 
 /// The pipelines behind a cheap `Clone` handle.
@@ -251,16 +296,16 @@ fn event_digest(event_id: &str) -> u128 {
     (u128::from(half(0x5eed_0001)) << 64) | u128::from(half(0x5eed_0002))
 }
 
-/// A candidate in the top-n heap, ordered so the heap's top is the worst kept candidate.
+/// An item in the top-n heap, ordered so the heap's top is the worst one kept.
 #[derive(Debug, PartialEq)]
-struct Candidate {
+struct Ranked {
     key: f64,
     idx: u32,
 }
 
-impl Eq for Candidate {}
+impl Eq for Ranked {}
 
-impl Ord for Candidate {
+impl Ord for Ranked {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         // Higher key is better; on ties the lower index (catalog order) is better.
         other
@@ -270,15 +315,21 @@ impl Ord for Candidate {
     }
 }
 
-impl PartialOrd for Candidate {
+impl PartialOrd for Ranked {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
 
 impl Engine {
-    /// An engine over `items`, which are validated and inserted in order.
-    pub fn new(config: EngineConfig, items: Vec<Item>) -> Result<Self, EngineError> {
+    /// An engine over `items`, which are validated and inserted in order, exploring with
+    /// `explorer`. Bandit statistics are written by [`Engine::run_stats_writer`], which
+    /// the caller runs as a task.
+    pub fn new(
+        config: EngineConfig,
+        items: Vec<Item>,
+        explorer: Explorer,
+    ) -> Result<Self, EngineError> {
         let now = now_ms();
         let mut ranking = Ranking {
             catalog: Catalog::default(),
@@ -290,12 +341,17 @@ impl Engine {
             item.validate().map_err(|e| e.under(&format!("[{i}]")))?;
             Self::insert_item(&mut ranking, item, now);
         }
+        let (stats_tx, stats_rx) = tokio::sync::mpsc::channel(STATS_QUEUE);
         Ok(Self {
             inner: Arc::new(Inner {
                 users: Sharded::new(config.max_users),
                 seen_events: Sharded::new(config.dedupe_capacity),
+                impressions: Sharded::new(config.impression_log_capacity),
                 config,
                 ranking: RwLock::new(ranking),
+                explorer,
+                stats_tx,
+                stats_rx: parking_lot::Mutex::new(Some(stats_rx)),
             }),
         })
     }
@@ -352,7 +408,8 @@ impl Engine {
         let cfg = &self.inner.config;
         req.validate(cfg.max_n)?;
         let n = req.n as usize;
-        let (mut hidden, plan) = {
+        let m = n.max(cfg.candidates);
+        let (mut hidden, plan, segment) = {
             let ranking = self.inner.ranking.read();
             let catalog = &ranking.catalog;
             let mut hidden: HashSet<u32> = req
@@ -379,6 +436,15 @@ impl Engine {
                     .collect();
                 (history, disliked)
             };
+            let ctx = req.context.as_ref();
+            let facts = UserFacts {
+                device: ctx.and_then(|c| c.device.as_deref()),
+                country: ctx.and_then(|c| c.country.as_deref()),
+                page: ctx.and_then(|c| c.page.as_deref()),
+                hour: ctx.and_then(|c| c.hour),
+                returning: !history.is_empty(),
+            };
+            let segment = self.inner.explorer.segment(req.segment.as_deref(), &facts);
             if cfg.exclude_seen {
                 hidden.extend(history.iter().copied());
             }
@@ -390,13 +456,13 @@ impl Engine {
                     let context = req.context.as_ref().map_or_else(ContextIds::default, |c| {
                         ContextIds::from_parts(c.hour.map(|h| h as u8), c.device.as_deref())
                     });
-                    match link.query(&history, &hidden, context, n) {
+                    match link.query(&history, &hidden, context, m) {
                         Some(q) => Plan::Encoder(link.encoder().clone(), q),
                         None => Plan::Popularity(Some("the user has no history the encoder knows")),
                     }
                 }
             };
-            (hidden, plan)
+            (hidden, plan, segment)
         };
 
         let (encoded, mut fallback) = match plan {
@@ -413,54 +479,193 @@ impl Engine {
             },
         };
 
-        let now = now_ms();
-        let ranking = self.inner.ranking.read();
-        let mut picked: Vec<(u32, f64)> = Vec::with_capacity(n);
-        let mut ranker = RANKER;
-        if let EncoderState::Ready(link) = &ranking.encoder {
-            for (m, score) in encoded {
-                if let Some(c) = link.to_catalog(m).filter(|c| !hidden.contains(c)) {
-                    picked.push((c, f64::from(score)));
-                    hidden.insert(c);
+        let request_id = uuid::Uuid::new_v4();
+        let (candidates, ranker) = {
+            let now = now_ms();
+            let ranking = self.inner.ranking.read();
+            let mut picked: Vec<(u32, f64)> = Vec::with_capacity(m);
+            let mut ranker = RANKER;
+            if let EncoderState::Ready(link) = &ranking.encoder {
+                for (idx, score) in encoded {
+                    if let Some(c) = link.to_catalog(idx).filter(|c| !hidden.contains(c)) {
+                        picked.push((c, f64::from(score)));
+                        hidden.insert(c);
+                    }
+                }
+                if !picked.is_empty() {
+                    ranker = RANKER_ENCODER;
                 }
             }
-            if !picked.is_empty() {
-                ranker = RANKER_ENCODER;
-            }
-        }
-        if picked.len() < n {
-            if ranker == RANKER_ENCODER {
+            if picked.len() < n && ranker == RANKER_ENCODER {
                 fallback =
                     Some("the encoder found fewer items than asked; popular items fill the rest");
             }
-            let fill = ranking.popular(&hidden, n - picked.len());
-            picked.extend(
-                fill.into_iter()
-                    .map(|idx| (idx, ranking.popularity.score_at(idx, now))),
+            if picked.len() < m {
+                let fill = ranking.popular(&hidden, m - picked.len());
+                picked.extend(
+                    fill.into_iter()
+                        .map(|idx| (idx, ranking.popularity.score_at(idx, now))),
+                );
+            }
+            let candidates: Vec<onrec_policy::Candidate> = picked
+                .into_iter()
+                .map(|(idx, score)| {
+                    onrec_policy::Candidate::new(ranking.catalog.get(idx).item_id.clone(), score)
+                })
+                .collect();
+            (candidates, ranker)
+        };
+
+        // The request id is random; its bits seed this request's exploration.
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(request_id.as_u64_pair().0);
+        let slate = self
+            .inner
+            .explorer
+            .rerank(&segment, &candidates, n, &mut rng)
+            .await;
+        if slate.fallback && fallback.is_none() {
+            fallback = Some(
+                "bandit statistics are unavailable; the ranking is served without exploration",
             );
         }
-        let items = picked
+        let label = self.segment_label(&segment);
+        for slot in &slate.slots {
+            let explored = if slot.explored { "true" } else { "false" };
+            metrics::counter!("onrec_bandit_decisions_total", "segment" => label.clone(), "policy" => slate.policy, "explored" => explored)
+                .increment(1);
+        }
+        if self.inner.config.impressions_from == ImpressionSource::Served {
+            self.queue_stats(
+                slate
+                    .slots
+                    .iter()
+                    .map(|s| StatUpdate::impression(segment.clone(), s.item_id.clone())),
+            );
+        }
+        let request_id = request_id.to_string();
+        self.inner
+            .impressions
+            .shard(&request_id)
+            .get_or_insert_with(request_id.clone(), || Impression {
+                segment: segment.clone(),
+                items: slate.slots.iter().map(|s| s.item_id.clone()).collect(),
+                at_ms: now_ms(),
+            });
+        {
+            let mut users = self.inner.users.shard(&req.user_id);
+            users
+                .get_or_insert_with(req.user_id.clone(), UserState::default)
+                .last_segment = Some(segment.clone());
+        }
+
+        let ranking = self.inner.ranking.read();
+        let items = slate
+            .slots
             .into_iter()
-            .map(|(idx, score)| {
-                let item = ranking.catalog.get(idx);
+            .map(|slot| {
+                let (category, title) = ranking
+                    .catalog
+                    .index_of(&slot.item_id)
+                    .map(|i| ranking.catalog.get(i))
+                    .map_or_else(Default::default, |item| {
+                        (item.category.clone(), item.title.clone())
+                    });
                 RecommendedItem {
-                    item_id: item.item_id.clone(),
-                    score,
-                    propensity: 1.0,
-                    explored: false,
-                    category: item.category.clone(),
-                    title: item.title.clone(),
+                    item_id: slot.item_id,
+                    score: slot.score,
+                    propensity: slot.propensity,
+                    explored: slot.explored,
+                    category,
+                    title,
                 }
             })
             .collect();
         Ok(Recommendation {
-            request_id: uuid::Uuid::new_v4().to_string(),
+            request_id,
             model_version: ranking.model_version(),
             ranker: ranker.to_owned(),
             fallback: fallback.map(str::to_owned),
-            segment: req.segment.clone().unwrap_or_else(|| "default".to_owned()),
+            segment,
+            policy: slate.policy.to_owned(),
             items,
         })
+    }
+
+    /// The metric label of a segment: its name when configured, else `other`, so that
+    /// client-chosen segment names cannot grow the number of series without bound.
+    fn segment_label(&self, segment: &str) -> String {
+        let config = self.inner.explorer.config();
+        let known = segment == onrec_policy::DEFAULT_SEGMENT
+            || config.policies.contains_key(segment)
+            || config.rules.iter().any(|r| r.name == segment);
+        if known {
+            segment.to_owned()
+        } else {
+            "other".to_owned()
+        }
+    }
+
+    /// Hands statistics updates to the background writer; when it is behind, they are
+    /// dropped and counted rather than slowing the request.
+    fn queue_stats(&self, updates: impl IntoIterator<Item = StatUpdate>) {
+        for update in updates {
+            if self.inner.stats_tx.try_send(update).is_err() {
+                metrics::counter!("onrec_bandit_updates_dropped_total").increment(1);
+            }
+        }
+    }
+
+    /// Writes queued bandit statistics to the store in batches until the engine is dropped.
+    /// Run it once, as a task; a second call returns at once.
+    pub async fn run_stats_writer(&self) {
+        let Some(mut rx) = self.inner.stats_rx.lock().take() else {
+            return;
+        };
+        let store = Arc::clone(self.inner.explorer.store());
+        let mut batch = Vec::with_capacity(STATS_BATCH);
+        while rx.recv_many(&mut batch, STATS_BATCH).await > 0 {
+            // The resilient store buffers what it cannot write and flushes it later.
+            if let Err(e) = store.record(&batch).await {
+                tracing::debug!(error = %e, updates = batch.len(), "bandit statistics write deferred");
+            }
+            batch.clear();
+        }
+    }
+
+    /// Whether the bandit statistics store answers.
+    pub async fn ping_store(&self) -> bool {
+        self.inner.explorer.store().ping().await.is_ok()
+    }
+
+    /// The bandit statistics of every segment, with each segment's policy.
+    pub async fn segments(&self, top: usize) -> Result<Vec<SegmentReport>, EngineError> {
+        let names = self
+            .inner
+            .explorer
+            .store()
+            .segments()
+            .await
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            out.push(self.segment(&name, top).await?);
+        }
+        Ok(out)
+    }
+
+    /// One segment's policy and bandit statistics, with its `top` best items.
+    pub async fn segment(&self, segment: &str, top: usize) -> Result<SegmentReport, EngineError> {
+        let summary = self
+            .inner
+            .explorer
+            .store()
+            .segment_summary(segment, top)
+            .await
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        Ok(SegmentReport::new(
+            summary,
+            self.inner.explorer.policy(segment).kind(),
+        ))
     }
 
     /// Validates and applies one event. Safe to call again with the same event: the
@@ -489,16 +694,56 @@ impl Engine {
         ranking.popularity.add(idx, cfg.weights.of(event.kind), at);
         drop(ranking);
 
-        if event.kind.is_interaction() || event.kind == EventType::Dislike {
-            let mut users = self.inner.users.shard(&event.user_id);
-            let user = users.get_or_insert_with(event.user_id.clone(), UserState::default);
-            if event.kind == EventType::Dislike {
-                push_bounded(&mut user.disliked, idx, MAX_DISLIKED);
-            } else {
-                push_bounded(&mut user.history, idx, cfg.history_len);
-            }
+        let segment = self.attribute(event, at);
+        let mut users = self.inner.users.shard(&event.user_id);
+        let user = users.get_or_insert_with(event.user_id.clone(), UserState::default);
+        let segment = segment
+            .or_else(|| user.last_segment.clone())
+            .unwrap_or_else(|| onrec_policy::DEFAULT_SEGMENT.to_owned());
+        match event.kind {
+            EventType::Dislike => push_bounded(&mut user.disliked, idx, MAX_DISLIKED),
+            kind if kind.is_interaction() => push_bounded(&mut user.history, idx, cfg.history_len),
+            _ => {}
         }
+        drop(users);
+
+        let mut updates = Vec::with_capacity(2);
+        if event.kind == EventType::Impression && cfg.impressions_from == ImpressionSource::Events {
+            updates.push(StatUpdate::impression(segment.clone(), event.item_id.clone()).at(at));
+        }
+        let reward = self.reward(event.kind);
+        if reward > 0.0 {
+            metrics::counter!("onrec_bandit_reward_total", "segment" => self.segment_label(&segment)).increment(1);
+            metrics::histogram!("onrec_bandit_reward", "segment" => self.segment_label(&segment))
+                .record(reward);
+            updates.push(StatUpdate::reward(segment, event.item_id.clone(), reward).at(at));
+        }
+        self.queue_stats(updates);
         EventOutcome::Accepted
+    }
+
+    /// The bandit reward of an event type: the click is the immediate reward r_i; later
+    /// steps of the funnel (add-to-cart, purchase) are r_l, discounted by γ. Impressions
+    /// and dislikes carry none (rewards are non-negative).
+    fn reward(&self, kind: EventType) -> f64 {
+        let cfg = &self.inner.config;
+        let weight = cfg.weights.of(kind).max(0.0);
+        match kind {
+            EventType::Click => weight,
+            EventType::AddToCart | EventType::Purchase => cfg.reward_gamma * weight,
+            EventType::Impression | EventType::Dislike => 0.0,
+        }
+    }
+
+    /// The segment of the response that showed the event's item, when the event names a
+    /// remembered response within the attribution window.
+    fn attribute(&self, event: &Event, at: i64) -> Option<String> {
+        let request_id = event.request_id.as_ref()?;
+        let log = self.inner.impressions.shard(request_id);
+        let shown = log.peek(request_id)?;
+        let window = duration_ms(self.inner.config.attribution_window);
+        (at.saturating_sub(shown.at_ms) <= window && shown.items.contains(&event.item_id))
+            .then(|| shown.segment.clone())
     }
 
     /// Checks a batch before any of it is applied: the error names the first malformed
@@ -572,8 +817,18 @@ impl Engine {
 mod tests {
     use super::*;
 
+    fn greedy() -> Explorer {
+        let store = onrec_policy::MemoryStore::new(onrec_policy::StatsConfig::default()).unwrap();
+        Explorer::new(onrec_policy::SegmentConfig::default(), Arc::new(store)).unwrap()
+    }
+
     fn engine(items: usize) -> Engine {
-        Engine::new(EngineConfig::default(), catalog::demo_catalog(items)).unwrap()
+        Engine::new(
+            EngineConfig::default(),
+            catalog::demo_catalog(items),
+            greedy(),
+        )
+        .unwrap()
     }
 
     fn event(id: &str, user: &str, item: &str, kind: EventType) -> Event {
@@ -685,7 +940,7 @@ mod tests {
 
     #[test]
     fn empty_catalog_and_unknown_users_get_empty_or_popular_results() {
-        let e = Engine::new(EngineConfig::default(), Vec::new()).unwrap();
+        let e = Engine::new(EngineConfig::default(), Vec::new(), greedy()).unwrap();
         assert!(
             rec(&e, &RecommendRequest::new("u", 5))
                 .unwrap()
@@ -740,6 +995,55 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.to_string(), "[1].item_id: must not be empty");
         assert_eq!(e.stats().catalog_items, 6);
+    }
+
+    #[test]
+    fn feedback_is_attributed_to_the_segment_that_served_it() {
+        block_on(async {
+            let e = engine(20);
+            let writer = e.clone();
+            let task = tokio::spawn(async move { writer.run_stats_writer().await });
+            let mut req = RecommendRequest::new("u", 3);
+            req.segment = Some("vip".into());
+            let served = e.recommend(&req).await.unwrap();
+            assert_eq!(
+                (served.segment.as_str(), served.policy.as_str()),
+                ("vip", "greedy")
+            );
+            let item = served.items[1].item_id.clone();
+            let mut click = event("r1", "u", &item, EventType::Click);
+            click.request_id = Some(served.request_id.clone());
+            assert_eq!(e.record(&click), EventOutcome::Accepted);
+            // Without a request id, the user's last segment is used; the purchase is a later
+            // reward, discounted by gamma = 0.9 with weight 3.
+            assert_eq!(
+                e.record(&event("r2", "u", &item, EventType::Purchase)),
+                EventOutcome::Accepted
+            );
+            // A request id of another response does not attribute to it.
+            let mut stray = event("r3", "other", &item, EventType::Click);
+            stray.request_id = Some("not-a-known-request".into());
+            e.record(&stray);
+            let mut report = None;
+            for _ in 0..200 {
+                tokio::task::yield_now().await;
+                let r = e.segment("vip", 10).await.unwrap();
+                if r.reward >= 3.7 {
+                    report = Some(r);
+                    break;
+                }
+            }
+            let report = report.expect("the rewards reached the store");
+            assert!((report.impressions - 3.0).abs() < 1e-9, "{report:?}");
+            assert!(
+                (report.reward - (1.0 + 0.9 * 3.0)).abs() < 1e-9,
+                "{report:?}"
+            );
+            assert_eq!(report.top[0].item_id, item);
+            let default = e.segment("default", 10).await.unwrap();
+            assert!((default.reward - 1.0).abs() < 1e-9, "{default:?}");
+            task.abort();
+        });
     }
 
     #[test]

@@ -222,6 +222,9 @@ pub struct Recommendation {
     pub fallback: Option<String>,
     /// The segment the user was served as.
     pub segment: String,
+    /// The exploration policy that filled the slots (`greedy` when statistics were
+    /// unavailable).
+    pub policy: String,
     /// At most `n` items, best first; fewer when the catalog has fewer eligible items.
     pub items: Vec<RecommendedItem>,
 }
@@ -491,6 +494,72 @@ impl Item {
             .iter()
             .enumerate()
             .try_for_each(|(i, t)| check_text(&format!("tags[{i}]"), t, MAX_LABEL_BYTES))
+    }
+}
+
+/// One item's bandit statistics in a segment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ArmReport {
+    /// The item.
+    pub item_id: String,
+    /// Impressions counted (decayed when a half-life is set).
+    pub impressions: f64,
+    /// Reward collected (decayed likewise).
+    pub reward: f64,
+    /// Reward per impression.
+    pub reward_per_impression: f64,
+}
+
+/// A segment's policy, traffic and reward.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SegmentReport {
+    /// The segment.
+    pub segment: String,
+    /// Its exploration policy (`greedy`, `epsilon_greedy`, `ucb1`, `thompson`).
+    pub policy: String,
+    /// Impressions counted.
+    pub impressions: f64,
+    /// Reward collected.
+    pub reward: f64,
+    /// Reward per impression; with the default weights, clicks per impression plus the
+    /// discounted value of later steps.
+    pub reward_per_impression: f64,
+    /// Items with statistics.
+    pub items: u64,
+    /// The best items by reward per impression.
+    pub top: Vec<ArmReport>,
+}
+
+impl SegmentReport {
+    /// The report of a store's summary under `policy`.
+    pub fn new(s: onrec_policy::SegmentSummary, policy: &str) -> Self {
+        let per = |reward: f64, impressions: f64| {
+            if impressions > 0.0 {
+                reward / impressions
+            } else {
+                0.0
+            }
+        };
+        Self {
+            reward_per_impression: per(s.reward, s.impressions),
+            segment: s.segment,
+            policy: policy.to_owned(),
+            impressions: s.impressions,
+            reward: s.reward,
+            items: s.arms as u64,
+            top: s
+                .top
+                .into_iter()
+                .map(|a| ArmReport {
+                    reward_per_impression: per(a.reward, a.impressions),
+                    item_id: a.item_id,
+                    impressions: a.impressions,
+                    reward: a.reward,
+                })
+                .collect(),
+        }
     }
 }
 

@@ -12,8 +12,34 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, FromArgMatches};
 use serde::{Deserialize, Serialize};
 
-use onrec_engine::{EngineConfig, EventWeights};
+use onrec_engine::{EngineConfig, EventWeights, ImpressionSource};
 use onrec_model::device::DeviceChoice;
+use onrec_policy::{PolicyConfig, SegmentConfig};
+
+/// An exploration policy, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[clap(rename_all = "snake_case")]
+pub enum PolicyKind {
+    /// Always the ranking.
+    Greedy,
+    /// Explore each slot with probability ε.
+    EpsilonGreedy,
+    /// Upper confidence bound.
+    Ucb1,
+    /// Beta-Bernoulli Thompson sampling.
+    Thompson,
+}
+
+/// Where bandit impressions come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ImpressionsFrom {
+    /// Every served slot.
+    Served,
+    /// Impression events.
+    Events,
+}
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -181,6 +207,68 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
 
+    /// Redis for the bandit statistics, e.g. redis://127.0.0.1:6379/0 (shared by every
+    /// replica); without it they are kept in memory
+    #[arg(long, env = "ONREC_REDIS_URL", hide_env_values = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+
+    /// Latency budget of one bandit statistics read; past it the request is served
+    /// without exploration
+    #[arg(long, env = "ONREC_REDIS_TIMEOUT", default_value = "20ms", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+
+    /// Exploration policy of segments without their own: greedy, epsilon_greedy, ucb1 or thompson
+    #[arg(long, env = "ONREC_POLICY", default_value = "epsilon_greedy")]
+    pub policy: PolicyKind,
+
+    /// ε of the epsilon_greedy policy: the probability that a slot explores
+    #[arg(long, env = "ONREC_EPSILON", default_value_t = 0.1)]
+    pub epsilon: f64,
+
+    /// Exploration constant c of the ucb1 policy
+    #[arg(long, env = "ONREC_UCB_C", default_value_t = 1.0)]
+    pub ucb_c: f64,
+
+    /// Candidates the ranker proposes to the exploration policy per request (at least n)
+    #[arg(long, env = "ONREC_CANDIDATES", default_value_t = 50)]
+    pub candidates: usize,
+
+    /// Where bandit impressions come from: served (every returned slot) or events
+    /// (impression events only)
+    #[arg(long, env = "ONREC_IMPRESSIONS_FROM", default_value = "served")]
+    pub impressions_from: ImpressionsFrom,
+
+    /// Discount γ of later rewards (add-to-cart, purchase) against the click
+    #[arg(long, env = "ONREC_REWARD_GAMMA", default_value_t = 0.9)]
+    pub reward_gamma: f64,
+
+    /// Half-life of bandit statistics, so policies follow drift (e.g. 7d); none keeps
+    /// them forever
+    #[arg(long, env = "ONREC_STATS_HALF_LIFE", value_parser = parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stats_half_life: Option<Duration>,
+
+    /// How long after a response its feedback is attributed to it
+    #[arg(long, env = "ONREC_ATTRIBUTION_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub attribution_window: Duration,
+
+    /// Responses remembered for attributing feedback
+    #[arg(long, env = "ONREC_IMPRESSION_LOG_CAPACITY", default_value_t = 100_000)]
+    pub impression_log_capacity: usize,
+
+    /// Segment rules and per-segment policies (TOML file only: [[segments.rules]] and
+    /// [segments.policies.NAME])
+    #[arg(skip)]
+    #[serde(default)]
+    pub segments: SegmentConfig,
+
     /// Log format
     #[arg(long, env = "ONREC_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -237,6 +325,8 @@ impl Config {
             ("dedupe_capacity", self.dedupe_capacity),
             ("encoder_queue", self.encoder_queue),
             ("encoder_max_batch", self.encoder_max_batch),
+            ("candidates", self.candidates),
+            ("impression_log_capacity", self.impression_log_capacity),
         ] {
             if value == 0 {
                 bail!("{name} must be at least 1");
@@ -253,6 +343,15 @@ impl Config {
                 bail!("{name} must be a finite number");
             }
         }
+        if !(0.0..=1.0).contains(&self.epsilon) || !(0.0..=1.0).contains(&self.reward_gamma) {
+            bail!("epsilon and reward_gamma must be within 0..=1");
+        }
+        if !(self.ucb_c.is_finite() && self.ucb_c >= 0.0) {
+            bail!("ucb_c must be a finite, non-negative number");
+        }
+        self.segments_with_default()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("segments.{e}"))?;
         if self.half_life.is_zero() {
             bail!("half_life must be longer than zero");
         }
@@ -287,7 +386,39 @@ impl Config {
                 dislike: self.weight_dislike,
             },
             max_future_skew: self.max_future_skew,
+            candidates: self.candidates,
+            impressions_from: match self.impressions_from {
+                ImpressionsFrom::Served => ImpressionSource::Served,
+                ImpressionsFrom::Events => ImpressionSource::Events,
+            },
+            reward_gamma: self.reward_gamma,
+            attribution_window: self.attribution_window,
+            impression_log_capacity: self.impression_log_capacity,
         }
+    }
+
+    /// The segment configuration, with the `policy` setting as the `default` segment's
+    /// policy unless the file gives one.
+    pub fn segments_with_default(&self) -> SegmentConfig {
+        let mut segments = self.segments.clone();
+        segments
+            .policies
+            .entry(onrec_policy::DEFAULT_SEGMENT.to_owned())
+            .or_insert(match self.policy {
+                PolicyKind::Greedy => PolicyConfig::Greedy {},
+                PolicyKind::EpsilonGreedy => PolicyConfig::EpsilonGreedy {
+                    epsilon: self.epsilon,
+                    epsilon_min: 0.0,
+                    decay_impressions: None,
+                },
+                PolicyKind::Ucb1 => PolicyConfig::Ucb1 { c: self.ucb_c },
+                PolicyKind::Thompson => PolicyConfig::Thompson {
+                    alpha: 1.0,
+                    beta: 1.0,
+                    draws: 200,
+                },
+            });
+        segments
     }
 
     /// The effective settings as one line of JSON, API keys replaced by `***`.
@@ -302,8 +433,23 @@ impl Config {
             if let Some(path) = &self.config {
                 map.insert("config".into(), path.display().to_string().into());
             }
+            if let Some(serde_json::Value::String(url)) = map.get_mut("redis_url") {
+                *url = mask_url_password(url);
+            }
         }
         value.to_string()
+    }
+}
+
+/// `redis://user:secret@host` becomes `redis://user:***@host`.
+fn mask_url_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let auth = &url[scheme + 3..at];
+            let user = auth.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
     }
 }
 

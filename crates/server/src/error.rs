@@ -28,6 +28,9 @@ pub enum ApiError {
     /// A body or stream over its size limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A backing store did not answer.
+    #[error("a backing store did not answer: {0}")]
+    Unavailable(String),
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -41,6 +44,7 @@ impl From<EngineError> for ApiError {
         match e {
             EngineError::InvalidArgument(f) => Self::InvalidArgument(f),
             EngineError::Overloaded(m) => Self::Busy(m),
+            EngineError::Unavailable(m) => Self::Unavailable(m),
             EngineError::Catalog { .. } => Self::Internal(e.to_string()),
         }
     }
@@ -61,7 +65,7 @@ impl ApiError {
             Self::Overloaded(_) | Self::Busy(_) => "overloaded",
             Self::Timeout(_) => "timeout",
             Self::PayloadTooLarge(_) => "payload_too_large",
-            Self::ShuttingDown => "unavailable",
+            Self::ShuttingDown | Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
     }
@@ -73,7 +77,7 @@ impl ApiError {
             Self::Overloaded(_) | Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ShuttingDown | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -85,7 +89,7 @@ impl ApiError {
             Self::Overloaded(_) | Self::Busy(_) => tonic::Code::ResourceExhausted,
             Self::Timeout(_) => tonic::Code::DeadlineExceeded,
             Self::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,
-            Self::ShuttingDown => tonic::Code::Unavailable,
+            Self::ShuttingDown | Self::Unavailable(_) => tonic::Code::Unavailable,
             Self::Internal(_) => tonic::Code::Internal,
         }
     }

@@ -97,6 +97,7 @@ fn recommendation_to(r: engine::Recommendation) -> pb::RecommendResponse {
         model_version: r.model_version,
         ranker: r.ranker,
         fallback: r.fallback.unwrap_or_default(),
+        policy: r.policy,
         segment: r.segment,
         items: r
             .items
@@ -177,6 +178,34 @@ fn summary_to(s: engine::EventsSummary) -> pb::RecordEventsSummary {
             })
             .collect(),
     }
+}
+
+fn segment_to(r: engine::SegmentReport) -> pb::Segment {
+    pb::Segment {
+        segment: r.segment,
+        policy: r.policy,
+        impressions: r.impressions,
+        reward: r.reward,
+        reward_per_impression: r.reward_per_impression,
+        items: r.items,
+        top: r
+            .top
+            .into_iter()
+            .map(|a| pb::SegmentArm {
+                item_id: a.item_id,
+                impressions: a.impressions,
+                reward: a.reward,
+                reward_per_impression: a.reward_per_impression,
+            })
+            .collect(),
+    }
+}
+
+/// Items listed per segment when a request does not say.
+const DEFAULT_TOP: u32 = 10;
+
+fn top_or_default(top: u32) -> usize {
+    (if top == 0 { DEFAULT_TOP } else { top.min(1000) }) as usize
 }
 
 fn item_from(i: pb::Item) -> engine::Item {
@@ -368,6 +397,39 @@ impl Recommender for GrpcApi {
             metrics::request(Transport::Grpc, "stream_events", outcome, started.elapsed());
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_segments(
+        &self,
+        request: Request<pb::ListSegmentsRequest>,
+    ) -> Result<Response<pb::ListSegmentsResponse>, Status> {
+        let auth = authorization(&request).map(str::to_owned);
+        let top = top_or_default(request.into_inner().top);
+        self.unary("list_segments", Access::Read, auth.as_deref(), async {
+            let segments = self.app.engine().segments(top).await?;
+            Ok(pb::ListSegmentsResponse {
+                segments: segments.into_iter().map(segment_to).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn get_segment(
+        &self,
+        request: Request<pb::GetSegmentRequest>,
+    ) -> Result<Response<pb::Segment>, Status> {
+        let auth = authorization(&request).map(str::to_owned);
+        let req = request.into_inner();
+        self.unary("get_segment", Access::Read, auth.as_deref(), async {
+            engine::check_id("segment", &req.segment)?;
+            let report = self
+                .app
+                .engine()
+                .segment(&req.segment, top_or_default(req.top))
+                .await?;
+            Ok(segment_to(report))
+        })
+        .await
     }
 
     async fn upsert_items(

@@ -11,7 +11,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use onrec_engine::{
-    Event, EventsSummary, FieldError, Item, RecommendRequest, Recommendation, UpsertSummary,
+    Event, EventsSummary, FieldError, Item, RecommendRequest, Recommendation, SegmentReport,
+    UpsertSummary,
 };
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
@@ -32,6 +33,8 @@ pub fn router(app: App) -> Router {
         .route("/v1/recommend", post(recommend))
         .route("/v1/events", post(record_events))
         .route("/v1/items", put(upsert_items))
+        .route("/v1/segments", get(list_segments))
+        .route("/v1/segments/{segment}", get(get_segment))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
@@ -316,6 +319,78 @@ async fn upsert_items(State(app): State<App>, headers: HeaderMap, body: Body) ->
     .await
 }
 
+/// Query of the segment endpoints.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct TopQuery {
+    /// Best items listed per segment (1..=1000, default 10).
+    top: Option<usize>,
+}
+
+/// The `top` query parameter (1..=1000, default 10); errors name it.
+fn top_of(uri: &axum::http::Uri) -> Result<usize, ApiError> {
+    let q = axum::extract::Query::<TopQuery>::try_from_uri(uri)
+        .map_err(|e| FieldError::new("query", e.body_text()))?;
+    match q.top {
+        None => Ok(10),
+        Some(t @ 1..=1000) => Ok(t),
+        Some(t) => Err(FieldError::new("top", format!("is {t}; must be 1..=1000")).into()),
+    }
+}
+
+/// Every segment's exploration policy, traffic and reward.
+#[utoipa::path(get, path = "/v1/segments", tag = "exploration", params(TopQuery),
+    responses(
+        (status = 200, description = "Every segment with statistics", body = Vec<SegmentReport>),
+        (status = 503, description = "The bandit store did not answer", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
+async fn list_segments(
+    State(app): State<App>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    handle(
+        &app,
+        "list_segments",
+        Access::Read,
+        &headers,
+        timed(&app, async {
+            let top = top_of(&uri)?;
+            Ok(Json(app.engine().segments(top).await?))
+        }),
+    )
+    .await
+}
+
+/// One segment's exploration policy, traffic, reward and best items.
+#[utoipa::path(get, path = "/v1/segments/{segment}", tag = "exploration",
+    params(("segment" = String, Path, description = "The segment"), TopQuery),
+    responses(
+        (status = 200, description = "The segment (zero counts when it has no statistics yet)", body = SegmentReport),
+        (status = 503, description = "The bandit store did not answer", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
+async fn get_segment(
+    State(app): State<App>,
+    headers: HeaderMap,
+    axum::extract::Path(segment): axum::extract::Path<String>,
+    uri: axum::http::Uri,
+) -> Response {
+    handle(
+        &app,
+        "get_segment",
+        Access::Read,
+        &headers,
+        timed(&app, async {
+            onrec_engine::check_id("segment", &segment)?;
+            let top = top_of(&uri)?;
+            Ok(Json(app.engine().segment(&segment, top).await?))
+        }),
+    )
+    .await
+}
+
 /// Liveness: 200 while the process runs.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "Alive", content_type = "application/json")))]
@@ -327,7 +402,7 @@ async fn healthz() -> Response {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "Takes traffic"), (status = 503, description = "Starting or draining")))]
 async fn readyz(State(app): State<App>) -> Response {
-    if app.is_ready() {
+    if app.is_ready().await {
         Json(serde_json::json!({"status": "ready"})).into_response()
     } else {
         let status = if app.shutdown_token().is_cancelled() {
@@ -393,7 +468,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "onrec", description = "Online recommendations: top-N items, feedback events, catalog updates."),
-    paths(recommend, record_events, upsert_items, healthz, readyz, prometheus, openapi),
+    paths(recommend, record_events, upsert_items, list_segments, get_segment, healthz, readyz, prometheus, openapi),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;

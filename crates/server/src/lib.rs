@@ -21,6 +21,10 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use onrec_engine::{Engine, catalog};
+use onrec_policy::{
+    BanditStore, Explorer, MemoryStore, RedisConfig, RedisStore, ResilientConfig, ResilientStore,
+    StatsConfig,
+};
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -40,6 +44,7 @@ pub struct App {
     admission: Arc<Semaphore>,
     shutdown: CancellationToken,
     ready: Arc<AtomicBool>,
+    store_seen: Arc<AtomicBool>,
     model_version: Arc<Mutex<Option<String>>>,
 }
 
@@ -60,6 +65,7 @@ impl App {
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
             ready: Arc::new(AtomicBool::new(false)),
+            store_seen: Arc::new(AtomicBool::new(false)),
             model_version: Arc::new(Mutex::new(None)),
         }
     }
@@ -79,9 +85,21 @@ impl App {
         &self.shutdown
     }
 
-    /// Whether the server takes traffic: started and not draining.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.shutdown.is_cancelled()
+    /// Whether the server takes traffic: started, its bandit store reached at least once,
+    /// and not draining. A store that fails later does not make it unready: requests then
+    /// go on without exploration.
+    pub async fn is_ready(&self) -> bool {
+        if !self.ready.load(Ordering::Acquire) || self.shutdown.is_cancelled() {
+            return false;
+        }
+        if self.store_seen.load(Ordering::Acquire) {
+            return true;
+        }
+        let reachable = self.engine.ping_store().await;
+        if reachable {
+            self.store_seen.store(true, Ordering::Release);
+        }
+        reachable
     }
 
     /// Checks the API key and takes an admission permit, or says why not.
@@ -129,7 +147,9 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         .iter()
         .map(|i| (i.item_id.clone(), i.category.clone()))
         .collect();
-    let engine = Engine::new(config.engine(), items).context("building the catalog")?;
+    let explorer = Explorer::new(config.segments_with_default(), bandit_store(config)?)
+        .context("the segment configuration")?;
+    let engine = Engine::new(config.engine(), items, explorer).context("building the catalog")?;
     let stats = engine.stats();
     tracing::info!(
         source,
@@ -144,6 +164,33 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         encoder::spawn_demo(&engine, config, demo_pairs)?;
     }
     Ok(engine)
+}
+
+/// The bandit statistics store: Redis (behind a latency budget and a write buffer) when
+/// configured, else memory. Must be called inside the runtime.
+fn bandit_store(config: &Config) -> anyhow::Result<Arc<dyn BanditStore>> {
+    let stats = StatsConfig {
+        half_life: config.stats_half_life,
+        ..StatsConfig::default()
+    };
+    let Some(url) = &config.redis_url else {
+        return Ok(Arc::new(MemoryStore::new(stats)?));
+    };
+    let redis = RedisStore::new(RedisConfig {
+        url: url.clone(),
+        stats,
+        ..RedisConfig::default()
+    })
+    .context("configuring the Redis bandit store")?;
+    let resilient = Arc::new(ResilientStore::new(
+        Arc::new(redis),
+        ResilientConfig {
+            timeout: config.redis_timeout,
+            ..ResilientConfig::default()
+        },
+    ));
+    resilient.spawn_maintenance();
+    Ok(resilient)
 }
 
 /// The listeners [`run`] serves on, bound by the caller.
@@ -185,6 +232,10 @@ pub async fn run(
     let http = tokio::spawn(http::serve(app.clone(), listeners.http));
     let grpc = tokio::spawn(grpc::serve(grpc_server, listeners.grpc, token.clone()));
     let upkeep = tokio::spawn(metrics_upkeep(token.clone()));
+    let writer = {
+        let engine = app.engine.clone();
+        tokio::spawn(async move { engine.run_stats_writer().await })
+    };
 
     app.ready.store(true, Ordering::Release);
     health
@@ -208,6 +259,7 @@ pub async fn run(
     })
     .await;
     upkeep.abort();
+    writer.abort();
     match drained {
         Ok(result) => {
             result?;
