@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import sys
 from pathlib import Path
 
@@ -35,15 +36,23 @@ except ImportError:
 # --- What the onrec binary accepts and exports ---------------------------------------
 
 # `onrec serve` settings: TOML key = flag name with `_`; env = ONREC_ + upper-case key.
-KNOWN_KEYS = {
-    "http_addr", "grpc_addr", "catalog", "demo_items", "max_n", "half_life",
-    "exclude_seen", "history_len", "max_users", "dedupe_capacity",
-    "weight_impression", "weight_click", "weight_add_to_cart", "weight_purchase",
-    "weight_dislike", "max_future_skew", "write_api_keys", "read_api_keys",
-    "max_body_bytes", "max_stream_bytes", "max_event_bytes", "request_timeout",
-    "stream_idle_timeout", "shutdown_grace", "max_concurrent_requests", "log_format",
-    "log_level",
-}
+# Read from the binary itself (`onrec serve --help`), so this list cannot fall behind.
+# `segments` is the one setting that exists only in the TOML file.
+def _serve_settings():
+    import re
+    import subprocess
+    binary = os.environ.get("ONREC_BIN") or next(
+        (p for p in ("target/debug/onrec", "target/release/onrec") if os.path.exists(p)), None
+    )
+    if binary is None:
+        print("error: build onrec first (cargo build), or set ONREC_BIN", file=sys.stderr)
+        sys.exit(2)
+    help_text = subprocess.run([binary, "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    flags = set(re.findall(r"--([a-z][a-z0-9-]+)", help_text)) - {"help", "config"}
+    return {f.replace("-", "_") for f in flags} | {"segments"}
+
+
+KNOWN_KEYS = _serve_settings()
 # Secrets come from a Secret via env, never from the ConfigMap.
 SECRET_KEYS = {"write_api_keys", "read_api_keys"}
 KNOWN_ENV = {"ONREC_" + k.upper() for k in KNOWN_KEYS}

@@ -28,10 +28,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 200)]
     epochs: usize,
     /// Epochs without improvement before stopping
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 15)]
     patience: usize,
     /// Sequences per step
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 64)]
     batch_size: usize,
     /// AdamW learning rate
     #[arg(long, default_value_t = 1e-3)]
@@ -55,7 +55,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2)]
     heads: usize,
     /// Dropout probability
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.5)]
     dropout: f32,
     /// cpu, or cuda (falls back to cpu without a GPU)
     #[arg(long, default_value = "cpu")]

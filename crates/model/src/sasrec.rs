@@ -44,7 +44,7 @@ impl Config {
             heads: 2,
             layers: 2,
             ff: 256,
-            dropout: 0.2,
+            dropout: 0.5,
         }
     }
 }

@@ -44,10 +44,10 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             epochs: 200,
-            batch_size: 128,
+            batch_size: 64,
             lr: 1e-3,
             weight_decay: 0.0,
-            patience: 10,
+            patience: 15,
             seed: 42,
             max_grad_norm: 5.0,
             progress: true,
