@@ -1,27 +1,60 @@
-//! Encoder and retrieval speed on the CPU: the encoder's forward pass for batches of 1, 32
-//! and 256 users, and top-K retrieval (user vector · item table, then the top 100) over
-//! catalogs of 10k and 100k items. Weights are random: speed does not depend on them.
+//! Encoder and retrieval speed: the encoder's forward pass per batch of users, the scoring
+//! step (user vectors · item table) per batch and catalog size, with the bytes it reads so
+//! that criterion reports its memory bandwidth, and encode + top-100 for one user. Weights
+//! are random: speed does not depend on them. On CUDA it first checks that CPU and CUDA
+//! compute the same user vectors.
 //!
-//! `cargo bench --bench encoder`
+//! `cargo bench --bench encoder`; environment: ONREC_BENCH_DEVICE (cpu | cuda),
+//! ONREC_BENCH_ITEMS (catalog sizes, default 10000,100000), ONREC_BENCH_BATCHES (default
+//! 1,32,256).
 
 #![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use onrec_model::context::ContextIds;
 use onrec_model::sasrec::{Config, SasRec, init_seeded};
-use onrec_model::serve::{Query, score_batch, top_k, user_vectors};
+use onrec_model::serve::{Query, score_batch, user_vectors};
 
-fn model(num_items: usize) -> SasRec {
+fn list(var: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(var).map_or_else(
+        |_| default.to_vec(),
+        |v| {
+            v.split(',')
+                .map(|x| x.trim().parse().expect("a list of numbers"))
+                .collect()
+        },
+    )
+}
+
+fn device() -> Device {
+    let choice = std::env::var("ONREC_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    onrec_model::device::select(choice.parse().unwrap())
+}
+
+/// A seeded model on the CPU, and the same weights on `device`.
+fn models(num_items: usize, device: &Device) -> (SasRec, SasRec) {
+    let cfg = Config::for_items(num_items);
     let varmap = VarMap::new();
-    let model = SasRec::load(
+    let cpu = SasRec::load(
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-        &Config::for_items(num_items),
+        &cfg,
     )
     .unwrap();
     init_seeded(&varmap, 1).unwrap();
-    model
+    let moved: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().to_device(device).unwrap()))
+        .collect();
+    let on_device =
+        SasRec::load(VarBuilder::from_tensors(moved, DType::F32, device), &cfg).unwrap();
+    (cpu, on_device)
 }
 
 fn queries(b: usize, num_items: usize) -> Vec<Query> {
@@ -37,50 +70,88 @@ fn queries(b: usize, num_items: usize) -> Vec<Query> {
         .collect()
 }
 
+fn agreement(device: &Device) {
+    if device.is_cpu() {
+        return;
+    }
+    let (cpu, gpu) = models(1682, device);
+    let qs = queries(64, 1682);
+    let refs: Vec<&Query> = qs.iter().collect();
+    let a = user_vectors(&cpu, &Device::Cpu, &refs).unwrap();
+    let b = user_vectors(&gpu, device, &refs)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!("cpu vs {device:?}: max |difference| of 64 user vectors = {diff:e} (tolerance 1e-3)");
+    assert!(diff < 1e-3, "CPU and GPU disagree");
+}
+
 fn encoder_forward(c: &mut Criterion) {
-    let m = model(1682);
+    let device = device();
+    agreement(&device);
+    let (_, m) = models(1682, &device);
     let mut group = c.benchmark_group("encoder_forward");
-    for b in [1usize, 32, 256] {
+    for b in list("ONREC_BENCH_BATCHES", &[1, 32, 256]) {
         let qs = queries(b, 1682);
         let refs: Vec<&Query> = qs.iter().collect();
         group.throughput(Throughput::Elements(b as u64));
         group.bench_with_input(BenchmarkId::from_parameter(b), &refs, |bench, refs| {
-            bench.iter(|| user_vectors(&m, &Device::Cpu, refs).unwrap());
-        });
-    }
-    group.finish();
-}
-
-fn retrieval(c: &mut Criterion) {
-    let mut group = c.benchmark_group("top_k_retrieval");
-    for items in [10_000usize, 100_000] {
-        let table = Tensor::randn(0f32, 1.0, (items + 1, 64), &Device::Cpu).unwrap();
-        let user = Tensor::randn(0f32, 1.0, (1, 64), &Device::Cpu).unwrap();
-        group.throughput(Throughput::Elements(items as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(items), &items, |bench, _| {
             bench.iter(|| {
-                let scores = user
-                    .matmul(&table.t().unwrap())
-                    .unwrap()
-                    .squeeze(0)
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
-                top_k(scores, &[], 100)
+                let u = user_vectors(&m, &device, refs).unwrap();
+                device.synchronize().unwrap();
+                u
             });
         });
     }
     group.finish();
 }
 
-fn recommend_end_to_end(c: &mut Criterion) {
-    let m = model(10_000);
-    let qs = queries(1, 10_000);
-    let refs: Vec<&Query> = qs.iter().collect();
-    c.bench_function("encode_and_retrieve_10k_items_batch_1", |bench| {
-        bench.iter(|| score_batch(&m, &Device::Cpu, &refs).unwrap());
-    });
+fn scoring(c: &mut Criterion) {
+    let device = device();
+    let mut group = c.benchmark_group("scoring");
+    for items in list("ONREC_BENCH_ITEMS", &[10_000, 100_000]) {
+        let table = Tensor::randn(0f32, 1.0, (items + 1, 64), &device).unwrap();
+        for b in list("ONREC_BENCH_BATCHES", &[1, 32, 256]) {
+            let users = Tensor::randn(0f32, 1.0, (b, 64), &device).unwrap();
+            // The item table is read once per product: its size over the time is the bandwidth.
+            group.throughput(Throughput::Bytes((items as u64 + 1) * 64 * 4));
+            group.bench_with_input(
+                BenchmarkId::new(format!("{items}_items"), b),
+                &b,
+                |bench, _| {
+                    bench.iter(|| {
+                        let s = users.matmul(&table.t().unwrap()).unwrap();
+                        device.synchronize().unwrap();
+                        s
+                    });
+                },
+            );
+        }
+    }
+    group.finish();
 }
 
-criterion_group!(benches, encoder_forward, retrieval, recommend_end_to_end);
+fn encode_and_retrieve(c: &mut Criterion) {
+    let device = device();
+    let mut group = c.benchmark_group("encode_and_top100_one_user");
+    for items in list("ONREC_BENCH_ITEMS", &[10_000, 100_000]) {
+        let (_, m) = models(items, &device);
+        let qs = queries(1, items);
+        let refs: Vec<&Query> = qs.iter().collect();
+        group.bench_with_input(BenchmarkId::from_parameter(items), &items, |bench, _| {
+            bench.iter(|| score_batch(&m, &device, &refs).unwrap());
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, encoder_forward, scoring, encode_and_retrieve);
 criterion_main!(benches);

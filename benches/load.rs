@@ -4,7 +4,8 @@
 //! is measured from each request's scheduled time, so a stalled server cannot hide its
 //! queueing (no coordinated omission).
 //!
-//! `cargo bench --bench load -- --rate 500 --seconds 20 [--n 10] [--users 10000]`
+//! `cargo bench --bench load -- --rate 500 --seconds 20 [--n 10] [--users 10000]`;
+//! ONREC_BIN picks another onrec binary, ONREC_LOAD_SERVER_ARGS adds server settings.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -82,7 +83,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = parse_args();
-    let server = common::Server::start(&[]);
+    // ONREC_LOAD_SERVER_ARGS adds server settings, e.g. "--device cuda --demo-items 100000".
+    let extra = std::env::var("ONREC_LOAD_SERVER_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
+    let server = common::Server::start(&extra);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
@@ -106,6 +110,22 @@ async fn main() {
             .post("/v1/events", serde_json::Value::Array(chunk.to_vec()))
             .await;
         assert_eq!(status, 200, "{body}");
+    }
+    if extra.windows(2).any(|w| w == ["--demo-encoder", "true"]) {
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            let (_, body) = server
+                .post("/v1/recommend", json!({"user_id": "user-0", "n": 1}))
+                .await;
+            if body["ranker"] == "transformer" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the demo encoder did not take over: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
     // Warm the connection pool and the server.
     for i in 0..200 {

@@ -40,7 +40,10 @@ impl Server {
         if !args.contains(&"--policy") {
             defaults.extend(["--policy", "greedy"]);
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_onrec"))
+        // ONREC_BIN runs another build (the load bench on a GPU machine, say).
+        let binary =
+            std::env::var("ONREC_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_onrec").to_owned());
+        let mut child = Command::new(binary)
             .args([
                 "serve",
                 "--http-addr",

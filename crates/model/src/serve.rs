@@ -1,8 +1,11 @@
 //! Serving the encoder: a dedicated OS thread owns the model; async callers send it jobs
-//! over a bounded channel and await a oneshot reply. Jobs queued together are encoded and
-//! scored as one batch: one forward pass and one matrix product over the item table.
+//! over a bounded channel and await a oneshot reply. Requests are batched dynamically:
+//! after the first job arrives, the worker waits at most the batch window for more (never
+//! past `max_batch`), then encodes and scores them all at once, one forward pass and one
+//! matrix product over the item table. A request is never held longer than the window.
 
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
@@ -46,19 +49,19 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// Starts the worker thread for `model` on `device`: at most `queue` jobs wait, at
-    /// most `max_batch` are scored together.
+    /// Starts the worker thread for `model` on `device`: at most `queue` jobs wait, and
+    /// batches are gathered as `batching` says.
     pub fn start(
         model: SasRec,
         device: Device,
         queue: usize,
-        max_batch: usize,
+        batching: Batching,
     ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(queue.max(1));
         let num_items = model.config().num_items;
         std::thread::Builder::new()
             .name("onrec-encoder".into())
-            .spawn(move || worker(&model, &device, &rx, max_batch.max(1)))?;
+            .spawn(move || worker(&model, &device, &rx, batching))?;
         Ok(Self { tx, num_items })
     }
 
@@ -78,15 +81,31 @@ impl Encoder {
     }
 }
 
-fn worker(model: &SasRec, device: &Device, rx: &Receiver<(Query, Reply)>, max_batch: usize) {
+/// How the worker gathers requests into batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Most requests scored together.
+    pub max_batch: usize,
+    /// Longest wait for more requests after the first; zero takes only what is queued.
+    pub window: Duration,
+}
+
+fn worker(model: &SasRec, device: &Device, rx: &Receiver<(Query, Reply)>, batching: Batching) {
+    let max_batch = batching.max_batch.max(1);
     while let Ok(first) = rx.recv() {
+        let deadline = Instant::now() + batching.window;
         let mut jobs = vec![first];
         while jobs.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+            let next = match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => rx.recv_timeout(left).ok(),
+                _ => rx.try_recv().ok(),
+            };
+            match next {
+                Some(job) => jobs.push(job),
+                None => break,
             }
         }
+        metrics::histogram!("onrec_encoder_batch_size").record(jobs.len() as f64);
         let queries: Vec<&Query> = jobs.iter().map(|(q, _)| q).collect();
         match score_batch(model, device, &queries) {
             Ok(results) => {

@@ -104,6 +104,12 @@ pub struct Config {
     #[arg(long, env = "ONREC_ENCODER_MAX_BATCH", default_value_t = 64)]
     pub encoder_max_batch: usize,
 
+    /// Longest the encoder waits for more requests to batch with the first (0 = only
+    /// those already queued); no request waits longer
+    #[arg(long, env = "ONREC_ENCODER_BATCH_WINDOW", default_value = "0ms", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub encoder_batch_window: Duration,
+
     /// Largest n a recommend request may ask for
     #[arg(long, env = "ONREC_MAX_N", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]

@@ -9,11 +9,18 @@ use anyhow::Context as _;
 use onrec_engine::Engine;
 use onrec_model::data::{Sequences, Split};
 use onrec_model::sasrec::Config as ModelConfig;
-use onrec_model::serve::Encoder;
+use onrec_model::serve::{Batching, Encoder};
 use onrec_model::train::{self, TrainConfig};
 use onrec_model::{checkpoint, device, eval, synth};
 
 use crate::Config;
+
+fn batching(config: &Config) -> Batching {
+    Batching {
+        max_batch: config.encoder_max_batch,
+        window: config.encoder_batch_window,
+    }
+}
 
 /// Loads the checkpoint in `dir` and attaches it; its version names a digest of the weights.
 pub fn attach_checkpoint(engine: &Engine, config: &Config, dir: &Path) -> anyhow::Result<()> {
@@ -25,12 +32,7 @@ pub fn attach_checkpoint(engine: &Engine, config: &Config, dir: &Path) -> anyhow
     let mut h = std::hash::DefaultHasher::new();
     weights.hash(&mut h);
     let version = format!("sasrec-{:08x}", h.finish() as u32);
-    let encoder = Encoder::start(
-        ckpt.model,
-        device,
-        config.encoder_queue,
-        config.encoder_max_batch,
-    )?;
+    let encoder = Encoder::start(ckpt.model, device, config.encoder_queue, batching(config))?;
     engine.attach_encoder(encoder, &ckpt.items, version);
     tracing::info!(dir = %dir.display(), took_ms = started.elapsed().as_millis() as u64, "model loaded");
     Ok(())
@@ -50,7 +52,7 @@ pub fn spawn_demo(
 ) -> anyhow::Result<()> {
     engine.expect_encoder();
     let (engine, choice) = (engine.clone(), config.device);
-    let (queue, max_batch) = (config.encoder_queue, config.encoder_max_batch);
+    let (queue, batching) = (config.encoder_queue, batching(config));
     std::thread::Builder::new().name("onrec-demo-train".into()).spawn(move || {
         let started = Instant::now();
         let device = device::select(choice);
@@ -84,7 +86,7 @@ pub fn spawn_demo(
                 "demo encoder trained on synthetic sessions"
             );
         }
-        match Encoder::start(trained.model, device, queue, max_batch) {
+        match Encoder::start(trained.model, device, queue, batching) {
             Ok(encoder) => engine.attach_encoder(encoder, &seqs.items, "sasrec-demo".to_owned()),
             Err(e) => tracing::error!(error = %e, "cannot start the encoder thread; popularity keeps serving"),
         }
