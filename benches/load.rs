@@ -4,7 +4,7 @@
 //! is measured from each request's scheduled time, so a stalled server cannot hide its
 //! queueing (no coordinated omission).
 //!
-//! `cargo bench --bench load -- --rate 500 --seconds 20 [--n 10] [--users 10000]`;
+//! `cargo bench --bench load -- --rate 500 --seconds 20 [--n 10] [--users 10000] [--warm 0.1]`;
 //! ONREC_BIN picks another onrec binary, ONREC_LOAD_SERVER_ARGS adds server settings.
 
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -22,6 +22,7 @@ struct Args {
     seconds: f64,
     n: u32,
     users: u32,
+    warm: f64,
 }
 
 fn parse_args() -> Args {
@@ -30,6 +31,7 @@ fn parse_args() -> Args {
         seconds: 20.0,
         n: 10,
         users: 10_000,
+        warm: 0.1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -39,6 +41,7 @@ fn parse_args() -> Args {
             "--seconds" => args.seconds = value().parse().expect("--seconds: a number"),
             "--n" => args.n = value().parse().expect("--n: an integer"),
             "--users" => args.users = value().parse().expect("--users: an integer"),
+            "--warm" => args.warm = value().parse().expect("--warm: a fraction"),
             "--bench" => {}
             other => panic!("unknown argument {other}; see the file's header"),
         }
@@ -93,8 +96,8 @@ async fn main() {
         .unwrap();
     let url = server.url("/v1/recommend");
 
-    // Give a tenth of the users some history, as feedback would.
-    let events: Vec<_> = (0..args.users / 10)
+    // Give a share of the users (--warm, a tenth by default) some history, as feedback would.
+    let events: Vec<_> = (0..(f64::from(args.users) * args.warm) as u32)
         .flat_map(|u| {
             (0..5).map(move |k| {
                 common::click(
