@@ -324,3 +324,81 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod training_tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::checkpoint;
+    use crate::data::Sequences;
+    use crate::serve::{Query, score_batch};
+
+    fn tiny() -> (Sequences, Split, Config, TrainConfig) {
+        let items: Vec<(String, String)> = (0..30)
+            .map(|i| (format!("i{i}"), format!("c{}", i % 3)))
+            .collect();
+        let seqs = Sequences::from_interactions(crate::synth::sessions(&items, 40, 12, 5));
+        let split = Split::leave_one_out(&seqs);
+        let cfg = Config {
+            num_items: seqs.num_items(),
+            max_len: 8,
+            hidden: 16,
+            heads: 2,
+            layers: 1,
+            ff: 32,
+            dropout: 0.1,
+        };
+        let tc = TrainConfig {
+            epochs: 2,
+            batch_size: 16,
+            patience: 5,
+            seed: 9,
+            progress: false,
+            ..TrainConfig::default()
+        };
+        (seqs, split, cfg, tc)
+    }
+
+    fn scores(model: &SasRec) -> Vec<Vec<(u32, f32)>> {
+        let q = Query {
+            history: vec![1, 2, 3],
+            context: crate::context::ContextIds::from_parts(Some(9), Some("app")),
+            exclude: vec![],
+            k: 5,
+        };
+        score_batch(model, &Device::Cpu, &[&q]).unwrap()
+    }
+
+    #[test]
+    fn the_same_seed_trains_the_same_model() {
+        let (_, split, cfg, tc) = tiny();
+        let a = train(&cfg, &tc, &split, &Device::Cpu).unwrap();
+        let b = train(&cfg, &tc, &split, &Device::Cpu).unwrap();
+        assert_eq!(scores(&a.model), scores(&b.model));
+        let c = train(&cfg, &TrainConfig { seed: 10, ..tc }, &split, &Device::Cpu).unwrap();
+        assert_ne!(scores(&a.model), scores(&c.model));
+    }
+
+    #[test]
+    fn a_checkpoint_loads_back_to_the_same_scores() {
+        let (seqs, split, cfg, tc) = tiny();
+        let trained = train(&cfg, &tc, &split, &Device::Cpu).unwrap();
+        let dir = std::env::temp_dir().join(format!("onrec-ckpt-{}", std::process::id()));
+        checkpoint::save(&dir, &trained.varmap, &cfg, &seqs.items, &trained.report).unwrap();
+        let loaded = checkpoint::load(&dir, &Device::Cpu).unwrap();
+        assert_eq!(loaded.model.config(), &cfg);
+        assert_eq!(loaded.items.as_slice(), seqs.items.as_slice());
+        assert_eq!(
+            loaded.index["i0"],
+            seqs.items.iter().position(|i| i == "i0").unwrap() as u32
+        );
+        assert_eq!(scores(&trained.model), scores(&loaded.model));
+        std::fs::write(dir.join(checkpoint::ITEMS), "[\"only-one\"]").unwrap();
+        let err = checkpoint::load(&dir, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("items.json has 1 items"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
