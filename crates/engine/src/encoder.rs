@@ -29,12 +29,7 @@ pub struct EncoderLink {
 impl EncoderLink {
     /// Links `encoder`, whose vocabulary is `items` (`items[0]` is padding), to `catalog`.
     pub fn new(encoder: Encoder, items: &[String], version: String, catalog: &Catalog) -> Self {
-        let index = items
-            .iter()
-            .enumerate()
-            .skip(1)
-            .map(|(i, id)| (id.clone(), i as u32))
-            .collect();
+        let index = onrec_model::data::vocabulary_index(items);
         let mut link = Self {
             encoder,
             index,

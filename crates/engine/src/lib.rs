@@ -256,7 +256,8 @@ struct Inner {
     seen_events: Sharded<u128, ()>,
     explorer: Explorer,
     impressions: Sharded<String, Impression>,
-    stats_tx: tokio::sync::mpsc::Sender<StatUpdate>,
+    /// `None` once closed for shutdown.
+    stats_tx: RwLock<Option<tokio::sync::mpsc::Sender<StatUpdate>>>,
     stats_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<StatUpdate>>>,
 }
 
@@ -350,7 +351,7 @@ impl Engine {
                 config,
                 ranking: RwLock::new(ranking),
                 explorer,
-                stats_tx,
+                stats_tx: RwLock::new(Some(stats_tx)),
                 stats_rx: parking_lot::Mutex::new(Some(stats_rx)),
             }),
         })
@@ -608,15 +609,24 @@ impl Engine {
     /// Hands statistics updates to the background writer; when it is behind, they are
     /// dropped and counted rather than slowing the request.
     fn queue_stats(&self, updates: impl IntoIterator<Item = StatUpdate>) {
+        let tx = self.inner.stats_tx.read();
         for update in updates {
-            if self.inner.stats_tx.try_send(update).is_err() {
+            let sent = tx.as_ref().is_some_and(|tx| tx.try_send(update).is_ok());
+            if !sent {
                 metrics::counter!("onrec_bandit_updates_dropped_total").increment(1);
             }
         }
     }
 
-    /// Writes queued bandit statistics to the store in batches until the engine is dropped.
-    /// Run it once, as a task; a second call returns at once.
+    /// Stops taking statistics updates; [`Engine::run_stats_writer`] then writes what is
+    /// queued and returns. For shutdown.
+    pub fn close_stats(&self) {
+        self.inner.stats_tx.write().take();
+    }
+
+    /// Writes queued bandit statistics to the store in batches until [`Engine::close_stats`]
+    /// and everything queued before it is written. Run it once, as a task; a second call
+    /// returns at once.
     pub async fn run_stats_writer(&self) {
         let Some(mut rx) = self.inner.stats_rx.lock().take() else {
             return;

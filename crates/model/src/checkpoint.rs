@@ -86,12 +86,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint, ModelError> {
     let mut items = Vec::with_capacity(ids.len() + 1);
     items.push(String::new());
     items.extend(ids);
-    let index = items
-        .iter()
-        .enumerate()
-        .skip(1)
-        .map(|(i, id)| (id.clone(), i as u32))
-        .collect();
+    let index = crate::data::vocabulary_index(&items);
     Ok(Checkpoint {
         model,
         items: Arc::new(items),

@@ -225,12 +225,7 @@ impl Sequences {
     /// (`items[0]` is padding). Interactions with unknown items are dropped; the second
     /// value counts them.
     pub fn with_vocabulary(log: Vec<Interaction>, items: &[String]) -> (Self, usize) {
-        let index: HashMap<&str, u32> = items
-            .iter()
-            .enumerate()
-            .skip(1)
-            .map(|(i, s)| (s.as_str(), i as u32))
-            .collect();
+        let index = vocabulary_index(items);
         let mut dropped = 0;
         let seqs = Self::group(log, |item| {
             let found = index.get(item).copied();
@@ -272,6 +267,16 @@ impl Sequences {
     pub fn num_items(&self) -> usize {
         self.items.len() - 1
     }
+}
+
+/// The index of every item id of a vocabulary (`items[0]` is padding and not indexed).
+pub fn vocabulary_index(items: &[String]) -> HashMap<String, u32> {
+    items
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(i, id)| (id.clone(), i as u32))
+        .collect()
 }
 
 /// One evaluation case: the history before the target, and the target.

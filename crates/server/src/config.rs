@@ -554,5 +554,39 @@ mod tests {
             shown.contains("\"write_api_keys\":[\"***\",\"***\"]"),
             "{shown}"
         );
+        let c = load(&["--redis-url", "redis://app:hunter2@cache:6379/0"]).unwrap();
+        assert!(
+            c.masked().contains("redis://app:***@cache:6379/0"),
+            "{}",
+            c.masked()
+        );
+        assert_eq!(
+            mask_url_password("redis://cache:6379"),
+            "redis://cache:6379"
+        );
+    }
+
+    #[test]
+    fn segments_come_from_the_file_and_the_policy_flag_fills_default() {
+        let path = temp_toml(
+            "segments",
+            "[[segments.rules]]\nname = \"mobile\"\ndevice = \"mobile\"\n\
+             [segments.policies.mobile]\nkind = \"ucb1\"\nc = 2.0\n",
+        );
+        let c = load(&["--config", path.to_str().unwrap(), "--policy", "greedy"]).unwrap();
+        let s = c.segments_with_default();
+        assert_eq!(s.policy_for("mobile"), &PolicyConfig::Ucb1 { c: 2.0 });
+        assert_eq!(s.policy_for("default"), &PolicyConfig::Greedy {});
+        let path = temp_toml(
+            "bad-segments",
+            "[segments.policies.default]\nkind = \"epsilon_greedy\"\nepsilon = 3.0\n",
+        );
+        let err = format!(
+            "{:#}",
+            load(&["--config", path.to_str().unwrap()]).unwrap_err()
+        );
+        assert!(err.contains("epsilon"), "{err}");
+        let err = format!("{:#}", load(&["--epsilon", "1.5"]).unwrap_err());
+        assert!(err.contains("epsilon"), "{err}");
     }
 }

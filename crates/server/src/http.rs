@@ -408,7 +408,7 @@ async fn readyz(State(app): State<App>) -> Response {
         let status = if app.shutdown_token().is_cancelled() {
             "draining"
         } else {
-            "starting"
+            "starting or waiting for the bandit store"
         };
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -259,7 +259,14 @@ pub async fn run(
     })
     .await;
     upkeep.abort();
-    writer.abort();
+    // What is still queued for the bandit store is written before exit (bounded).
+    app.engine.close_stats();
+    if tokio::time::timeout(std::time::Duration::from_secs(5), writer)
+        .await
+        .is_err()
+    {
+        tracing::warn!("bandit statistics still queued after 5 s; exiting without them");
+    }
     match drained {
         Ok(result) => {
             result?;
