@@ -39,8 +39,8 @@ pub fn attach_checkpoint(engine: &Engine, config: &Config, dir: &Path) -> anyhow
 }
 
 /// Users and interactions per user of the demo encoder's synthetic sessions.
-const DEMO_USERS: usize = 2000;
-const DEMO_STEPS: usize = 30;
+const DEMO_USERS: usize = 1000;
+const DEMO_STEPS: usize = 20;
 const DEMO_SEED: u64 = 7;
 
 /// Trains the demo encoder on its own thread and attaches it when done; popularity serves
@@ -67,7 +67,7 @@ pub fn spawn_demo(
             ff: 128,
             dropout: 0.1,
         };
-        let tc = TrainConfig { epochs: 6, batch_size: 64, lr: 3e-3, patience: 2, seed: DEMO_SEED, progress: false, ..TrainConfig::default() };
+        let tc = TrainConfig { epochs: 4, batch_size: 64, lr: 3e-3, patience: 2, seed: DEMO_SEED, progress: false, ..TrainConfig::default() };
         let trained = match train::train(&model, &tc, &split, &device) {
             Ok(t) => t,
             Err(e) => {
