@@ -118,27 +118,32 @@ impl Block {
     }
 
     /// Pre-norm attention and feed-forward with residuals; `mask` is added to the
-    /// attention logits (0 or a large negative number), shaped `[b, 1, l, l]`.
+    /// attention logits (0 or a large negative number), shaped `[b, 1, l, l]`. Only the
+    /// last `rows` positions are computed as queries (keys and values are all `l`), so a
+    /// caller that needs only the last position pays for one row: `[b, rows, d]`.
     fn forward(
         &self,
         x: &Tensor,
         mask: &Tensor,
+        rows: usize,
         noise: &mut Option<&mut Noise>,
     ) -> candle_core::Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         let dh = d / self.heads;
         let qkv = self.qkv.forward(&self.ln1.forward(x)?)?;
-        let split = |i: usize| -> candle_core::Result<Tensor> {
+        let split = |i: usize, n: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(2, i * d, d)?
-                .reshape((b, l, self.heads, dh))?
+                .narrow(1, l - n, n)?
+                .reshape((b, n, self.heads, dh))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let logits = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?.broadcast_add(mask)?;
+        let (q, k, v) = (split(0, rows)?, split(1, l)?, split(2, l)?);
+        let mask = mask.narrow(2, l - rows, rows)?;
+        let logits = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?.broadcast_add(&mask)?;
         let attn = drop(candle_nn::ops::softmax_last_dim(&logits)?, noise)?;
-        let y = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
-        let x = (x + drop(self.out.forward(&y)?, noise)?)?;
+        let y = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, rows, d))?;
+        let x = (x.narrow(1, l - rows, rows)? + drop(self.out.forward(&y)?, noise)?)?;
         let f = self.ff1.forward(&self.ln2.forward(&x)?)?.gelu()?;
         let f = self.ff2.forward(&drop(f, noise)?)?;
         x + drop(f, noise)?
@@ -192,8 +197,14 @@ impl SasRec {
         self.items.embeddings()
     }
 
-    /// Runs the blocks over left-padded item ids `[b, l]` (0 = padding).
-    fn encode(&self, ids: &Tensor, noise: &mut Option<&mut Noise>) -> candle_core::Result<Tensor> {
+    /// Runs the blocks over left-padded item ids `[b, l]` (0 = padding). With `last_only`,
+    /// the final block computes only the last position: `[b, 1, d]`, else `[b, l, d]`.
+    fn encode(
+        &self,
+        ids: &Tensor,
+        last_only: bool,
+        noise: &mut Option<&mut Noise>,
+    ) -> candle_core::Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let device = ids.device();
         let pos = Tensor::arange(0u32, l as u32, device)?;
@@ -218,10 +229,16 @@ impl SasRec {
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, l, l), device)?;
-        for block in &self.blocks {
+        let real = real.unsqueeze(2)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let rows = if last_only && i + 1 == self.blocks.len() {
+                1
+            } else {
+                l
+            };
             x = block
-                .forward(&x, &mask, noise)?
-                .broadcast_mul(&real.unsqueeze(2)?)?;
+                .forward(&x, &mask, rows, noise)?
+                .broadcast_mul(&real.narrow(1, l - rows, rows)?)?;
         }
         Ok(x)
     }
@@ -243,7 +260,7 @@ impl SasRec {
         noise: Option<&mut Noise>,
     ) -> candle_core::Result<Tensor> {
         let mut noise = noise;
-        let x = self.encode(ids, &mut noise)?;
+        let x = self.encode(ids, false, &mut noise)?;
         self.head(&x, hours, devices)
     }
 
@@ -255,9 +272,7 @@ impl SasRec {
         hours: &Tensor,
         devices: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let (_, l) = ids.dims2()?;
-        let x = self.encode(ids, &mut None)?;
-        let last = x.narrow(1, l - 1, 1)?.squeeze(1)?;
+        let last = self.encode(ids, true, &mut None)?.squeeze(1)?;
         self.head(&last, hours, devices)
     }
 
@@ -361,4 +376,58 @@ pub fn clip_grads(
         }
     }
     Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_vectors_equal_the_last_position_of_the_full_pass() {
+        let cfg = Config {
+            num_items: 40,
+            max_len: 6,
+            hidden: 16,
+            heads: 2,
+            layers: 2,
+            ff: 32,
+            dropout: 0.0,
+        };
+        let varmap = VarMap::new();
+        let model = SasRec::load(
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            &cfg,
+        )
+        .unwrap();
+        init_seeded(&varmap, 3).unwrap();
+        let histories: [&[u32]; 3] = [&[1, 2, 3], &[5, 6, 7, 8, 9, 10, 11], &[4]];
+        let contexts = [
+            ContextIds::from_parts(Some(3), None),
+            ContextIds::default(),
+            ContextIds::from_parts(None, Some("app")),
+        ];
+        let (ids, hours, devices) = model.batch(&histories, &contexts, &Device::Cpu).unwrap();
+        let fast = model.user_vectors(&ids, &hours, &devices).unwrap();
+        let full = model.encode(&ids, false, &mut None).unwrap();
+        let full = model
+            .head(
+                &full
+                    .narrow(1, cfg.max_len - 1, 1)
+                    .unwrap()
+                    .squeeze(1)
+                    .unwrap(),
+                &hours,
+                &devices,
+            )
+            .unwrap();
+        let diff = (fast - full)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
 }
