@@ -1,0 +1,907 @@
+//! The learner: a dedicated OS thread that moves submitted transitions into the replay
+//! buffer, trains the online Q-network by Double DQN, keeps a target network, publishes
+//! immutable weight snapshots and writes checkpoints.
+//!
+//! An OS thread rather than a tokio task because a training step is a few milliseconds of
+//! CPU work that would stall every request sharing a runtime worker. Submission never
+//! blocks: the queue is bounded and, when the learner is behind, the newest transition is
+//! dropped and counted. Readers load the latest [`Published`] through an `ArcSwap`, so
+//! they get the old or the new weights, never a mix, and take no lock.
+//!
+//! `onrec_learn_feedback_to_publish_seconds` is recorded per transition at the first
+//! publication made after a training step that ran while the transition was in the replay
+//! buffer; that step may not have sampled it, so it measures when the transition could
+//! first have influenced the live weights.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use candle_core::{Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::LearnError;
+use crate::qnet::{QConfig, QNet, State};
+use crate::replay::{Replay, Transition};
+
+/// Online weights file in a checkpoint directory.
+pub const ONLINE: &str = "qnet.safetensors";
+/// Target weights file in a checkpoint directory.
+pub const TARGET: &str = "target.safetensors";
+/// Version and network shape file in a checkpoint directory, written last.
+pub const STATE: &str = "learner.json";
+
+/// Settings of the learner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearnConfig {
+    /// The Q-network.
+    pub q: QConfig,
+    /// Discount of the next state's value, in `[0, 1]`.
+    pub gamma: f32,
+    /// Transitions per training step.
+    pub batch_size: usize,
+    /// Transitions in the replay buffer before training starts.
+    pub min_replay: usize,
+    /// Most transitions kept for replay; the oldest are overwritten.
+    pub replay_capacity: usize,
+    /// Replayed samples per submitted transition: each transition adds
+    /// `replay_ratio / batch_size` training steps.
+    pub replay_ratio: f64,
+    /// Transitions waiting for the learner before new ones are dropped.
+    pub queue: usize,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Global gradient norm clip.
+    pub max_grad_norm: f64,
+    /// Soft target update rate per step; 0 switches to a hard copy every `target_every`.
+    pub tau: f64,
+    /// Steps between hard target copies when `tau` is 0.
+    pub target_every: u64,
+    /// Steps between publications (or `publish_interval`, whichever comes first).
+    pub publish_every: u64,
+    /// Longest time trained weights wait for publication.
+    pub publish_interval: Duration,
+    /// Time between periodic checkpoints when a directory is given.
+    pub checkpoint_interval: Duration,
+}
+
+impl LearnConfig {
+    /// The defaults for `num_items` items (see [`QConfig::for_items`]): γ 0.5, batches of
+    /// 64 once 64 transitions are held, 100 000 replayed transitions, replay ratio 8,
+    /// a queue of 1024, AdamW at 1e-3 with decay 0.01, clip 5, τ 0.01 (hard copy every
+    /// 100 steps if τ is 0), publication every 10 steps or 1 s, checkpoints every 60 s.
+    pub fn for_items(num_items: usize) -> Self {
+        Self {
+            q: QConfig::for_items(num_items),
+            gamma: 0.5,
+            batch_size: 64,
+            min_replay: 64,
+            replay_capacity: 100_000,
+            replay_ratio: 8.0,
+            queue: 1024,
+            lr: 1e-3,
+            weight_decay: 0.01,
+            max_grad_norm: 5.0,
+            tau: 0.01,
+            target_every: 100,
+            publish_every: 10,
+            publish_interval: Duration::from_secs(1),
+            checkpoint_interval: Duration::from_secs(60),
+        }
+    }
+
+    /// Checks that every setting is in range.
+    pub fn validate(&self) -> Result<(), LearnError> {
+        self.q.validate()?;
+        let bad = |what: &str| Err(LearnError::Config(what.to_string()));
+        if !(0.0..=1.0).contains(&self.gamma) {
+            return bad("gamma must be in [0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.tau) {
+            return bad("tau must be in [0, 1]");
+        }
+        if self.tau == 0.0 && self.target_every == 0 {
+            return bad("target_every must be positive when tau is 0");
+        }
+        if self.batch_size == 0 || self.queue == 0 || self.replay_capacity == 0 {
+            return bad("batch_size, queue and replay_capacity must be positive");
+        }
+        if self.publish_every == 0 || self.publish_interval.is_zero() {
+            return bad("publish_every and publish_interval must be positive");
+        }
+        if self.checkpoint_interval.is_zero() {
+            return bad("checkpoint_interval must be positive");
+        }
+        if !(self.replay_ratio.is_finite() && self.replay_ratio >= 0.0) {
+            return bad("replay_ratio must be a finite number ≥ 0");
+        }
+        if !(self.lr > 0.0 && self.max_grad_norm > 0.0 && self.weight_decay >= 0.0) {
+            return bad("lr and max_grad_norm must be positive, weight_decay ≥ 0");
+        }
+        Ok(())
+    }
+}
+
+/// One published set of weights; never changes once published.
+#[derive(Debug)]
+pub struct Published {
+    /// Publication number: 0 for fresh weights, +1 per publication, continued on resume.
+    pub version: u64,
+    /// Training steps these weights include.
+    pub updates: u64,
+    /// The network.
+    pub net: QNet,
+    /// When it was published (in this process).
+    pub published_at: Instant,
+}
+
+/// Double DQN targets: `r + γ · target_next[a*]` with `a* = argmax online_next`, the
+/// online network choosing the next action and the target network valuing it, so the
+/// maximisation bias of one network judging its own choice is avoided. An empty
+/// `online_next` row is terminal and gives `r`.
+pub fn double_dqn_targets(
+    rewards: &[f32],
+    online_next: &[Vec<f32>],
+    target_next: &[Vec<f32>],
+    gamma: f32,
+) -> Vec<f32> {
+    rewards
+        .iter()
+        .zip(online_next.iter().zip(target_next))
+        .map(|(&r, (online, target))| {
+            let best = online
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i);
+            match best.and_then(|i| target.get(i)) {
+                Some(&value) => r + gamma * value,
+                None => r,
+            }
+        })
+        .collect()
+}
+
+enum Msg {
+    Feedback(Transition, Instant),
+    Wake,
+}
+
+/// The handle to the learner thread; share it (`Arc<Learner>`) between request handlers.
+/// Dropping it without [`Learner::shutdown`] lets the thread train on what is queued,
+/// then publish and checkpoint as `shutdown` does, unawaited.
+#[derive(Debug)]
+pub struct Learner {
+    tx: SyncSender<Msg>,
+    q: QConfig,
+    published: Arc<ArcSwap<Published>>,
+    stop: Arc<AtomicBool>,
+    worker: Mutex<Option<JoinHandle<Result<(), LearnError>>>>,
+    accepted: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Learner {
+    /// Starts the learner thread on the CPU. With `dir`, it resumes from the checkpoint
+    /// there when there is one (made for an equal [`QConfig`]; an error otherwise) and
+    /// writes checkpoints there.
+    pub fn start(config: LearnConfig, dir: Option<&Path>) -> Result<Self, LearnError> {
+        config.validate()?;
+        let trainer = Trainer::new(config.clone(), Device::Cpu, dir)?;
+        let (learner, rx) = Self::unstarted(&config, trainer.published.clone());
+        let stop = learner.stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("onrec-learner".into())
+            .spawn(move || trainer.run(&rx, &stop))
+            .map_err(|e| LearnError::Train(format!("cannot start the learner thread: {e}")))?;
+        *learner.worker.lock() = Some(handle);
+        Ok(learner)
+    }
+
+    /// A handle whose queue nobody reads yet; `start` gives the receiver to the thread.
+    fn unstarted(
+        config: &LearnConfig,
+        published: Arc<ArcSwap<Published>>,
+    ) -> (Self, Receiver<Msg>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue);
+        let learner = Self {
+            tx,
+            q: config.q.clone(),
+            published,
+            stop: Arc::new(AtomicBool::new(false)),
+            worker: Mutex::new(None),
+            accepted: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        };
+        (learner, rx)
+    }
+
+    /// Queues a transition for learning without blocking: `Dropped` when the learner is
+    /// behind and its queue is full, `Invalid` when it does not fit the network.
+    pub fn submit(&self, transition: Transition) -> Result<(), LearnError> {
+        self.q.check_transition(&transition)?;
+        match self.tx.try_send(Msg::Feedback(transition, Instant::now())) {
+            Ok(()) => {
+                self.accepted.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("onrec_learn_transitions_total").increment(1);
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("onrec_learn_transitions_dropped_total").increment(1);
+                Err(LearnError::Dropped)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(LearnError::Stopped),
+        }
+    }
+
+    /// The latest published weights.
+    pub fn current(&self) -> Arc<Published> {
+        self.published.load_full()
+    }
+
+    /// Transitions queued since start.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Transitions dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Stops the thread promptly: transitions still queued are discarded and training
+    /// steps not yet run are skipped, but weights trained and not yet published are
+    /// published, and the final checkpoint is written when there is a directory. A
+    /// second call does nothing.
+    pub fn shutdown(&self) -> Result<(), LearnError> {
+        self.stop.store(true, Ordering::Release);
+        // A full queue wakes the thread anyway, so a failed wake-up needs no retry.
+        let _ = self.tx.try_send(Msg::Wake);
+        let handle = self.worker.lock().take();
+        match handle {
+            Some(h) => h
+                .join()
+                .map_err(|_| LearnError::Train("the learner thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+/// What `learner.json` records.
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    version: u64,
+    updates: u64,
+    q: QConfig,
+}
+
+fn ckpt_err(path: &Path, e: impl std::fmt::Display) -> LearnError {
+    LearnError::Checkpoint(format!("{}: {e}", path.display()))
+}
+
+/// The learner thread's state.
+struct Trainer {
+    cfg: LearnConfig,
+    device: Device,
+    online_vars: VarMap,
+    online: QNet,
+    target_vars: VarMap,
+    target: QNet,
+    vars: Vec<Var>,
+    opt: AdamW,
+    replay: Replay,
+    dir: Option<PathBuf>,
+    version: u64,
+    updates: u64,
+    owed: f64,
+    since_publish: u64,
+    last_publish: Instant,
+    /// The version last written (or loaded) and when.
+    checkpointed: (u64, Instant),
+    /// Submission times of transitions no training step has seen in the buffer yet.
+    fresh: Vec<Instant>,
+    /// Submission times of transitions trained on but not yet published.
+    trained: Vec<Instant>,
+    published: Arc<ArcSwap<Published>>,
+}
+
+impl Trainer {
+    fn new(cfg: LearnConfig, device: Device, dir: Option<&Path>) -> Result<Self, LearnError> {
+        let (mut online_vars, online) = QNet::seeded(&cfg.q, &device)?;
+        let (mut target_vars, target) = QNet::seeded(&cfg.q, &device)?;
+        let (mut version, mut updates) = (0, 0);
+        let resume = dir.map(|d| d.join(STATE)).filter(|p| p.exists());
+        if let (Some(dir), Some(state)) = (dir, resume) {
+            let text = std::fs::read_to_string(&state).map_err(|e| ckpt_err(&state, e))?;
+            let saved: Saved = serde_json::from_str(&text).map_err(|e| ckpt_err(&state, e))?;
+            if saved.q != cfg.q {
+                return Err(ckpt_err(
+                    dir,
+                    format!(
+                        "was made for a different Q-network: saved {:?}, configured {:?}",
+                        saved.q, cfg.q
+                    ),
+                ));
+            }
+            for (vars, name) in [(&mut online_vars, ONLINE), (&mut target_vars, TARGET)] {
+                let path = dir.join(name);
+                vars.load(&path).map_err(|e| ckpt_err(&path, e))?;
+            }
+            (version, updates) = (saved.version, saved.updates);
+            tracing::info!(dir = %dir.display(), version, updates, "learner resumed");
+        }
+        let vars = online_vars.all_vars();
+        let opt = AdamW::new(
+            vars.clone(),
+            ParamsAdamW {
+                lr: cfg.lr,
+                weight_decay: cfg.weight_decay,
+                ..ParamsAdamW::default()
+            },
+        )?;
+        let first = Published {
+            version,
+            updates,
+            net: QNet::snapshot(&online_vars, &cfg.q, &device)?,
+            published_at: Instant::now(),
+        };
+        metrics::gauge!("onrec_learn_weights_version").set(version as f64);
+        Ok(Self {
+            published: Arc::new(ArcSwap::from_pointee(first)),
+            replay: Replay::new(cfg.replay_capacity, cfg.q.seed ^ 0x7e91_a7b0),
+            cfg,
+            device,
+            online_vars,
+            online,
+            target_vars,
+            target,
+            vars,
+            opt,
+            dir: dir.map(Path::to_path_buf),
+            version,
+            updates,
+            owed: 0.0,
+            since_publish: 0,
+            last_publish: Instant::now(),
+            checkpointed: (version, Instant::now()),
+            fresh: Vec::new(),
+            trained: Vec::new(),
+        })
+    }
+
+    fn run(mut self, rx: &Receiver<Msg>, stop: &AtomicBool) -> Result<(), LearnError> {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            match rx.recv_timeout(self.wait()) {
+                Ok(msg) => {
+                    self.take(msg);
+                    // Bounded, so a steady stream cannot postpone training forever.
+                    for _ in 1..self.cfg.queue {
+                        match rx.try_recv() {
+                            Ok(msg) => self.take(msg),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while self.owed >= 1.0 && !stop.load(Ordering::Acquire) {
+                self.owed -= 1.0;
+                logged("training step", self.step());
+                if self.since_publish >= self.cfg.publish_every {
+                    logged("publication", self.publish());
+                }
+            }
+            if self.since_publish > 0 && self.last_publish.elapsed() >= self.cfg.publish_interval {
+                logged("publication", self.publish());
+            }
+            if self.checkpoint_due() {
+                logged("checkpoint", self.checkpoint());
+            }
+        }
+        if self.since_publish > 0 {
+            self.publish()?;
+        }
+        if self.dir.is_some() {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// How long to wait for feedback before a time-based publication or checkpoint.
+    fn wait(&self) -> Duration {
+        let mut wait = self.cfg.publish_interval;
+        if self.since_publish > 0 {
+            wait = wait.saturating_sub(self.last_publish.elapsed());
+        }
+        let (version, at) = self.checkpointed;
+        if self.dir.is_some() && version != self.version {
+            wait = wait.min(self.cfg.checkpoint_interval.saturating_sub(at.elapsed()));
+        }
+        wait.max(Duration::from_millis(1))
+    }
+
+    fn take(&mut self, msg: Msg) {
+        let Msg::Feedback(t, submitted) = msg else {
+            return;
+        };
+        self.replay.push(t);
+        push_bounded(&mut self.fresh, submitted, self.cfg.replay_capacity);
+        metrics::gauge!("onrec_learn_replay_size").set(self.replay.len() as f64);
+        if self.replay.len() >= self.cfg.min_replay.max(1) {
+            self.owed += self.cfg.replay_ratio / self.cfg.batch_size as f64;
+        }
+    }
+
+    /// One Double DQN step on a uniform mini-batch, then the target update.
+    fn step(&mut self) -> Result<(), LearnError> {
+        let batch = self.replay.sample(self.cfg.batch_size);
+        let b = batch.len();
+        let states: Vec<&State> = batch.iter().map(|t| &t.state).collect();
+        let actions: Vec<u32> = batch.iter().map(|t| t.action).collect();
+        let rewards: Vec<f32> = batch.iter().map(|t| t.reward).collect();
+        let live: Vec<usize> = (0..b).filter(|&i| !batch[i].is_terminal()).collect();
+        let mut next_states = Vec::with_capacity(live.len());
+        let mut next_lists = Vec::with_capacity(live.len());
+        for &i in &live {
+            if let Some(s) = &batch[i].next_state {
+                next_states.push(s);
+                next_lists.push(batch[i].next_candidates.as_slice());
+            }
+        }
+        let online_live = self.online.q_values_of(&next_states, &next_lists)?;
+        let target_live = self.target.q_values_of(&next_states, &next_lists)?;
+        let mut online_next = vec![Vec::new(); b];
+        let mut target_next = vec![Vec::new(); b];
+        for ((&i, o), t) in live.iter().zip(online_live).zip(target_live) {
+            online_next[i] = o;
+            target_next[i] = t;
+        }
+        let targets = double_dqn_targets(&rewards, &online_next, &target_next, self.cfg.gamma);
+        let y = Tensor::from_vec(targets, b, &self.device)?;
+        let q = self.online.forward(&states, &actions)?;
+        let loss = candle_nn::loss::huber(&q, &y, 1.0)?;
+        let mut grads = loss.backward()?;
+        onrec_model::sasrec::clip_grads(&mut grads, &self.vars, self.cfg.max_grad_norm)?;
+        self.opt.step(&grads)?;
+
+        let td = (&q - &y)?.abs()?.mean_all()?.to_scalar::<f32>()?;
+        let q_mean = q.mean_all()?.to_scalar::<f32>()?;
+        metrics::gauge!("onrec_learn_loss").set(f64::from(loss.to_scalar::<f32>()?));
+        metrics::gauge!("onrec_learn_td_error").set(f64::from(td));
+        metrics::gauge!("onrec_learn_q_mean").set(f64::from(q_mean));
+        metrics::counter!("onrec_learn_updates_total").increment(1);
+        self.updates += 1;
+        self.since_publish += 1;
+        let cap = self.cfg.replay_capacity;
+        for at in self.fresh.drain(..) {
+            push_bounded(&mut self.trained, at, cap);
+        }
+        if self.cfg.tau > 0.0 {
+            copy_into(&self.target_vars, &self.online_vars, self.cfg.tau)?;
+        } else if self.updates.is_multiple_of(self.cfg.target_every) {
+            copy_into(&self.target_vars, &self.online_vars, 1.0)?;
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self) -> Result<(), LearnError> {
+        let net = QNet::snapshot(&self.online_vars, &self.cfg.q, &self.device)?;
+        let now = Instant::now();
+        self.version += 1;
+        self.published.store(Arc::new(Published {
+            version: self.version,
+            updates: self.updates,
+            net,
+            published_at: now,
+        }));
+        self.since_publish = 0;
+        self.last_publish = now;
+        metrics::gauge!("onrec_learn_weights_version").set(self.version as f64);
+        let latency = metrics::histogram!("onrec_learn_feedback_to_publish_seconds");
+        for at in self.trained.drain(..) {
+            latency.record(now.duration_since(at).as_secs_f64());
+        }
+        Ok(())
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        let (version, at) = self.checkpointed;
+        self.dir.is_some()
+            && version != self.version
+            && at.elapsed() >= self.cfg.checkpoint_interval
+    }
+
+    /// Publishes what is trained (so a checkpoint is always a published version), then
+    /// writes the weights and, last, `learner.json`, each through a rename so a crash
+    /// leaves the previous file whole.
+    fn checkpoint(&mut self) -> Result<(), LearnError> {
+        let Some(dir) = self.dir.clone() else {
+            return Ok(());
+        };
+        if self.since_publish > 0 {
+            self.publish()?;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| ckpt_err(&dir, e))?;
+        for (vars, name) in [(&self.online_vars, ONLINE), (&self.target_vars, TARGET)] {
+            let path = dir.join(name);
+            let tmp = dir.join(format!("{name}.tmp"));
+            vars.save(&tmp).map_err(|e| ckpt_err(&tmp, e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| ckpt_err(&path, e))?;
+        }
+        let saved = Saved {
+            version: self.version,
+            updates: self.updates,
+            q: self.cfg.q.clone(),
+        };
+        let path = dir.join(STATE);
+        let tmp = dir.join(format!("{STATE}.tmp"));
+        let text = serde_json::to_string_pretty(&saved).map_err(|e| ckpt_err(&path, e))?;
+        std::fs::write(&tmp, text).map_err(|e| ckpt_err(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| ckpt_err(&path, e))?;
+        self.checkpointed = (self.version, Instant::now());
+        tracing::debug!(dir = %dir.display(), version = self.version, "learner checkpoint written");
+        Ok(())
+    }
+}
+
+/// Keeps at most `cap` entries, forgetting the oldest: a latency sample lost under
+/// overload is better than memory that grows without bound.
+fn push_bounded(v: &mut Vec<Instant>, at: Instant, cap: usize) {
+    if v.len() >= cap {
+        v.drain(..=v.len() - cap);
+    }
+    v.push(at);
+}
+
+fn logged(what: &str, result: Result<(), LearnError>) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "learner {what} failed");
+    }
+}
+
+/// `dst ← (1 − τ) · dst + τ · src`, variable by variable (τ = 1 copies).
+fn copy_into(dst: &VarMap, src: &VarMap, tau: f64) -> Result<(), LearnError> {
+    let poisoned = |e: String| LearnError::Train(e);
+    let dst = dst.data().lock().map_err(|e| poisoned(e.to_string()))?;
+    let src = src.data().lock().map_err(|e| poisoned(e.to_string()))?;
+    for (name, d) in dst.iter() {
+        let s = src
+            .get(name)
+            .ok_or_else(|| LearnError::Train(format!("no variable {name} to copy")))?;
+        let value = if tau >= 1.0 {
+            s.as_tensor().copy()?
+        } else {
+            ((d.as_tensor() * (1.0 - tau))? + (s.as_tensor() * tau)?)?
+        };
+        d.set(&value)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use onrec_model::context::ContextIds;
+    use onrec_model::rng::SplitMix64;
+
+    use super::*;
+
+    fn ctx(hour: u8) -> ContextIds {
+        ContextIds::from_parts(Some(hour), Some("mobile"))
+    }
+
+    fn state(history: &[u32], hour: u8) -> State {
+        State {
+            history: history.to_vec(),
+            context: ctx(hour),
+        }
+    }
+
+    fn small() -> LearnConfig {
+        LearnConfig {
+            q: QConfig {
+                embed: 8,
+                hidden: 16,
+                ..QConfig::for_items(10)
+            },
+            batch_size: 16,
+            min_replay: 16,
+            replay_capacity: 1000,
+            replay_ratio: 16.0,
+            publish_every: 5,
+            ..LearnConfig::for_items(10)
+        }
+    }
+
+    /// A session step: the user saw `action` after `history`, and, unless `terminal`, was
+    /// shown the candidates 1..=10 next.
+    fn transition(rng: &mut SplitMix64, hour: u8, terminal: bool) -> Transition {
+        let history: Vec<u32> = (0..rng.below(5))
+            .map(|_| 1 + rng.below(10) as u32)
+            .collect();
+        let action = 1 + rng.below(10) as u32;
+        let reward = match (hour, action) {
+            (9, 7) | (21, 3) => 1.0,
+            _ => 0.0,
+        };
+        let mut next = history.clone();
+        next.push(action);
+        Transition {
+            state: state(&history, hour),
+            action,
+            reward,
+            next_state: (!terminal).then(|| state(&next, hour)),
+            next_candidates: if terminal { vec![] } else { (1..=10).collect() },
+        }
+    }
+
+    /// Submits every transition, waiting out a full queue (the learner is behind).
+    fn submit_all(learner: &Learner, ts: &[Transition]) {
+        for t in ts {
+            let mut tries = 0;
+            while let Err(e) = learner.submit(t.clone()) {
+                assert!(matches!(e, LearnError::Dropped), "{e}");
+                tries += 1;
+                assert!(tries < 10_000, "the learner stopped taking transitions");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Waits until the published weights include `updates` steps; a guard against
+    /// hanging, not a speed check.
+    fn wait_for_updates(learner: &Learner, updates: u64) -> Arc<Published> {
+        for _ in 0..1200 {
+            let current = learner.current();
+            if current.updates >= updates {
+                return current;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "only {} of {updates} updates published",
+            learner.current().updates
+        );
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("onrec-learn-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn double_dqn_values_the_online_choice_with_the_target_network() {
+        let rewards = [1.0, 0.5, 2.0, 0.0];
+        let online = [vec![0.1, 0.9, 0.3], vec![], vec![5.0, 1.0], vec![-1.0]];
+        let target = [vec![10.0, 2.0, 30.0], vec![], vec![4.0, 100.0], vec![-3.0]];
+        let y = double_dqn_targets(&rewards, &online, &target, 0.5);
+        // Not max(target) = 30 or 100: the online argmax picks the action.
+        assert_eq!(y, vec![1.0 + 0.5 * 2.0, 0.5, 2.0 + 0.5 * 4.0, -1.5]);
+        assert_eq!(
+            double_dqn_targets(&[1.0], &[vec![3.0]], &[vec![7.0]], 0.0),
+            vec![1.0]
+        );
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_newest_and_counts_it() {
+        let cfg = LearnConfig {
+            queue: 2,
+            ..small()
+        };
+        let trainer = Trainer::new(cfg.clone(), Device::Cpu, None).unwrap();
+        let (learner, rx) = Learner::unstarted(&cfg, trainer.published.clone());
+        let mut rng = SplitMix64::new(1);
+        learner.submit(transition(&mut rng, 9, true)).unwrap();
+        learner.submit(transition(&mut rng, 9, true)).unwrap();
+        for _ in 0..3 {
+            let e = learner.submit(transition(&mut rng, 9, true)).unwrap_err();
+            assert!(matches!(e, LearnError::Dropped), "{e}");
+        }
+        assert_eq!((learner.accepted(), learner.dropped()), (2, 3));
+        let mut bad = transition(&mut rng, 9, true);
+        bad.action = 11;
+        assert!(matches!(learner.submit(bad), Err(LearnError::Invalid(_))));
+        drop(rx);
+        let e = learner.submit(transition(&mut rng, 9, true)).unwrap_err();
+        assert!(matches!(e, LearnError::Stopped), "{e}");
+        assert_eq!(learner.dropped(), 3);
+    }
+
+    #[test]
+    fn q_learning_finds_the_rewarded_item_per_hour() {
+        let cfg = LearnConfig {
+            replay_ratio: 32.0,
+            queue: 4096,
+            ..LearnConfig::for_items(10)
+        };
+        let learner = Learner::start(cfg.clone(), None).unwrap();
+        let before = learner.current();
+        assert_eq!((before.version, before.updates), (0, 0));
+        let probe = [state(&[2, 5], 9), state(&[2, 5], 21)];
+        let all: Vec<u32> = (1..=10).collect();
+        let lists = [all.clone(), all.clone()];
+        let q0 = before.net.q_values(&probe, &lists).unwrap();
+
+        let mut rng = SplitMix64::new(3);
+        let ts: Vec<Transition> = (0..2000)
+            .map(|i| transition(&mut rng, if i % 2 == 0 { 9 } else { 21 }, true))
+            .collect();
+        submit_all(&learner, &ts);
+        let owed = ((ts.len() - cfg.min_replay + 1) as f64 * cfg.replay_ratio
+            / cfg.batch_size as f64) as u64;
+        let after = wait_for_updates(&learner, owed - cfg.publish_every);
+        assert!(after.version > before.version);
+        let q = after.net.q_values(&probe, &lists).unwrap();
+        let argmax = |row: &[f32]| {
+            all[row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i)
+                .unwrap()]
+        };
+        assert_eq!(argmax(&q[0]), 7, "{q:?}");
+        assert_eq!(argmax(&q[1]), 3, "{q:?}");
+        assert!(q[0][6] > q0[0][6] && q[0][6] > 0.5, "{q:?} {q0:?}");
+        learner.shutdown().unwrap();
+        assert!(learner.current().version >= after.version);
+        assert!(matches!(
+            learner.submit(ts[0].clone()),
+            Err(LearnError::Stopped)
+        ));
+        learner.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_restarted_learner_resumes_from_its_checkpoint() {
+        let dir = temp_dir("resume");
+        let cfg = LearnConfig {
+            tau: 0.0,
+            target_every: 7,
+            ..small()
+        };
+        let learner = Learner::start(cfg.clone(), Some(&dir)).unwrap();
+        let mut rng = SplitMix64::new(5);
+        let ts: Vec<Transition> = (0..200)
+            .map(|i| transition(&mut rng, if i % 2 == 0 { 9 } else { 21 }, i % 3 == 0))
+            .collect();
+        submit_all(&learner, &ts);
+        wait_for_updates(&learner, 150);
+        learner.shutdown().unwrap();
+        let old = learner.current();
+        assert!(old.version > 0);
+        let probe = [state(&[1, 2], 9), state(&[], 21)];
+        let lists = [vec![1, 3, 7], vec![3, 10]];
+        let q_old = old.net.q_values(&probe, &lists).unwrap();
+
+        let resumed = Learner::start(cfg.clone(), Some(&dir)).unwrap();
+        let now = resumed.current();
+        assert_eq!((now.version, now.updates), (old.version, old.updates));
+        assert_eq!(now.net.q_values(&probe, &lists).unwrap(), q_old);
+        submit_all(&resumed, &ts[..50]);
+        let later = wait_for_updates(&resumed, old.updates + 1);
+        assert!(later.version > old.version);
+        resumed.shutdown().unwrap();
+
+        let other = LearnConfig {
+            q: QConfig { hidden: 8, ..cfg.q },
+            ..small()
+        };
+        let e = Learner::start(other, Some(&dir)).unwrap_err().to_string();
+        assert!(e.contains("different Q-network"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn checkpoints_are_written_periodically_while_learning() {
+        let dir = temp_dir("periodic");
+        let cfg = LearnConfig {
+            checkpoint_interval: Duration::from_millis(20),
+            ..small()
+        };
+        let learner = Learner::start(cfg, Some(&dir)).unwrap();
+        let mut rng = SplitMix64::new(6);
+        let ts: Vec<Transition> = (0..100).map(|_| transition(&mut rng, 9, true)).collect();
+        submit_all(&learner, &ts);
+        wait_for_updates(&learner, 80);
+        let mut saved = None;
+        for _ in 0..400 {
+            if let Ok(text) = std::fs::read_to_string(dir.join(STATE)) {
+                let s: Saved = serde_json::from_str(&text).unwrap();
+                if s.version > 0 {
+                    saved = Some(s);
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let saved = saved.expect("no periodic checkpoint");
+        assert!(saved.version <= learner.current().version);
+        learner.shutdown().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_target_network_follows_softly_or_by_periodic_copy() {
+        let probe = [state(&[4], 9)];
+        let lists = [vec![1, 2, 7]];
+        let mut rng = SplitMix64::new(8);
+        let ts: Vec<Transition> = (0..32).map(|_| transition(&mut rng, 9, false)).collect();
+        for (tau, target_every) in [(0.0, 3), (0.5, 1)] {
+            let cfg = LearnConfig {
+                tau,
+                target_every,
+                ..small()
+            };
+            let mut t = Trainer::new(cfg, Device::Cpu, None).unwrap();
+            for x in &ts {
+                t.take(Msg::Feedback(x.clone(), Instant::now()));
+            }
+            let q = |t: &Trainer| {
+                (
+                    t.online.q_values(&probe, &lists).unwrap(),
+                    t.target.q_values(&probe, &lists).unwrap(),
+                )
+            };
+            let (start, _) = q(&t);
+            t.step().unwrap();
+            let (online, target) = q(&t);
+            assert_ne!(online, start);
+            if tau == 0.0 {
+                assert_eq!(target, start);
+                t.step().unwrap();
+                assert_eq!(q(&t).1, start);
+                t.step().unwrap();
+                let (online, target) = q(&t);
+                assert_eq!(online, target);
+            } else {
+                for (x, (a, b)) in target[0].iter().zip(start[0].iter().zip(&online[0])) {
+                    assert!((x - (a + b) / 2.0).abs() < 1e-4, "{target:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn settings_out_of_range_are_rejected() {
+        for cfg in [
+            LearnConfig {
+                gamma: 1.5,
+                ..small()
+            },
+            LearnConfig {
+                tau: 0.0,
+                target_every: 0,
+                ..small()
+            },
+            LearnConfig {
+                batch_size: 0,
+                ..small()
+            },
+            LearnConfig {
+                replay_ratio: f64::NAN,
+                ..small()
+            },
+        ] {
+            assert!(matches!(
+                Learner::start(cfg, None),
+                Err(LearnError::Config(_))
+            ));
+        }
+    }
+}
