@@ -40,6 +40,9 @@ impl Server {
         if !args.contains(&"--policy") {
             defaults.extend(["--policy", "greedy"]);
         }
+        if !args.contains(&"--learner") {
+            defaults.extend(["--learner", "off"]);
+        }
         // ONREC_BIN runs another build (the load bench on a GPU machine, say).
         let binary =
             std::env::var("ONREC_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_onrec").to_owned());

@@ -6,5 +6,6 @@ mod bandit;
 mod common;
 mod grpc;
 mod http;
+mod learning;
 mod lifecycle;
 mod model;

@@ -8,6 +8,7 @@ pub mod bounded;
 pub mod catalog;
 pub mod encoder;
 pub mod error;
+pub mod learning;
 pub mod popularity;
 pub mod types;
 
@@ -92,6 +93,9 @@ pub struct EngineConfig {
     pub candidates: usize,
     /// Where impressions for the bandit statistics come from.
     pub impressions_from: ImpressionSource,
+    /// Reward per event type for exploration and learning (impressions and dislikes are
+    /// never rewarded; rewards are non-negative).
+    pub rewards: EventWeights,
     /// Discount γ of later rewards (add-to-cart, purchase) against the click: r = r_i + γ·r_l.
     pub reward_gamma: f64,
     /// How long after a response its feedback is attributed to it.
@@ -122,6 +126,13 @@ impl Default for EngineConfig {
             max_future_skew: Duration::from_secs(300),
             candidates: 50,
             impressions_from: ImpressionSource::Served,
+            rewards: EventWeights {
+                impression: 0.0,
+                click: 1.0,
+                add_to_cart: 2.0,
+                purchase: 3.0,
+                dislike: 0.0,
+            },
             reward_gamma: 0.9,
             attribution_window: Duration::from_secs(24 * 3600),
             impression_log_capacity: 100_000,
@@ -149,6 +160,8 @@ struct Impression {
     segment: String,
     items: Vec<String>,
     at_ms: i64,
+    /// What the learner needs to learn from the response's feedback.
+    decision: Option<learning::Decision>,
 }
 
 /// Bandit statistics updates waiting for the background writer.
@@ -259,6 +272,7 @@ struct Inner {
     /// `None` once closed for shutdown.
     stats_tx: RwLock<Option<tokio::sync::mpsc::Sender<StatUpdate>>>,
     stats_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<StatUpdate>>>,
+    learner: RwLock<Option<Arc<learning::LearnerLink>>>,
 }
 
 /// The pipelines behind a cheap `Clone` handle.
@@ -353,6 +367,7 @@ impl Engine {
                 explorer,
                 stats_tx: RwLock::new(Some(stats_tx)),
                 stats_rx: parking_lot::Mutex::new(Some(stats_rx)),
+                learner: RwLock::new(None),
             }),
         })
     }
@@ -400,6 +415,32 @@ impl Engine {
         ranking.encoder = EncoderState::Ready(link);
     }
 
+    /// Re-ranks with the online Q-network of `learner` from now on, and feeds it the
+    /// transitions of attributed feedback. Its item vocabulary is the catalog as it is now.
+    pub fn attach_learner(
+        &self,
+        learner: Arc<onrec_learn::Learner>,
+        settings: learning::QSettings,
+    ) {
+        let num_items = self.inner.ranking.read().catalog.len();
+        *self.inner.learner.write() = Some(Arc::new(learning::LearnerLink::new(
+            learner, settings, num_items,
+        )));
+    }
+
+    /// Stops the learner, if any, writing its final checkpoint.
+    pub fn shutdown_learner(&self) -> Result<(), onrec_learn::LearnError> {
+        match self.inner.learner.read().as_ref() {
+            Some(link) => link.learner().shutdown(),
+            None => Ok(()),
+        }
+    }
+
+    /// Items in the catalog now: the size a Q-network for it needs.
+    pub fn catalog_len(&self) -> usize {
+        self.inner.ranking.read().catalog.len()
+    }
+
     /// The top-n items for one user, best first.
     ///
     /// With an encoder, a user whose history it knows is ranked by it over the whole
@@ -410,7 +451,10 @@ impl Engine {
         req.validate(cfg.max_n)?;
         let n = req.n as usize;
         let m = n.max(cfg.candidates);
-        let (mut hidden, plan, segment) = {
+        let context = req.context.as_ref().map_or_else(ContextIds::default, |c| {
+            ContextIds::from_parts(c.hour.map(|h| h as u8), c.device.as_deref())
+        });
+        let (mut hidden, plan, segment, history) = {
             let ranking = self.inner.ranking.read();
             let catalog = &ranking.catalog;
             let mut hidden: HashSet<u32> = req
@@ -453,17 +497,12 @@ impl Engine {
             let plan = match &ranking.encoder {
                 EncoderState::None => Plan::Popularity(None),
                 EncoderState::Loading => Plan::Popularity(Some("the encoder is still loading")),
-                EncoderState::Ready(link) => {
-                    let context = req.context.as_ref().map_or_else(ContextIds::default, |c| {
-                        ContextIds::from_parts(c.hour.map(|h| h as u8), c.device.as_deref())
-                    });
-                    match link.query(&history, &hidden, context, m) {
-                        Some(q) => Plan::Encoder(link.encoder().clone(), q),
-                        None => Plan::Popularity(Some("the user has no history the encoder knows")),
-                    }
-                }
+                EncoderState::Ready(link) => match link.query(&history, &hidden, context, m) {
+                    Some(q) => Plan::Encoder(link.encoder().clone(), q),
+                    None => Plan::Popularity(Some("the user has no history the encoder knows")),
+                },
             };
-            (hidden, plan, segment)
+            (hidden, plan, segment, history)
         };
 
         let (encoded, mut fallback) = match plan {
@@ -481,6 +520,16 @@ impl Engine {
         };
 
         let request_id = uuid::Uuid::new_v4();
+        let learner = self.inner.learner.read().clone();
+        let q_state = learner
+            .as_ref()
+            .map(|l| l.state(&history, context))
+            .unwrap_or_else(|| onrec_learn::State {
+                history: Vec::new(),
+                context,
+            });
+        let mut q_version = None;
+        let candidate_idx: Vec<u32>;
         let (candidates, ranker) = {
             let now = now_ms();
             let ranking = self.inner.ranking.read();
@@ -508,6 +557,10 @@ impl Engine {
                         .map(|idx| (idx, ranking.popularity.score_at(idx, now))),
                 );
             }
+            if let Some(link) = &learner {
+                q_version = link.rescore(&q_state, &mut picked, n);
+            }
+            candidate_idx = picked.iter().map(|&(idx, _)| idx).collect();
             let candidates: Vec<onrec_policy::Candidate> = picked
                 .into_iter()
                 .map(|(idx, score)| {
@@ -551,6 +604,15 @@ impl Engine {
                 segment: segment.clone(),
                 items: slate.slots.iter().map(|s| s.item_id.clone()).collect(),
                 at_ms: now_ms(),
+                decision: learner.as_ref().map(|l| {
+                    let slate_idx = slate
+                        .slots
+                        .iter()
+                        .filter_map(|s| candidates.iter().position(|c| c.item_id == s.item_id))
+                        .map(|i| candidate_idx[i])
+                        .collect();
+                    l.decision(q_state.clone(), candidate_idx.clone(), slate_idx)
+                }),
             });
         {
             let mut users = self.inner.users.shard(&req.user_id);
@@ -581,9 +643,13 @@ impl Engine {
                 }
             })
             .collect();
+        let model_version = match q_version {
+            Some(v) => format!("{}+q{v}", ranking.model_version()),
+            None => ranking.model_version(),
+        };
         Ok(Recommendation {
             request_id,
-            model_version: ranking.model_version(),
+            model_version,
             ranker: ranker.to_owned(),
             fallback: fallback.map(str::to_owned),
             segment,
@@ -704,7 +770,7 @@ impl Engine {
         ranking.popularity.add(idx, cfg.weights.of(event.kind), at);
         drop(ranking);
 
-        let segment = self.attribute(event, at);
+        let segment = self.attribute(event, idx, at);
         let mut users = self.inner.users.shard(&event.user_id);
         let user = users.get_or_insert_with(event.user_id.clone(), UserState::default);
         let segment = segment
@@ -737,7 +803,7 @@ impl Engine {
     /// and dislikes carry none (rewards are non-negative).
     fn reward(&self, kind: EventType) -> f64 {
         let cfg = &self.inner.config;
-        let weight = cfg.weights.of(kind).max(0.0);
+        let weight = cfg.rewards.of(kind).max(0.0);
         match kind {
             EventType::Click => weight,
             EventType::AddToCart | EventType::Purchase => cfg.reward_gamma * weight,
@@ -747,13 +813,24 @@ impl Engine {
 
     /// The segment of the response that showed the event's item, when the event names a
     /// remembered response within the attribution window.
-    fn attribute(&self, event: &Event, at: i64) -> Option<String> {
+    /// Also hands the learner the transitions of a rewarded event (`item` is its catalog
+    /// index).
+    fn attribute(&self, event: &Event, item: u32, at: i64) -> Option<String> {
         let request_id = event.request_id.as_ref()?;
-        let log = self.inner.impressions.shard(request_id);
-        let shown = log.peek(request_id)?;
+        let mut log = self.inner.impressions.shard(request_id);
+        let shown = log.get_mut(request_id)?;
         let window = duration_ms(self.inner.config.attribution_window);
-        (at.saturating_sub(shown.at_ms) <= window && shown.items.contains(&event.item_id))
-            .then(|| shown.segment.clone())
+        if at.saturating_sub(shown.at_ms) > window || !shown.items.contains(&event.item_id) {
+            return None;
+        }
+        let reward = self.reward(event.kind);
+        if reward > 0.0
+            && let (Some(decision), Some(link)) =
+                (shown.decision.as_mut(), self.inner.learner.read().as_ref())
+        {
+            link.feedback(decision, item, reward);
+        }
+        Some(shown.segment.clone())
     }
 
     /// Checks a batch before any of it is applied: the error names the first malformed

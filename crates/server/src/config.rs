@@ -31,6 +31,18 @@ pub enum PolicyKind {
     Thompson,
 }
 
+/// Whether and how the online Q-network takes part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LearnerMode {
+    /// No Q-network.
+    Off,
+    /// Learns and is compared with the ranking, never applied.
+    Shadow,
+    /// Learns and re-ranks.
+    Live,
+}
+
 /// Where bandit impressions come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -246,6 +258,18 @@ pub struct Config {
     #[arg(long, env = "ONREC_IMPRESSIONS_FROM", default_value = "served")]
     pub impressions_from: ImpressionsFrom,
 
+    /// Exploration and learning reward of a click (the immediate reward)
+    #[arg(long, env = "ONREC_REWARD_CLICK", default_value_t = 1.0)]
+    pub reward_click: f64,
+
+    /// Reward of an add-to-cart (a later reward, discounted by reward_gamma)
+    #[arg(long, env = "ONREC_REWARD_ADD_TO_CART", default_value_t = 2.0)]
+    pub reward_add_to_cart: f64,
+
+    /// Reward of a purchase (a later reward, discounted by reward_gamma)
+    #[arg(long, env = "ONREC_REWARD_PURCHASE", default_value_t = 3.0)]
+    pub reward_purchase: f64,
+
     /// Discount γ of later rewards (add-to-cart, purchase) against the click
     #[arg(long, env = "ONREC_REWARD_GAMMA", default_value_t = 0.9)]
     pub reward_gamma: f64,
@@ -268,6 +292,33 @@ pub struct Config {
     /// Responses remembered for attributing feedback
     #[arg(long, env = "ONREC_IMPRESSION_LOG_CAPACITY", default_value_t = 100_000)]
     pub impression_log_capacity: usize,
+
+    /// Online Q-network: off, shadow (computed and compared, never applied) or live
+    /// (mixed into the ranking once trained q_min_updates steps)
+    #[arg(long, env = "ONREC_LEARNER", default_value = "live")]
+    pub learner: LearnerMode,
+
+    /// Weight w of Q in the final score (1 − w)·z(ranker) + w·z(Q); 1 ranks by Q alone
+    #[arg(long, env = "ONREC_Q_WEIGHT", default_value_t = 0.3)]
+    pub q_weight: f64,
+
+    /// Training steps the published Q weights need before live mode applies them
+    #[arg(long, env = "ONREC_Q_MIN_UPDATES", default_value_t = 200)]
+    pub q_min_updates: u64,
+
+    /// On a response's first feedback, its other slots become reward-0 transitions
+    #[arg(long, env = "ONREC_Q_NEGATIVES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub q_negatives: bool,
+
+    /// Discount γ of the bootstrapped next-state value in the Q-learning target
+    #[arg(long, env = "ONREC_Q_GAMMA", default_value_t = 0.5)]
+    pub q_gamma: f64,
+
+    /// Directory of the Q-network's checkpoints: resumed from at start, written
+    /// periodically and on shutdown; none keeps the learned weights in memory only
+    #[arg(long, env = "ONREC_LEARNER_DIR")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learner_dir: Option<PathBuf>,
 
     /// Segment rules and per-segment policies (TOML file only: [[segments.rules]] and
     /// [segments.policies.NAME])
@@ -352,6 +403,18 @@ impl Config {
         if !(0.0..=1.0).contains(&self.epsilon) || !(0.0..=1.0).contains(&self.reward_gamma) {
             bail!("epsilon and reward_gamma must be within 0..=1");
         }
+        for (name, value) in [
+            ("reward_click", self.reward_click),
+            ("reward_add_to_cart", self.reward_add_to_cart),
+            ("reward_purchase", self.reward_purchase),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                bail!("{name} must be a finite, non-negative number");
+            }
+        }
+        if !(0.0..=1.0).contains(&self.q_weight) || !(0.0..=1.0).contains(&self.q_gamma) {
+            bail!("q_weight and q_gamma must be within 0..=1");
+        }
         if !(self.ucb_c.is_finite() && self.ucb_c >= 0.0) {
             bail!("ucb_c must be a finite, non-negative number");
         }
@@ -396,6 +459,13 @@ impl Config {
             impressions_from: match self.impressions_from {
                 ImpressionsFrom::Served => ImpressionSource::Served,
                 ImpressionsFrom::Events => ImpressionSource::Events,
+            },
+            rewards: EventWeights {
+                impression: 0.0,
+                click: self.reward_click,
+                add_to_cart: self.reward_add_to_cart,
+                purchase: self.reward_purchase,
+                dislike: 0.0,
             },
             reward_gamma: self.reward_gamma,
             attribution_window: self.attribution_window,

@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context as _;
+use onrec_engine::learning::{QMode, QSettings};
 use onrec_engine::{Engine, catalog};
+use onrec_learn::{LearnConfig, Learner};
 use onrec_policy::{
     BanditStore, Explorer, MemoryStore, RedisConfig, RedisStore, ResilientConfig, ResilientStore,
     StatsConfig,
@@ -32,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Access, ApiKeys};
 pub use crate::config::Config;
+use crate::config::LearnerMode;
 use crate::error::ApiError;
 use crate::metrics::{Inflight, Transport};
 
@@ -158,6 +161,7 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         took_ms = started.elapsed().as_millis() as u64,
         "catalog loaded"
     );
+    attach_learner(&engine, config)?;
     if let Some(dir) = &config.model {
         encoder::attach_checkpoint(&engine, config, dir)?;
     } else if config.demo_encoder && config.catalog.is_none() && !demo_pairs.is_empty() {
@@ -191,6 +195,43 @@ fn bandit_store(config: &Config) -> anyhow::Result<Arc<dyn BanditStore>> {
     ));
     resilient.spawn_maintenance();
     Ok(resilient)
+}
+
+/// Starts the online Q-network learner (resuming from `learner_dir`) and attaches it.
+fn attach_learner(engine: &Engine, config: &Config) -> anyhow::Result<()> {
+    let mode = match config.learner {
+        LearnerMode::Off => return Ok(()),
+        LearnerMode::Shadow => QMode::Shadow,
+        LearnerMode::Live => QMode::Live,
+    };
+    let mut learn = LearnConfig::for_items(engine.catalog_len().max(1));
+    learn.gamma = config.q_gamma as f32;
+    let learner = Learner::start(learn, config.learner_dir.as_deref()).with_context(|| {
+        match &config.learner_dir {
+            Some(dir) => format!(
+                "starting the Q-network learner from {} (move it away to start afresh)",
+                dir.display()
+            ),
+            None => "starting the Q-network learner".to_owned(),
+        }
+    })?;
+    let published = learner.current();
+    tracing::info!(
+        version = published.version,
+        updates = published.updates,
+        ?mode,
+        "Q-network learner started"
+    );
+    engine.attach_learner(
+        Arc::new(learner),
+        QSettings {
+            mode,
+            weight: config.q_weight,
+            min_updates: config.q_min_updates,
+            negatives: config.q_negatives,
+        },
+    );
+    Ok(())
 }
 
 /// The listeners [`run`] serves on, bound by the caller.
@@ -266,6 +307,12 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("bandit statistics still queued after 5 s; exiting without them");
+    }
+    let engine = app.engine.clone();
+    match tokio::task::spawn_blocking(move || engine.shutdown_learner()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the Q-network's final checkpoint failed"),
+        Err(e) => tracing::error!(error = %e, "stopping the Q-network learner failed"),
     }
     match drained {
         Ok(result) => {

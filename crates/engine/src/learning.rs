@@ -1,0 +1,212 @@
+//! The online Q-network on the request and feedback paths: re-scoring the ranker's
+//! candidates with the latest published weights, and turning attributed feedback into
+//! transitions for the learner.
+
+use std::sync::Arc;
+
+use onrec_learn::{Learner, State, Transition};
+use onrec_model::context::ContextIds;
+
+/// Whether Q-values change responses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QMode {
+    /// Computed and compared with the ranking (metric, debug log), never applied.
+    Shadow,
+    /// Mixed into the ranking once the weights have trained `min_updates` steps.
+    Live,
+}
+
+/// How the Q-network takes part.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QSettings {
+    /// Shadow or live.
+    pub mode: QMode,
+    /// Weight w of Q in the final score (1 − w)·z(ranker) + w·z(Q); 1 ranks by Q alone.
+    pub weight: f64,
+    /// Training steps the published weights need before they are applied.
+    pub min_updates: u64,
+    /// On a response's first feedback, its other slots become reward-0 transitions.
+    pub negatives: bool,
+}
+
+/// What a response remembers for the learner.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    state: State,
+    /// Catalog indices of the ranker's candidates (the actions that were available).
+    candidates: Vec<u32>,
+    /// Catalog indices of the served slots.
+    slate: Vec<u32>,
+    negatives_done: bool,
+}
+
+/// A learner attached to the engine.
+#[derive(Debug)]
+pub struct LearnerLink {
+    learner: Arc<Learner>,
+    settings: QSettings,
+    num_items: usize,
+}
+
+/// Mean and standard deviation normalisation, so that scores of different scales mix.
+fn z(values: &[f64]) -> Vec<f64> {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let sd = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+    values
+        .iter()
+        .map(|v| if sd > 1e-12 { (v - mean) / sd } else { 0.0 })
+        .collect()
+}
+
+impl LearnerLink {
+    /// Links `learner`, whose Q-network knows catalog indices below `num_items`.
+    pub fn new(learner: Arc<Learner>, settings: QSettings, num_items: usize) -> Self {
+        Self {
+            learner,
+            settings,
+            num_items,
+        }
+    }
+
+    /// The learner.
+    pub fn learner(&self) -> &Arc<Learner> {
+        &self.learner
+    }
+
+    /// The Q-network's index of a catalog item: catalog index + 1, or 0 (padding) for
+    /// items added after the network was sized.
+    fn q_index(&self, catalog: u32) -> u32 {
+        if (catalog as usize) < self.num_items {
+            catalog + 1
+        } else {
+            0
+        }
+    }
+
+    /// The state of a user with `history` (catalog indices, oldest first) in `context`.
+    pub fn state(&self, history: &[u32], context: ContextIds) -> State {
+        State {
+            history: history.iter().map(|&c| self.q_index(c)).collect(),
+            context,
+        }
+    }
+
+    /// Re-scores `candidates` (catalog index, ranker score; best first) with the published
+    /// Q-network. In live mode with trained-enough weights, reorders them by the mixed
+    /// score and returns the weights' version; in shadow mode leaves them as they are.
+    /// Either way it records how far the top `n` of both orders agree.
+    pub fn rescore(
+        &self,
+        state: &State,
+        candidates: &mut Vec<(u32, f64)>,
+        n: usize,
+    ) -> Option<u64> {
+        if candidates.is_empty() {
+            return None;
+        }
+        let published = self.learner.current();
+        let actions: Vec<u32> = candidates.iter().map(|&(c, _)| self.q_index(c)).collect();
+        let q = match published
+            .net
+            .q_values(std::slice::from_ref(state), &[actions])
+        {
+            Ok(mut q) => q.pop().unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "Q-network forward failed; ranking kept");
+                return None;
+            }
+        };
+        let ranker: Vec<f64> = candidates.iter().map(|&(_, s)| s).collect();
+        let q: Vec<f64> = q.into_iter().map(f64::from).collect();
+        let w = self.settings.weight;
+        let mixed: Vec<f64> = z(&ranker)
+            .iter()
+            .zip(z(&q))
+            .map(|(r, q)| (1.0 - w) * r + w * q)
+            .collect();
+        let mut order: Vec<usize> = (0..candidates.len()).collect();
+        order.sort_by(|&a, &b| mixed[b].total_cmp(&mixed[a]).then(a.cmp(&b)));
+        let top = n.min(candidates.len());
+        let agree = order[..top].iter().filter(|&&i| i < top).count();
+        metrics::histogram!("onrec_learn_shadow_agreement")
+            .record(agree as f64 / top.max(1) as f64);
+        let live =
+            self.settings.mode == QMode::Live && published.updates >= self.settings.min_updates;
+        if !live {
+            tracing::debug!(q_top = ?order[..top].iter().map(|&i| candidates[i].0).collect::<Vec<_>>(), "shadow Q ranking");
+            return None;
+        }
+        *candidates = order
+            .into_iter()
+            .map(|i| (candidates[i].0, mixed[i]))
+            .collect();
+        Some(published.version)
+    }
+
+    /// What a served response remembers for the learner.
+    pub fn decision(&self, state: State, candidates: Vec<u32>, slate: Vec<u32>) -> Decision {
+        Decision {
+            state,
+            candidates,
+            slate,
+            negatives_done: false,
+        }
+    }
+
+    /// Hands the learner the transitions of feedback on `item` (catalog index) with
+    /// `reward`: the rewarded one, and on the response's first feedback reward-0 ones for
+    /// its other slots. A full learner queue drops them (the learner counts it).
+    pub fn feedback(&self, decision: &mut Decision, item: u32, reward: f64) {
+        let mut out = Vec::new();
+        let next_candidates = |taken: u32| -> Vec<u32> {
+            decision
+                .candidates
+                .iter()
+                .filter(|&&c| c != taken)
+                .map(|&c| self.q_index(c))
+                .collect()
+        };
+        let mut next_history = decision.state.history.clone();
+        next_history.push(self.q_index(item));
+        out.push(Transition {
+            state: decision.state.clone(),
+            action: self.q_index(item),
+            reward: reward as f32,
+            next_state: Some(State {
+                history: next_history,
+                context: decision.state.context,
+            }),
+            next_candidates: next_candidates(item),
+        });
+        if self.settings.negatives && !decision.negatives_done {
+            decision.negatives_done = true;
+            for &other in decision.slate.iter().filter(|&&c| c != item) {
+                out.push(Transition {
+                    state: decision.state.clone(),
+                    action: self.q_index(other),
+                    reward: 0.0,
+                    next_state: Some(decision.state.clone()),
+                    next_candidates: next_candidates(other),
+                });
+            }
+        }
+        for t in out {
+            if let Err(e) = self.learner.submit(t) {
+                tracing::debug!(error = %e, "transition not taken");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn z_scores_mix_scales() {
+        let z1 = z(&[1.0, 2.0, 3.0]);
+        assert!((z1[0] + z1[2]).abs() < 1e-12 && z1[1].abs() < 1e-12);
+        assert_eq!(z(&[5.0, 5.0]), vec![0.0, 0.0]);
+    }
+}
