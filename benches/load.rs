@@ -6,6 +6,8 @@
 //!
 //! `cargo bench --bench load -- --rate 500 --seconds 20 [--n 10] [--users 10000] [--warm 0.1]`;
 //! ONREC_BIN picks another onrec binary, ONREC_LOAD_SERVER_ARGS adds server settings.
+//! `--feedback F` posts a click for a share F of the responses (the learner then trains
+//! during the run); `--ingest` instead posts event batches as fast as they are taken.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -23,6 +25,8 @@ struct Args {
     n: u32,
     users: u32,
     warm: f64,
+    feedback: f64,
+    ingest: bool,
 }
 
 fn parse_args() -> Args {
@@ -32,6 +36,8 @@ fn parse_args() -> Args {
         n: 10,
         users: 10_000,
         warm: 0.1,
+        feedback: 0.0,
+        ingest: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -42,6 +48,8 @@ fn parse_args() -> Args {
             "--n" => args.n = value().parse().expect("--n: an integer"),
             "--users" => args.users = value().parse().expect("--users: an integer"),
             "--warm" => args.warm = value().parse().expect("--warm: a fraction"),
+            "--feedback" => args.feedback = value().parse().expect("--feedback: a fraction"),
+            "--ingest" => args.ingest = true,
             "--bench" => {}
             other => panic!("unknown argument {other}; see the file's header"),
         }
@@ -49,10 +57,12 @@ fn parse_args() -> Args {
     args
 }
 
-/// The server's own latency quantile from its Prometheus histogram: the upper bound of
-/// the bucket where the quantile falls.
-fn server_quantile(metrics: &str, q: f64) -> Option<f64> {
-    let prefix = r#"onrec_request_duration_seconds_bucket{transport="http",endpoint="recommend",outcome="ok",le=""#;
+/// Bucket lines of the server's own recommend latency histogram.
+const RECOMMEND_BUCKETS: &str = r#"onrec_request_duration_seconds_bucket{transport="http",endpoint="recommend",outcome="ok",le=""#;
+
+/// A quantile from a Prometheus histogram whose bucket lines start with `prefix` (up to
+/// `le="`): the upper bound of the bucket where the quantile falls.
+fn histogram_quantile(metrics: &str, prefix: &str, q: f64) -> Option<f64> {
     let buckets: Vec<(f64, f64)> = metrics
         .lines()
         .filter_map(|l| l.strip_prefix(prefix))
@@ -73,6 +83,47 @@ fn server_quantile(metrics: &str, q: f64) -> Option<f64> {
         .iter()
         .find(|(_, c)| *c >= q * total)
         .map(|(le, _)| *le)
+}
+
+/// Posts batches of 100 click events from 4 concurrent clients for `seconds` and reports
+/// the events per second the server accepted.
+async fn ingest(server: &common::Server, args: &Args) {
+    let url = server.url("/v1/events");
+    let stop = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let mut tasks = Vec::new();
+    for c in 0..4u64 {
+        let (client, url) = (server.client.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut accepted = 0u64;
+            let mut k = 0u64;
+            while Instant::now() < stop {
+                let batch: Vec<serde_json::Value> = (0..100)
+                    .map(|j| {
+                        let user = format!("user-{}", (k * 100 + j) % 5000);
+                        let item = format!("sku-{:05}", (k * 7 + j * 13) % 3000);
+                        common::click(&format!("ing-{c}-{k}-{j}"), &user, &item)
+                    })
+                    .collect();
+                k += 1;
+                if let Ok(r) = client.post(&url).json(&batch).send().await
+                    && let Ok(summary) = r.json::<serde_json::Value>().await
+                {
+                    accepted += summary["accepted"].as_u64().unwrap_or(0);
+                }
+            }
+            accepted
+        }));
+    }
+    let started = Instant::now();
+    let mut accepted = 0;
+    for t in tasks {
+        accepted += t.await.unwrap_or(0);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "ingest: {accepted} events accepted in {secs:.1}s = {:.0} events/s (batches of 100, 4 clients)",
+        accepted as f64 / secs
+    );
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -136,6 +187,10 @@ async fn main() {
         client.post(&url).json(&body).send().await.unwrap();
     }
 
+    if args.ingest {
+        ingest(&server, &args).await;
+        return;
+    }
     let total = (args.rate * args.seconds) as u64;
     let interval = Duration::from_secs_f64(1.0 / args.rate);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -146,12 +201,26 @@ async fn main() {
         let (client, url, tx) = (client.clone(), url.clone(), tx.clone());
         let body =
             json!({"user_id": format!("user-{}", (i * 7919) % u64::from(args.users)), "n": args.n});
+        // A share (--feedback) of the responses gets a click on its first item, sent after
+        // the latency is taken, so that the learner trains while requests are measured.
+        let feedback =
+            args.feedback > 0.0 && (i as f64 * args.feedback).fract() + args.feedback >= 1.0;
+        let events_url = server.url("/v1/events");
         tokio::spawn(async move {
-            let ok = match client.post(&url).json(&body).send().await {
-                Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                Err(_) => false,
+            let answer: Option<serde_json::Value> = match client.post(&url).json(&body).send().await
+            {
+                Ok(r) if r.status().is_success() => r.json().await.ok(),
+                _ => None,
             };
-            let _ = tx.send((scheduled.elapsed().as_secs_f64(), ok));
+            let _ = tx.send((scheduled.elapsed().as_secs_f64(), answer.is_some()));
+            if let Some(a) = answer.filter(|_| feedback)
+                && let Some(item) = a["items"][0]["item_id"].as_str()
+            {
+                let user = body["user_id"].as_str().unwrap_or("");
+                let mut ev = common::click(&format!("fb-{i}"), user, item);
+                ev["request_id"] = a["request_id"].clone();
+                let _ = client.post(&events_url).json(&json!([ev])).send().await;
+            }
         });
     }
     drop(tx);
@@ -180,12 +249,36 @@ async fn main() {
         ms(99.9),
         latencies.last().copied().unwrap_or(f64::NAN) * 1e3
     );
+    // Let the last feedback reach the learner before its counters are read.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let (_, metrics) = server.get_text("/metrics").await;
-    let bound =
-        |q| server_quantile(&metrics, q).map_or("?".to_owned(), |s| format!("{:.3}", s * 1e3));
+    let bound = |q| {
+        histogram_quantile(&metrics, RECOMMEND_BUCKETS, q)
+            .map_or("?".to_owned(), |s| format!("{:.3}", s * 1e3))
+    };
     println!(
         "server-side (histogram bucket bounds) ms: p50 <= {}  p99 <= {}",
         bound(0.5),
         bound(0.99)
     );
+    let learner: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("onrec_learn_") && !l.contains('{'))
+        .collect();
+    if !learner.is_empty() {
+        println!("learner: {}", learner.join("  "));
+        let publish = |q| {
+            histogram_quantile(
+                &metrics,
+                r#"onrec_learn_feedback_to_publish_seconds_bucket{le=""#,
+                q,
+            )
+            .map_or("?".to_owned(), |s| format!("{s}"))
+        };
+        println!(
+            "feedback to publish (bucket bounds) s: p50 <= {}  p99 <= {}",
+            publish(0.5),
+            publish(0.99)
+        );
+    }
 }
