@@ -72,6 +72,10 @@ pub struct LearnConfig {
     pub publish_interval: Duration,
     /// Time between periodic checkpoints when a directory is given.
     pub checkpoint_interval: Duration,
+    /// Largest share of the time the learner may spend training (0 < share ≤ 1): after
+    /// a step it rests in proportion, so that on small machines it leaves the cores to
+    /// serving. Transitions that arrive meanwhile queue, and are dropped when it is full.
+    pub max_busy: f64,
 }
 
 impl LearnConfig {
@@ -96,11 +100,15 @@ impl LearnConfig {
             publish_every: 10,
             publish_interval: Duration::from_secs(1),
             checkpoint_interval: Duration::from_secs(60),
+            max_busy: 1.0,
         }
     }
 
     /// Checks that every setting is in range.
     pub fn validate(&self) -> Result<(), LearnError> {
+        if !(self.max_busy > 0.0 && self.max_busy <= 1.0) {
+            return Err(LearnError::Config("max_busy must be within (0, 1]".into()));
+        }
         self.q.validate()?;
         let bad = |what: &str| Err(LearnError::Config(what.to_string()));
         if !(0.0..=1.0).contains(&self.gamma) {
@@ -400,7 +408,9 @@ impl Trainer {
             }
             while self.owed >= 1.0 && !stop.load(Ordering::Acquire) {
                 self.owed -= 1.0;
+                let started = Instant::now();
                 logged("training step", self.step());
+                self.rest(started.elapsed());
                 if self.since_publish >= self.cfg.publish_every {
                     logged("publication", self.publish());
                 }
@@ -419,6 +429,15 @@ impl Trainer {
             self.checkpoint()?;
         }
         Ok(())
+    }
+
+    /// Rests after a step that took `busy`, so training takes at most `max_busy` of the
+    /// time (at most 100 ms at once, so shutdown and publication stay prompt).
+    fn rest(&self, busy: Duration) {
+        if self.cfg.max_busy < 1.0 {
+            let idle = busy.mul_f64((1.0 - self.cfg.max_busy) / self.cfg.max_busy);
+            std::thread::sleep(idle.min(Duration::from_millis(100)));
+        }
     }
 
     /// How long to wait for feedback before a time-based publication or checkpoint.

@@ -314,6 +314,11 @@ pub struct Config {
     #[arg(long, env = "ONREC_Q_GAMMA", default_value_t = 0.5)]
     pub q_gamma: f64,
 
+    /// Largest share of the time the learner may train (0 < share ≤ 1), leaving the rest
+    /// of its core to serving; less training means more dropped transitions
+    #[arg(long, env = "ONREC_Q_MAX_BUSY", default_value_t = 1.0)]
+    pub q_max_busy: f64,
+
     /// Directory of the Q-network's checkpoints: resumed from at start, written
     /// periodically and on shutdown; none keeps the learned weights in memory only
     #[arg(long, env = "ONREC_LEARNER_DIR")]
@@ -411,6 +416,9 @@ impl Config {
             if !(value.is_finite() && value >= 0.0) {
                 bail!("{name} must be a finite, non-negative number");
             }
+        }
+        if !(self.q_max_busy > 0.0 && self.q_max_busy <= 1.0) {
+            bail!("q_max_busy must be within (0, 1]");
         }
         if !(0.0..=1.0).contains(&self.q_weight) || !(0.0..=1.0).contains(&self.q_gamma) {
             bail!("q_weight and q_gamma must be within 0..=1");

@@ -206,6 +206,7 @@ fn attach_learner(engine: &Engine, config: &Config) -> anyhow::Result<()> {
     };
     let mut learn = LearnConfig::for_items(engine.catalog_len().max(1));
     learn.gamma = config.q_gamma as f32;
+    learn.max_busy = config.q_max_busy;
     let learner = Learner::start(learn, config.learner_dir.as_deref()).with_context(|| {
         match &config.learner_dir {
             Some(dir) => format!(
