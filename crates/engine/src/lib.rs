@@ -152,7 +152,13 @@ struct UserState {
     disliked: VecDeque<u32>,
     /// The segment the user was last served as, for feedback without a `request_id`.
     last_segment: Option<String>,
+    /// The user's latest responses, oldest first, at most [`MAX_RECENT_REQUESTS`]: feedback
+    /// without a `request_id` is matched to the newest one that showed the item.
+    recent_requests: VecDeque<String>,
 }
+
+/// Responses remembered per user for matching feedback that names none.
+const MAX_RECENT_REQUESTS: usize = 10;
 
 /// A served response, remembered so that feedback can be attributed to it.
 #[derive(Debug, Clone)]
@@ -616,9 +622,12 @@ impl Engine {
             });
         {
             let mut users = self.inner.users.shard(&req.user_id);
-            users
-                .get_or_insert_with(req.user_id.clone(), UserState::default)
-                .last_segment = Some(segment.clone());
+            let user = users.get_or_insert_with(req.user_id.clone(), UserState::default);
+            user.last_segment = Some(segment.clone());
+            user.recent_requests.push_back(request_id.clone());
+            while user.recent_requests.len() > MAX_RECENT_REQUESTS {
+                user.recent_requests.pop_front();
+            }
         }
 
         let ranking = self.inner.ranking.read();
@@ -811,15 +820,37 @@ impl Engine {
         }
     }
 
-    /// The segment of the response that showed the event's item, when the event names a
-    /// remembered response within the attribution window.
-    /// Also hands the learner the transitions of a rewarded event (`item` is its catalog
-    /// index).
+    /// The segment of the response that showed the event's item within the attribution
+    /// window: the one its `request_id` names, or without one the user's newest response
+    /// that showed the item. Also hands the learner the transitions of a rewarded event
+    /// (`item` is its catalog index).
     fn attribute(&self, event: &Event, item: u32, at: i64) -> Option<String> {
-        let request_id = event.request_id.as_ref()?;
+        let candidates: Vec<String> = match &event.request_id {
+            Some(id) => vec![id.clone()],
+            None => {
+                let users = self.inner.users.shard(&event.user_id);
+                let user = users.peek(&event.user_id)?;
+                user.recent_requests.iter().rev().cloned().collect()
+            }
+        };
+        let window = duration_ms(self.inner.config.attribution_window);
+        candidates
+            .iter()
+            .find_map(|request_id| self.attribute_to(request_id, event, item, at, window))
+    }
+
+    /// Attributes `event` to the response `request_id` if it showed the item within the
+    /// window.
+    fn attribute_to(
+        &self,
+        request_id: &String,
+        event: &Event,
+        item: u32,
+        at: i64,
+        window: i64,
+    ) -> Option<String> {
         let mut log = self.inner.impressions.shard(request_id);
         let shown = log.get_mut(request_id)?;
-        let window = duration_ms(self.inner.config.attribution_window);
         if at.saturating_sub(shown.at_ms) > window || !shown.items.contains(&event.item_id) {
             return None;
         }
@@ -1129,6 +1160,38 @@ mod tests {
             assert_eq!(report.top[0].item_id, item);
             let default = e.segment("default", 10).await.unwrap();
             assert!((default.reward - 1.0).abs() < 1e-9, "{default:?}");
+            task.abort();
+        });
+    }
+
+    #[test]
+    fn feedback_without_a_request_id_goes_to_the_response_that_showed_the_item() {
+        block_on(async {
+            let e = engine(20);
+            let writer = e.clone();
+            let task = tokio::spawn(async move { writer.run_stats_writer().await });
+            let mut first = RecommendRequest::new("w", 2);
+            first.segment = Some("a".into());
+            let shown = e.recommend(&first).await.unwrap().items[0].item_id.clone();
+            // A later response in another segment that does not show the item.
+            let mut second = RecommendRequest::new("w", 2);
+            second.segment = Some("b".into());
+            second.exclude = vec![shown.clone()];
+            e.recommend(&second).await.unwrap();
+            assert_eq!(
+                e.record(&event("nr1", "w", &shown, EventType::Click)),
+                EventOutcome::Accepted
+            );
+            let mut rewarded = 0.0;
+            for _ in 0..200 {
+                tokio::task::yield_now().await;
+                rewarded = e.segment("a", 5).await.unwrap().reward;
+                if rewarded > 0.0 {
+                    break;
+                }
+            }
+            assert!((rewarded - 1.0).abs() < 1e-9, "segment a got {rewarded}");
+            assert_eq!(e.segment("b", 5).await.unwrap().reward, 0.0);
             task.abort();
         });
     }
