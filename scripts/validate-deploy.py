@@ -57,11 +57,20 @@ KNOWN_KEYS = _serve_settings()
 SECRET_KEYS = {"write_api_keys", "read_api_keys"}
 KNOWN_ENV = {"ONREC_" + k.upper() for k in KNOWN_KEYS}
 
-HISTOGRAMS = {"onrec_request_duration_seconds"}
+HISTOGRAMS = {
+    "onrec_request_duration_seconds", "onrec_bandit_store_latency_seconds",
+    "onrec_learn_feedback_to_publish_seconds",
+}
 METRICS = {
     "onrec_requests_total", "onrec_events_total", "onrec_catalog_items",
     "onrec_users_tracked", "onrec_inflight_requests", "onrec_model_info",
     "onrec_build_info",
+    "onrec_bandit_decisions_total", "onrec_bandit_reward_total", "onrec_bandit_fallbacks_total",
+    "onrec_bandit_store_errors_total", "onrec_bandit_store_buffered_updates",
+    "onrec_bandit_store_dropped_updates_total", "onrec_bandit_updates_dropped_total",
+    "onrec_learn_transitions_total", "onrec_learn_transitions_dropped_total",
+    "onrec_learn_updates_total", "onrec_learn_loss", "onrec_learn_td_error", "onrec_learn_q_mean",
+    "onrec_learn_weights_version", "onrec_learn_replay_size",
 } | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 
 HTTP_PORT = 8080
