@@ -229,18 +229,17 @@ impl GrpcApi {
         authorization: Option<&str>,
         work: impl Future<Output = Result<T, ApiError>>,
     ) -> Result<Response<T>, Status> {
-        let started = Instant::now();
-        let limit = self.app.config().request_timeout;
-        let result = match self.app.admit(Transport::Grpc, access, authorization) {
-            Ok(_admitted) => tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
-                Err(ApiError::Timeout(format!(
-                    "request not completed within {limit:?}"
-                )))
-            }),
-            Err(e) => Err(e),
-        };
-        metrics::finish(Transport::Grpc, endpoint, started, &result);
-        result.map(Response::new).map_err(Status::from)
+        self.app
+            .serve(
+                Transport::Grpc,
+                endpoint,
+                access,
+                authorization,
+                self.app.timed(work),
+            )
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 
     /// After a stream was answered early (on shutdown), keeps its request half open and
@@ -295,43 +294,46 @@ impl Recommender for GrpcApi {
         &self,
         request: Request<Streaming<pb::Event>>,
     ) -> Result<Response<pb::RecordEventsSummary>, Status> {
-        let started = Instant::now();
-        let result = match self
-            .app
-            .admit(Transport::Grpc, Access::Write, authorization(&request))
-        {
-            Ok(_admitted) => {
-                let mut stream = request.into_inner();
-                let mut sink = EventSink::new(&self.app);
-                loop {
-                    match Self::next_event(&self.app, &mut stream).await {
-                        Ok(Some(event)) => {
-                            let id = event.event_id.clone();
-                            sink.push_parsed(&id, event_from(event));
+        let auth = authorization(&request).map(str::to_owned);
+        let work = async {
+            let mut stream = request.into_inner();
+            let mut sink = EventSink::new(&self.app);
+            loop {
+                match Self::next_event(&self.app, &mut stream).await {
+                    Ok(Some(event)) => {
+                        let id = event.event_id.clone();
+                        sink.push_parsed(&id, event_from(event));
+                    }
+                    Ok(None) => {
+                        if self.app.shutdown_token().is_cancelled() {
+                            Self::discard_rest(&self.app, stream);
                         }
-                        Ok(None) => {
-                            if self.app.shutdown_token().is_cancelled() {
-                                Self::discard_rest(&self.app, stream);
-                            }
-                            break Ok(summary_to(sink.finish()));
-                        }
-                        Err(e) => {
-                            let s = sink.summary();
-                            break Err(match e {
-                                ApiError::Timeout(m) => ApiError::Timeout(format!(
-                                    "{m}; {} events read, {} accepted",
-                                    s.received, s.accepted
-                                )),
-                                other => other,
-                            });
-                        }
+                        break Ok(summary_to(sink.finish()));
+                    }
+                    Err(e) => {
+                        let s = sink.summary();
+                        break Err(match e {
+                            ApiError::Timeout(m) => ApiError::Timeout(format!(
+                                "{m}; {} events read, {} accepted",
+                                s.received, s.accepted
+                            )),
+                            other => other,
+                        });
                     }
                 }
             }
-            Err(e) => Err(e),
         };
-        metrics::finish(Transport::Grpc, "record_events", started, &result);
-        result.map(Response::new).map_err(Status::from)
+        self.app
+            .serve(
+                Transport::Grpc,
+                "record_events",
+                Access::Write,
+                auth.as_deref(),
+                work,
+            )
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 
     type StreamEventsStream = AckStream;

@@ -1,7 +1,6 @@
 //! The HTTP API (axum): JSON in and out, NDJSON event streams, health, metrics, OpenAPI.
 
 use std::future::Future;
-use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -71,24 +70,15 @@ where
     T: IntoResponse,
     F: Future<Output = Result<T, ApiError>>,
 {
-    let started = Instant::now();
-    let result = match app.admit(Transport::Http, access, authorization(headers)) {
-        Ok(_admitted) => work.await,
-        Err(e) => Err(e),
-    };
-    metrics::finish(Transport::Http, endpoint, started, &result);
-    result.into_response()
-}
-
-/// Bounds `work` by the unary request timeout.
-async fn timed<T>(
-    app: &App,
-    work: impl Future<Output = Result<T, ApiError>>,
-) -> Result<T, ApiError> {
-    let limit = app.config().request_timeout;
-    tokio::time::timeout(limit, work)
-        .await
-        .map_err(|_| ApiError::Timeout(format!("request not completed within {limit:?}")))?
+    app.serve(
+        Transport::Http,
+        endpoint,
+        access,
+        authorization(headers),
+        work,
+    )
+    .await
+    .into_response()
 }
 
 /// Reads a whole body of at most `limit` bytes.
@@ -145,7 +135,7 @@ async fn read_json<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiE
     ),
     security((), ("bearer" = [])))]
 async fn recommend(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
-    handle(&app, "recommend", Access::Read, &headers, timed(&app, async {
+    handle(&app, "recommend", Access::Read, &headers, app.timed( async {
         let req: RecommendRequest = read_json(&app, body).await?;
         let recommendation = app.engine().recommend(&req).await?;
         tracing::debug!(user_id = %req.user_id, request_id = %recommendation.request_id, n = recommendation.items.len(), "recommended");
@@ -178,7 +168,7 @@ async fn record_events(State(app): State<App>, headers: HeaderMap, body: Body) -
         if is_ndjson {
             return ndjson_events(&app, body).await.map(Json);
         }
-        timed(&app, async {
+        app.timed(async {
             let events: Vec<Event> = read_json(&app, body).await?;
             app.engine().validate_batch(&events)?;
             let mut sink = EventSink::new(&app);
@@ -303,7 +293,7 @@ async fn upsert_items(State(app): State<App>, headers: HeaderMap, body: Body) ->
         "upsert_items",
         Access::Write,
         &headers,
-        timed(&app, async {
+        app.timed(async {
             let items: Vec<Item> = read_json(&app, body).await?;
             let summary = app.engine().upsert_items(items)?;
             app.refresh_gauges();
@@ -355,7 +345,7 @@ async fn list_segments(
         "list_segments",
         Access::Read,
         &headers,
-        timed(&app, async {
+        app.timed(async {
             let top = top_of(&uri)?;
             Ok(Json(app.engine().segments(top).await?))
         }),
@@ -382,7 +372,7 @@ async fn get_segment(
         "get_segment",
         Access::Read,
         &headers,
-        timed(&app, async {
+        app.timed(async {
             onrec_engine::check_id("segment", &segment)?;
             let top = top_of(&uri)?;
             Ok(Json(app.engine().segment(&segment, top).await?))

@@ -122,6 +122,36 @@ impl App {
         })
     }
 
+    /// Runs one request: key check and admission, then `work`, counted in the request
+    /// metrics under `transport` and `endpoint` with its outcome and duration.
+    pub async fn serve<T>(
+        &self,
+        transport: Transport,
+        endpoint: &'static str,
+        access: Access,
+        authorization: Option<&str>,
+        work: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        let started = Instant::now();
+        let result = match self.admit(transport, access, authorization) {
+            Ok(_admitted) => work.await,
+            Err(e) => Err(e),
+        };
+        metrics::finish(transport, endpoint, started, &result);
+        result
+    }
+
+    /// Bounds `work` by the unary request timeout.
+    pub async fn timed<T>(
+        &self,
+        work: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        let limit = self.config.request_timeout;
+        tokio::time::timeout(limit, work)
+            .await
+            .map_err(|_| ApiError::Timeout(format!("request not completed within {limit:?}")))?
+    }
+
     /// Refreshes the metrics that mirror the engine's state.
     pub fn refresh_gauges(&self) {
         let stats = self.engine.stats();
