@@ -798,9 +798,9 @@ impl Engine {
         }
         let reward = self.reward(event.kind);
         if reward > 0.0 {
-            metrics::counter!("onrec_bandit_reward_total", "segment" => self.segment_label(&segment)).increment(1);
-            metrics::histogram!("onrec_bandit_reward", "segment" => self.segment_label(&segment))
-                .record(reward);
+            let label = self.segment_label(&segment);
+            metrics::counter!("onrec_bandit_reward_total", "segment" => label.clone()).increment(1);
+            metrics::histogram!("onrec_bandit_reward", "segment" => label).record(reward);
             updates.push(StatUpdate::reward(segment, event.item_id.clone(), reward).at(at));
         }
         self.queue_stats(updates);
