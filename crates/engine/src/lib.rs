@@ -6,6 +6,7 @@
 
 pub mod bounded;
 pub mod catalog;
+pub mod decisions;
 pub mod encoder;
 pub mod error;
 pub mod learning;
@@ -23,6 +24,9 @@ use rand::SeedableRng;
 
 use crate::bounded::Sharded;
 use crate::catalog::{Catalog, Inserted};
+use crate::decisions::{
+    DecisionRecord, LogRecord, LoggedCandidate, LoggedSlot, Recent, RewardRecord,
+};
 use crate::encoder::EncoderLink;
 pub use crate::error::{EngineError, FieldError};
 use crate::popularity::Popularity;
@@ -102,6 +106,11 @@ pub struct EngineConfig {
     pub attribution_window: Duration,
     /// Responses remembered for attribution.
     pub impression_log_capacity: usize,
+    /// Decision log records kept in memory for off-policy evaluation (0: none).
+    pub decision_log_recent: usize,
+    /// Decision log records queued for a writer (see [`Engine::decision_records`]); 0
+    /// when nothing writes the log out.
+    pub decision_log_queue: usize,
 }
 
 /// Where the bandit's impression counts come from.
@@ -136,6 +145,8 @@ impl Default for EngineConfig {
             reward_gamma: 0.9,
             attribution_window: Duration::from_secs(24 * 3600),
             impression_log_capacity: 100_000,
+            decision_log_recent: 10_000,
+            decision_log_queue: 0,
         }
     }
 }
@@ -279,6 +290,15 @@ struct Inner {
     stats_tx: RwLock<Option<tokio::sync::mpsc::Sender<StatUpdate>>>,
     stats_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<StatUpdate>>>,
     learner: RwLock<Option<Arc<learning::LearnerLink>>>,
+    decisions: DecisionLog,
+}
+
+/// Where decision log records go: the in-memory window and the writer's queue.
+struct DecisionLog {
+    recent: parking_lot::Mutex<Recent>,
+    /// `None` without a writer, or once closed for shutdown.
+    tx: RwLock<Option<tokio::sync::mpsc::Sender<LogRecord>>>,
+    rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<LogRecord>>>,
 }
 
 /// The pipelines behind a cheap `Clone` handle.
@@ -363,17 +383,29 @@ impl Engine {
             Self::insert_item(&mut ranking, item, now);
         }
         let (stats_tx, stats_rx) = tokio::sync::mpsc::channel(STATS_QUEUE);
+        let (log_tx, log_rx) = match config.decision_log_queue {
+            0 => (None, None),
+            queue => {
+                let (tx, rx) = tokio::sync::mpsc::channel(queue);
+                (Some(tx), Some(rx))
+            }
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 users: Sharded::new(config.max_users),
                 seen_events: Sharded::new(config.dedupe_capacity),
                 impressions: Sharded::new(config.impression_log_capacity),
-                config,
                 ranking: RwLock::new(ranking),
                 explorer,
                 stats_tx: RwLock::new(Some(stats_tx)),
                 stats_rx: parking_lot::Mutex::new(Some(stats_rx)),
                 learner: RwLock::new(None),
+                decisions: DecisionLog {
+                    recent: parking_lot::Mutex::new(Recent::new(config.decision_log_recent)),
+                    tx: RwLock::new(log_tx),
+                    rx: parking_lot::Mutex::new(log_rx),
+                },
+                config,
             }),
         })
     }
@@ -603,13 +635,47 @@ impl Engine {
             );
         }
         let request_id = request_id.to_string();
+        let now = now_ms();
+        let model_version = {
+            let base = self.inner.ranking.read().model_version();
+            match q_version {
+                Some(v) => format!("{base}+q{v}"),
+                None => base,
+            }
+        };
+        self.log_decision(LogRecord::Decision(Box::new(DecisionRecord {
+            request_id: request_id.clone(),
+            timestamp: now,
+            segment: segment.clone(),
+            context: req.context.clone(),
+            policy: self.inner.explorer.policy(&segment).config().clone(),
+            fallback: slate.fallback,
+            ranker: ranker.to_owned(),
+            model_version: model_version.clone(),
+            candidates: candidates
+                .iter()
+                .map(|c| LoggedCandidate {
+                    item_id: c.item_id.clone(),
+                    score: c.score,
+                })
+                .collect(),
+            slate: slate
+                .slots
+                .iter()
+                .map(|s| LoggedSlot {
+                    item_id: s.item_id.clone(),
+                    propensity: s.propensity,
+                    explored: s.explored,
+                })
+                .collect(),
+        })));
         self.inner
             .impressions
             .shard(&request_id)
             .get_or_insert_with(request_id.clone(), || Impression {
                 segment: segment.clone(),
                 items: slate.slots.iter().map(|s| s.item_id.clone()).collect(),
-                at_ms: now_ms(),
+                at_ms: now,
                 decision: learner.as_ref().map(|l| {
                     let slate_idx = slate
                         .slots
@@ -652,10 +718,6 @@ impl Engine {
                 }
             })
             .collect();
-        let model_version = match q_version {
-            Some(v) => format!("{}+q{v}", ranking.model_version()),
-            None => ranking.model_version(),
-        };
         Ok(Recommendation {
             request_id,
             model_version,
@@ -715,6 +777,36 @@ impl Engine {
             }
             batch.clear();
         }
+    }
+
+    /// Keeps a decision log record in the recent window and queues it for the writer;
+    /// when the writer is behind, it is dropped from the writer's stream and counted.
+    fn log_decision(&self, record: LogRecord) {
+        let log = &self.inner.decisions;
+        let tx = log.tx.read();
+        if let Some(tx) = tx.as_ref()
+            && tx.try_send(record.clone()).is_err()
+        {
+            metrics::counter!("onrec_decision_log_dropped_total").increment(1);
+        }
+        log.recent.lock().push(record);
+    }
+
+    /// The decision log's recent records, oldest first (at most `decision_log_recent`).
+    pub fn recent_decisions(&self) -> Vec<LogRecord> {
+        self.inner.decisions.recent.lock().snapshot()
+    }
+
+    /// The stream of decision log records for a writer: `Some` once, when the engine
+    /// was configured with a `decision_log_queue`.
+    pub fn decision_records(&self) -> Option<tokio::sync::mpsc::Receiver<LogRecord>> {
+        self.inner.decisions.rx.lock().take()
+    }
+
+    /// Stops queueing decision log records; the writer then drains what is queued and
+    /// sees the stream end. For shutdown.
+    pub fn close_decision_log(&self) {
+        self.inner.decisions.tx.write().take();
     }
 
     /// Whether the bandit statistics store answers.
@@ -855,6 +947,18 @@ impl Engine {
             return None;
         }
         let reward = self.reward(event.kind);
+        if reward > 0.0
+            && let Some(position) = shown.items.iter().position(|i| *i == event.item_id)
+        {
+            self.log_decision(LogRecord::Reward(RewardRecord {
+                request_id: request_id.clone(),
+                timestamp: at,
+                item_id: event.item_id.clone(),
+                position,
+                event: event.kind,
+                reward,
+            }));
+        }
         if reward > 0.0
             && let (Some(decision), Some(link)) =
                 (shown.decision.as_mut(), self.inner.learner.read().as_ref())
@@ -1194,6 +1298,67 @@ mod tests {
             assert_eq!(e.segment("b", 5).await.unwrap().reward, 0.0);
             task.abort();
         });
+    }
+
+    #[test]
+    fn served_slates_and_their_rewards_enter_the_decision_log() {
+        let config = EngineConfig {
+            decision_log_queue: 16,
+            ..EngineConfig::default()
+        };
+        let e = Engine::new(config, catalog::demo_catalog(20), greedy()).unwrap();
+        let mut writer = e.decision_records().expect("a queue was configured");
+        assert!(e.decision_records().is_none(), "the stream is taken once");
+        let mut req = RecommendRequest::new("u", 3);
+        req.context = Some(Context {
+            device: Some("mobile".into()),
+            ..Context::default()
+        });
+        let served = rec(&e, &req).unwrap();
+        let mut click = event("c1", "u", &served.items[2].item_id, EventType::Click);
+        click.request_id = Some(served.request_id.clone());
+        assert_eq!(e.record(&click), EventOutcome::Accepted);
+        // An impression earns no reward, so it is not logged.
+        e.record(&event(
+            "i1",
+            "u",
+            &served.items[0].item_id,
+            EventType::Impression,
+        ));
+
+        let recent = e.recent_decisions();
+        assert_eq!(recent.len(), 2, "{recent:?}");
+        let LogRecord::Decision(d) = &recent[0] else {
+            panic!("{recent:?}")
+        };
+        assert_eq!(d.request_id, served.request_id);
+        assert_eq!(d.segment, "default");
+        assert_eq!(d.policy, onrec_policy::PolicyConfig::Greedy {});
+        assert_eq!(d.model_version, served.model_version);
+        assert_eq!(
+            d.context.as_ref().and_then(|c| c.device.as_deref()),
+            Some("mobile")
+        );
+        assert_eq!(
+            d.candidates.len(),
+            20,
+            "every available item was a candidate"
+        );
+        let slate: Vec<&str> = d.slate.iter().map(|s| s.item_id.as_str()).collect();
+        assert_eq!(slate, ids(&served));
+        assert!(d.slate.iter().all(|s| s.propensity == 1.0 && !s.explored));
+        let LogRecord::Reward(r) = &recent[1] else {
+            panic!("{recent:?}")
+        };
+        assert_eq!((r.position, r.reward, r.event), (2, 1.0, EventType::Click));
+        assert_eq!(r.request_id, served.request_id);
+
+        e.close_decision_log();
+        let mut written = Vec::new();
+        while let Ok(record) = writer.try_recv() {
+            written.push(record);
+        }
+        assert_eq!(written, recent, "the writer gets what the window keeps");
     }
 
     #[test]
