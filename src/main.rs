@@ -1,7 +1,9 @@
 //! The `onrec` command line: `onrec serve` (also what plain `onrec` runs), `onrec train`,
-//! `onrec eval`.
+//! `onrec eval`, `onrec simulate`, `onrec ope`.
 
 mod model_cli;
+mod ope_cli;
+mod sim_cli;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use onrec_server::{App, Config, Listeners};
@@ -25,6 +27,10 @@ enum Command {
     Train(model_cli::TrainArgs),
     /// Evaluate a checkpoint with chronological leave-one-out and full ranking
     Eval(model_cli::EvalArgs),
+    /// Compare exploration policies in a simulated shop whose truth is known
+    Simulate(sim_cli::SimulateArgs),
+    /// Estimate a candidate policy's value from a decision log (IPS, SNIPS, doubly robust)
+    Ope(ope_cli::OpeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +45,8 @@ fn main() -> anyhow::Result<()> {
         }
         Some(Command::Train(args)) => model_cli::train(args),
         Some(Command::Eval(args)) => model_cli::eval(args),
+        Some(Command::Simulate(args)) => sim_cli::run(args),
+        Some(Command::Ope(args)) => ope_cli::run(args),
         None => serve(Config::from_matches(&matches)?),
     }
 }

@@ -1,0 +1,148 @@
+//! `onrec ope`: estimate a target policy's value from a decision log or an Open Bandit
+//! Dataset file (IPS, SNIPS and doubly robust, with bootstrap intervals).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use onrec_eval::ope::{DEFAULT_BOOTSTRAP, DEFAULT_CONFIDENCE, DEFAULT_SEED};
+use onrec_eval::{Estimate, OpeOptions, OpeReport, TargetPolicy, evaluate, read_log, read_obd};
+
+/// The format of `--log`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// onrec's JSON-lines decision log, with its rotated files
+    Onrec,
+    /// An Open Bandit Dataset CSV file, e.g. bts/all/all.csv
+    Obd,
+}
+
+/// The arguments of `onrec ope`.
+#[derive(Debug, clap::Args)]
+pub struct OpeArgs {
+    /// Decision log to estimate from (rotated files beside it are read too); with
+    /// --format obd, an Open Bandit Dataset CSV file
+    #[arg(long)]
+    log: PathBuf,
+    /// Format of the log
+    #[arg(long, value_enum, default_value_t = LogFormat::Onrec)]
+    format: LogFormat,
+    /// Target policy: a JSON or TOML (.toml) file holding {"policy": {...}, "segments":
+    /// {...}}, or that JSON inline when the value starts with `{`
+    #[arg(long)]
+    policy: String,
+    /// Bootstrap resamples behind the intervals, 0..=10000
+    #[arg(long, default_value_t = DEFAULT_BOOTSTRAP)]
+    bootstrap: usize,
+    /// Confidence of the intervals, in (0, 1)
+    #[arg(long, default_value_t = DEFAULT_CONFIDENCE)]
+    confidence: f64,
+    /// Seed of the bootstrap and of Thompson sampling targets
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    seed: u64,
+    /// Print the report as JSON instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `onrec ope`.
+pub fn run(args: OpeArgs) -> anyhow::Result<()> {
+    let target = target(&args.policy)?;
+    let options = OpeOptions {
+        bootstrap: args.bootstrap,
+        confidence: args.confidence,
+        seed: args.seed,
+    };
+    // Before reading what may be a large log.
+    options.validate()?;
+    let records = match args.format {
+        LogFormat::Onrec => {
+            let log = read_log(&args.log)?;
+            eprintln!(
+                "{}: {} records from {} file(s){}",
+                args.log.display(),
+                log.records.len(),
+                log.files.len(),
+                match log.truncated {
+                    0 => String::new(),
+                    n => format!(", {n} cut-off last line(s) skipped"),
+                }
+            );
+            log.records
+        }
+        LogFormat::Obd => read_obd(&args.log)?,
+    };
+    let report = evaluate(&records, &target, &options)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", table(&report));
+    }
+    Ok(())
+}
+
+/// The target policy from a file or inline JSON.
+fn target(spec: &str) -> anyhow::Result<TargetPolicy> {
+    if spec.trim_start().starts_with('{') {
+        return Ok(TargetPolicy::from_json(spec)?);
+    }
+    let path = Path::new(spec);
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the target policy {}", path.display()))?;
+    let target = if path.extension().is_some_and(|e| e == "toml") {
+        TargetPolicy::from_toml(&text)
+    } else {
+        TargetPolicy::from_json(&text)
+    };
+    target.with_context(|| format!("in {}", path.display()))
+}
+
+fn cell(e: &Estimate) -> String {
+    format!("{:>12.6}  [{:>10.6}, {:>10.6}]", e.value, e.low, e.high)
+}
+
+/// The report as a table: estimates per decision and per slot, then per position.
+fn table(r: &OpeReport) -> String {
+    let c = &r.counts;
+    let level = format!("{}%", (r.confidence * 1000.0).round() / 10.0);
+    let mut out = format!(
+        "{} decisions, {} slots, {} rewards ({} orphaned), {} fallback decisions\n\n",
+        c.decisions, c.slots, c.rewards, c.orphan_rewards, c.fallbacks
+    );
+    let _ = writeln!(
+        out,
+        "{:<8}{:>12}  {:<24}  {:>12}  {level} interval",
+        "",
+        "per decision",
+        format!("{level} interval"),
+        "per slot",
+    );
+    let (d, s) = (&r.per_decision, &r.per_slot);
+    for (name, per_decision, per_slot) in [
+        ("logged", &d.logged, &s.logged),
+        ("IPS", &d.ips, &s.ips),
+        ("SNIPS", &d.snips, &s.snips),
+        ("DR", &d.dr, &s.dr),
+    ] {
+        let _ = writeln!(out, "{name:<8}{}  {}", cell(per_decision), cell(per_slot));
+    }
+    let _ = writeln!(
+        out,
+        "\neffective sample size {:.1} of {} slot weights; largest weight {:.3}; \
+         {} bootstrap resamples, seed {}\n",
+        r.ess, c.slots, r.max_weight, r.bootstrap, r.seed
+    );
+    let _ = writeln!(
+        out,
+        "{:>8}{:>11}{:>11}{:>11}{:>11}{:>11}{:>11}{:>13}",
+        "position", "decisions", "logged", "IPS", "SNIPS", "DR", "ESS", "max weight"
+    );
+    for p in &r.positions {
+        let _ = writeln!(
+            out,
+            "{:>8}{:>11}{:>11.6}{:>11.6}{:>11.6}{:>11.6}{:>11.1}{:>13.3}",
+            p.position, p.decisions, p.logged, p.ips, p.snips, p.dr, p.ess, p.max_weight
+        );
+    }
+    out
+}
