@@ -1,0 +1,569 @@
+//! Running policies in a world through the real engine: per round, a user and a moment
+//! are drawn, the engine recommends, the world responds, and the engine records the
+//! events, as the HTTP and gRPC adapters would have it do.
+//!
+//! Each policy gets a fresh engine over the world's catalog with an in-memory bandit
+//! store, its statistics written by `Engine::run_stats_writer` as a task on a
+//! current-thread tokio runtime (the loop yields after every round so the writer keeps
+//! up). The world, the traffic and the outcome draws come from the world's seed, so every
+//! policy meets the same users in the same moments; the engine's exploration draws from
+//! its random request ids, so two runs of a randomised policy (ε-greedy, Thompson) differ
+//! a little, while greedy and UCB1 runs replay exactly. Runs with the encoder or the
+//! Q-network also depend on the timing of their threads (the Q-network trains while the
+//! run goes on and drops transitions when behind). Time is the wall clock: a run lasts
+//! seconds, so the popularity half-life and any statistics half-life hardly act in it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use onrec_engine::decisions::LogRecord;
+use onrec_engine::learning::{QMode, QSettings};
+use onrec_engine::{
+    Engine, EngineConfig, Event, EventOutcome, EventType, ImpressionSource, RANKER_ENCODER,
+    RecommendRequest,
+};
+use onrec_learn::{LearnConfig, Learner};
+use onrec_policy::segment::OneOrMany;
+use onrec_policy::{Explorer, MemoryStore, SegmentConfig, SegmentRule, StatsConfig};
+use serde::Serialize;
+
+use crate::SimError;
+use crate::encoder::{EncoderSettings, TrainedEncoder};
+use crate::spec::{PolicyParams, PolicySpec, Ranker};
+use crate::world::{DEVICES, Oracle, Rewards, World};
+
+/// Decision log records queued between the engine and a sink; drained every round.
+const LOG_QUEUE: usize = 4096;
+
+/// How the Q-network takes part in `+q` policies (live mode always).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct QParams {
+    /// Weight w of Q in the mixed score (1 − w)·z(ranker) + w·z(Q).
+    pub weight: f64,
+    /// Training steps before the weights are applied.
+    pub min_updates: u64,
+    /// Whether the other slots of a response with feedback become reward-0 transitions.
+    pub negatives: bool,
+}
+
+impl Default for QParams {
+    /// The server's defaults.
+    fn default() -> Self {
+        Self {
+            weight: 0.3,
+            min_updates: 200,
+            negatives: true,
+        }
+    }
+}
+
+/// How to run policies: rounds, slate size, the engine's settings, segments and the
+/// policies' parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    /// Rounds (requests) per policy.
+    pub rounds: usize,
+    /// Items per slate.
+    pub n: u32,
+    /// The engine's settings (rewards, candidates, popularity weights, seen items …).
+    pub engine: EngineConfig,
+    /// Segment rules; the policy under test serves every segment.
+    pub segment_rules: Vec<SegmentRule>,
+    /// Parameters of the bandit policies.
+    pub params: PolicyParams,
+    /// How `+q` policies use the Q-network.
+    pub q: QParams,
+    /// How the encoder of `encoder*` policies is trained.
+    pub encoder: EncoderSettings,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            rounds: 100_000,
+            n: 10,
+            engine: EngineConfig {
+                // Nothing reads the in-memory window during a run; a sink gets every record.
+                decision_log_recent: 0,
+                ..EngineConfig::default()
+            },
+            segment_rules: device_segments(),
+            params: PolicyParams::default(),
+            q: QParams::default(),
+            encoder: EncoderSettings::default(),
+        }
+    }
+}
+
+/// One segment per device class, so that the bandits can learn what each device favours.
+pub fn device_segments() -> Vec<SegmentRule> {
+    DEVICES
+        .iter()
+        .map(|&(device, _)| SegmentRule {
+            name: device.to_owned(),
+            device: Some(OneOrMany::One(device.to_owned())),
+            country: None,
+            page: None,
+            hours: None,
+            returning: None,
+        })
+        .collect()
+}
+
+impl SimConfig {
+    /// The same settings with a ranker that never moves: popularity weights all 0 (the
+    /// ranking stays the catalog's prior popularity) and seen items not excluded, so every
+    /// request chooses from the same candidates and the bandits face a stationary problem.
+    pub fn stationary(mut self) -> Self {
+        self.engine.weights = onrec_engine::EventWeights {
+            impression: 0.0,
+            click: 0.0,
+            add_to_cart: 0.0,
+            purchase: 0.0,
+            dislike: 0.0,
+        };
+        self.engine.exclude_seen = false;
+        self
+    }
+
+    /// Checks the settings against `world`; the error names the first bad one.
+    pub fn validate(&self, world: &World) -> Result<(), SimError> {
+        if self.rounds == 0 {
+            return Err(SimError::config("rounds", "must be at least 1"));
+        }
+        if self.n == 0 || self.n > self.engine.max_n {
+            return Err(SimError::config(
+                "n",
+                format!("is {}; must be 1..={}", self.n, self.engine.max_n),
+            ));
+        }
+        if self.n as usize > world.num_items() {
+            return Err(SimError::config(
+                "n",
+                format!(
+                    "is {}; the world has only {} items",
+                    self.n,
+                    world.num_items()
+                ),
+            ));
+        }
+        if self.engine.candidates == 0 {
+            return Err(SimError::config("candidates", "must be at least 1"));
+        }
+        let p = &self.params;
+        if !(0.0..=1.0).contains(&p.epsilon) {
+            return Err(SimError::config(
+                "epsilon",
+                format!("is {}; must be 0..=1", p.epsilon),
+            ));
+        }
+        if !(p.ucb_c.is_finite() && p.ucb_c >= 0.0) {
+            return Err(SimError::config(
+                "ucb_c",
+                format!("is {}; must be a finite number >= 0", p.ucb_c),
+            ));
+        }
+        if !(1..=onrec_policy::policy::MAX_DRAWS).contains(&p.thompson_draws) {
+            return Err(SimError::config(
+                "thompson_draws",
+                format!(
+                    "is {}; must be 1..={}",
+                    p.thompson_draws,
+                    onrec_policy::policy::MAX_DRAWS
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.q.weight) {
+            return Err(SimError::config(
+                "q_weight",
+                format!("is {}; must be 0..=1", self.q.weight),
+            ));
+        }
+        self.encoder.validate()
+    }
+}
+
+/// A run's totals.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    /// The policy.
+    pub policy: String,
+    /// Rounds run.
+    pub rounds: usize,
+    /// Items served over all rounds.
+    pub impressions: u64,
+    /// Clicks.
+    pub clicks: u64,
+    /// Clicks per impression.
+    pub ctr: f64,
+    /// Realised reward (clicks and the discounted funnel).
+    pub reward: f64,
+    /// Realised reward per impression.
+    pub reward_per_impression: f64,
+    /// Realised reward per round.
+    pub reward_per_round: f64,
+    /// Expected reward of the served slates per round.
+    pub expected_reward_per_round: f64,
+    /// Expected reward of the oracle's slates per round.
+    pub oracle_reward_per_round: f64,
+    /// Sum over rounds of the oracle's expected reward minus the served slate's.
+    pub cumulative_regret: f64,
+    /// Mean regret per round over the last 10% of rounds.
+    pub final_regret_per_round: f64,
+    /// Rounds the encoder ranked (the others fell back to popularity).
+    pub encoder_rounds: u64,
+    /// Rounds the Q-network re-ranked.
+    pub q_rounds: u64,
+    /// The Q-network learner's counts, for `+q` policies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learner: Option<LearnerCounts>,
+    /// Wall-clock seconds of the run (without training the encoder).
+    pub wall_seconds: f64,
+}
+
+/// What the Q-network learner did in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LearnerCounts {
+    /// Transitions it took.
+    pub accepted: u64,
+    /// Transitions dropped because it was behind.
+    pub dropped: u64,
+    /// Training steps in its last published weights.
+    pub updates: u64,
+}
+
+/// One policy's run: its totals and its per-round series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyRun {
+    /// Totals.
+    pub summary: Summary,
+    /// Expected reward of the served slate, per round.
+    pub expected: Vec<f64>,
+    /// Expected reward of the oracle's slate, per round.
+    pub oracle: Vec<f64>,
+    /// Realised reward, per round.
+    pub realised: Vec<f64>,
+}
+
+impl PolicyRun {
+    /// Regret per round: the oracle's expected reward minus the served slate's.
+    pub fn regret(&self) -> Vec<f64> {
+        self.oracle
+            .iter()
+            .zip(&self.expected)
+            .map(|(o, e)| o - e)
+            .collect()
+    }
+
+    /// Cumulative regret after each round.
+    pub fn cumulative_regret(&self) -> Vec<f64> {
+        let mut total = 0.0;
+        self.regret()
+            .into_iter()
+            .map(|r| {
+                total += r;
+                total
+            })
+            .collect()
+    }
+}
+
+/// Where a run's decision log records go, in order.
+pub type DecisionSink<'a> = dyn FnMut(LogRecord) -> Result<(), SimError> + 'a;
+
+/// A world, the settings to run policies in it, and the encoder once trained.
+#[derive(Debug)]
+pub struct Simulation {
+    world: World,
+    config: SimConfig,
+    encoder: Option<TrainedEncoder>,
+}
+
+impl Simulation {
+    /// A simulation of `world` under `config`, which is validated.
+    pub fn new(world: World, config: SimConfig) -> Result<Self, SimError> {
+        config.validate(&world)?;
+        SegmentConfig {
+            rules: config.segment_rules.clone(),
+            ..SegmentConfig::default()
+        }
+        .validate()?;
+        Ok(Self {
+            world,
+            config,
+            encoder: None,
+        })
+    }
+
+    /// The world.
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
+    /// The encoder of `encoder*` policies, trained on first use.
+    pub fn encoder(&mut self) -> Result<&TrainedEncoder, SimError> {
+        if self.encoder.is_none() {
+            self.encoder = Some(TrainedEncoder::train(&self.world, &self.config.encoder)?);
+        }
+        self.encoder
+            .as_ref()
+            .ok_or_else(|| SimError::config("encoder", "was not trained"))
+    }
+
+    /// Runs every policy in order, without decision logs.
+    pub fn run_all(&mut self, specs: &[PolicySpec]) -> Result<Vec<PolicyRun>, SimError> {
+        specs.iter().map(|spec| self.run(spec, None)).collect()
+    }
+
+    /// Runs one policy for the configured rounds; its decision log records go to `sink`
+    /// when given.
+    pub fn run(
+        &mut self,
+        spec: &PolicySpec,
+        sink: Option<&mut DecisionSink<'_>>,
+    ) -> Result<PolicyRun, SimError> {
+        if spec.ranker == Ranker::Encoder {
+            self.encoder()?;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        let started = Instant::now();
+        let (engine, learner) = self.engine(spec, sink.is_some())?;
+        let result = runtime.block_on(self.drive(&engine, spec, sink));
+        let learner_counts = match &learner {
+            Some(l) => {
+                let counts = LearnerCounts {
+                    accepted: l.accepted(),
+                    dropped: l.dropped(),
+                    updates: l.current().updates,
+                };
+                engine.shutdown_learner()?;
+                Some(counts)
+            }
+            None => None,
+        };
+        let mut run = result?;
+        run.summary.learner = learner_counts;
+        run.summary.wall_seconds = started.elapsed().as_secs_f64();
+        Ok(run)
+    }
+
+    /// A fresh engine for `spec`, with its encoder and learner attached.
+    fn engine(
+        &self,
+        spec: &PolicySpec,
+        logging: bool,
+    ) -> Result<(Engine, Option<Arc<Learner>>), SimError> {
+        let mut segments = SegmentConfig {
+            rules: self.config.segment_rules.clone(),
+            ..SegmentConfig::default()
+        };
+        segments.policies.insert(
+            onrec_policy::DEFAULT_SEGMENT.to_owned(),
+            spec.policy_config(&self.config.params),
+        );
+        let store = Arc::new(MemoryStore::new(StatsConfig::default())?);
+        let explorer = Explorer::new(segments, store)?;
+        let mut engine_config = self.config.engine.clone();
+        if logging {
+            engine_config.decision_log_queue = engine_config.decision_log_queue.max(LOG_QUEUE);
+        }
+        let engine = Engine::new(engine_config, self.world.catalog(), explorer)?;
+        if spec.ranker == Ranker::Encoder {
+            let trained = self
+                .encoder
+                .as_ref()
+                .ok_or_else(|| SimError::config("encoder", "was not trained"))?;
+            engine.attach_encoder(trained.start()?, trained.items(), "sasrec-sim".to_owned());
+        }
+        let learner = if spec.q_network {
+            let learner = Arc::new(Learner::start(
+                LearnConfig::for_items(engine.catalog_len()),
+                None,
+            )?);
+            engine.attach_learner(
+                Arc::clone(&learner),
+                QSettings {
+                    mode: QMode::Live,
+                    weight: self.config.q.weight,
+                    min_updates: self.config.q.min_updates,
+                    negatives: self.config.q.negatives,
+                },
+            );
+            Some(learner)
+        } else {
+            None
+        };
+        Ok((engine, learner))
+    }
+
+    /// The rounds of one run.
+    async fn drive(
+        &self,
+        engine: &Engine,
+        spec: &PolicySpec,
+        mut sink: Option<&mut DecisionSink<'_>>,
+    ) -> Result<PolicyRun, SimError> {
+        let writer = {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.run_stats_writer().await })
+        };
+        let mut log = match sink {
+            Some(_) => engine.decision_records(),
+            None => None,
+        };
+        let world = &self.world;
+        let config = &self.config;
+        let n = config.n as usize;
+        let mut oracle = Oracle::new(world, Rewards::of(&config.engine), n);
+        let mut outcomes = world.outcomes();
+        let mut hidden = vec![false; world.num_items()];
+        let mut hidden_list: Vec<u32> = Vec::new();
+        let mut run = PolicyRun {
+            summary: Summary {
+                policy: spec.name.clone(),
+                rounds: config.rounds,
+                impressions: 0,
+                clicks: 0,
+                ctr: 0.0,
+                reward: 0.0,
+                reward_per_impression: 0.0,
+                reward_per_round: 0.0,
+                expected_reward_per_round: 0.0,
+                oracle_reward_per_round: 0.0,
+                cumulative_regret: 0.0,
+                final_regret_per_round: 0.0,
+                encoder_rounds: 0,
+                q_rounds: 0,
+                learner: None,
+                wall_seconds: 0.0,
+            },
+            expected: Vec::with_capacity(config.rounds),
+            oracle: Vec::with_capacity(config.rounds),
+            realised: Vec::with_capacity(config.rounds),
+        };
+        for (round, (u, moment)) in world.traffic().take(config.rounds).enumerate() {
+            let user_id = World::user_id(u);
+            // The oracle chooses from what the engine may serve this user now.
+            for &i in &hidden_list {
+                hidden[i as usize] = false;
+            }
+            hidden_list.clear();
+            if config.engine.exclude_seen {
+                for id in engine.history(&user_id) {
+                    if let Some(i) = world.item_index(&id) {
+                        hidden[i as usize] = true;
+                        hidden_list.push(i);
+                    }
+                }
+            }
+            let (best, _) = oracle.best(u, moment, &hidden, n);
+            let mut request = RecommendRequest::new(user_id.clone(), config.n);
+            request.context = Some(moment.context());
+            let served = engine.recommend(&request).await?;
+            let slate: Vec<u32> = served
+                .items
+                .iter()
+                .map(|item| {
+                    world.item_index(&item.item_id).ok_or_else(|| {
+                        SimError::config("catalog", format!("unknown item {}", item.item_id))
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            if served.ranker == RANKER_ENCODER {
+                run.summary.encoder_rounds += 1;
+            }
+            if served.model_version.contains("+q") {
+                run.summary.q_rounds += 1;
+            }
+            let expected = oracle.slate_value(u, moment, &slate);
+            let response = oracle.respond(u, moment, &slate, outcomes.next_round(n));
+            let event = |slot: usize, item: u32, kind: EventType| Event {
+                event_id: format!("{round}-{slot}-{}", kind.as_str()),
+                user_id: user_id.clone(),
+                item_id: world.item_id(item).to_owned(),
+                kind,
+                request_id: Some(served.request_id.clone()),
+                value: None,
+                timestamp: None,
+            };
+            let mut events: Vec<Event> = Vec::with_capacity(response.actions.len() + n);
+            if config.engine.impressions_from == ImpressionSource::Events {
+                events.extend(
+                    slate
+                        .iter()
+                        .enumerate()
+                        .map(|(slot, &i)| event(slot, i, EventType::Impression)),
+                );
+            }
+            events.extend(
+                response
+                    .actions
+                    .iter()
+                    .map(|a| event(a.slot, a.item, a.kind)),
+            );
+            for e in &events {
+                match engine.record(e) {
+                    EventOutcome::Accepted => {}
+                    other => {
+                        return Err(SimError::EventRejected {
+                            event_id: e.event_id.clone(),
+                            outcome: other
+                                .error(&e.item_id)
+                                .unwrap_or_else(|| other.as_str().to_owned()),
+                        });
+                    }
+                }
+            }
+            run.summary.impressions += slate.len() as u64;
+            run.summary.clicks += response.clicks;
+            run.summary.reward += response.reward;
+            run.expected.push(expected);
+            run.oracle.push(best);
+            run.realised.push(response.reward);
+            if let (Some(rx), Some(sink)) = (log.as_mut(), sink.as_deref_mut()) {
+                while let Ok(record) = rx.try_recv() {
+                    sink(record)?;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        engine.close_stats();
+        // The writer only ends once the queue is drained; its failure is a panic, reported.
+        writer
+            .await
+            .map_err(|e| SimError::Io(std::io::Error::other(e.to_string())))?;
+        engine.close_decision_log();
+        if let (Some(rx), Some(sink)) = (log.as_mut(), sink) {
+            while let Some(record) = rx.recv().await {
+                sink(record)?;
+            }
+        }
+        finish(&mut run.summary, &run.expected, &run.oracle);
+        Ok(run)
+    }
+}
+
+/// Fills in the ratios and regrets of a summary from its counts and series.
+fn finish(s: &mut Summary, expected: &[f64], oracle: &[f64]) {
+    let rounds = expected.len().max(1) as f64;
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    s.ctr = ratio(s.clicks as f64, s.impressions as f64);
+    s.reward_per_impression = ratio(s.reward, s.impressions as f64);
+    s.reward_per_round = s.reward / rounds;
+    s.expected_reward_per_round = expected.iter().sum::<f64>() / rounds;
+    s.oracle_reward_per_round = oracle.iter().sum::<f64>() / rounds;
+    let regret: Vec<f64> = oracle.iter().zip(expected).map(|(o, e)| o - e).collect();
+    s.cumulative_regret = regret.iter().sum();
+    let tail = (regret.len() / 10).max(1).min(regret.len());
+    s.final_regret_per_round = ratio(
+        regret[regret.len() - tail..].iter().sum::<f64>(),
+        tail as f64,
+    );
+}
