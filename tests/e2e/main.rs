@@ -4,6 +4,7 @@
 
 mod bandit;
 mod common;
+mod evaluation;
 mod grpc;
 mod http;
 mod learning;

@@ -53,6 +53,22 @@ pub enum ImpressionsFrom {
     Events,
 }
 
+/// Decision log records queued for the writer; beyond it they are dropped and counted.
+const DECISION_LOG_QUEUE: usize = 65_536;
+
+/// Where the decision log is written, besides the recent records kept in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DecisionLogSink {
+    /// Nowhere: only the in-memory window (for `POST /v1/ope`).
+    None,
+    /// JSON lines in `decision_log_path`, rotated at `decision_log_max_bytes`.
+    File,
+    /// The Redis stream `decision_log_stream` at `redis_url`, capped near
+    /// `decision_log_stream_maxlen` entries.
+    Redis,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -293,6 +309,48 @@ pub struct Config {
     #[arg(long, env = "ONREC_IMPRESSION_LOG_CAPACITY", default_value_t = 100_000)]
     pub impression_log_capacity: usize,
 
+    /// Where the decision log (served slates with propensities, attributed rewards) is
+    /// written: none (memory only), file or redis
+    #[arg(long, env = "ONREC_DECISION_LOG", default_value = "none")]
+    pub decision_log: DecisionLogSink,
+
+    /// Decision log file (JSON lines); rotated files get a numbered suffix
+    #[arg(
+        long,
+        env = "ONREC_DECISION_LOG_PATH",
+        default_value = "decisions.jsonl"
+    )]
+    pub decision_log_path: PathBuf,
+
+    /// Size at which the decision log file is rotated
+    #[arg(long, env = "ONREC_DECISION_LOG_MAX_BYTES", default_value_t = 100 << 20)]
+    pub decision_log_max_bytes: u64,
+
+    /// Rotated decision log files kept; older ones are deleted
+    #[arg(long, env = "ONREC_DECISION_LOG_KEEP", default_value_t = 10)]
+    pub decision_log_keep: usize,
+
+    /// Redis stream key of the decision log
+    #[arg(
+        long,
+        env = "ONREC_DECISION_LOG_STREAM",
+        default_value = "onrec:decisions"
+    )]
+    pub decision_log_stream: String,
+
+    /// Approximate length cap of the decision log stream (XADD MAXLEN ~)
+    #[arg(
+        long,
+        env = "ONREC_DECISION_LOG_STREAM_MAXLEN",
+        default_value_t = 1_000_000
+    )]
+    pub decision_log_stream_maxlen: u64,
+
+    /// Decision log records kept in memory for POST /v1/ope (0 turns the endpoint's
+    /// data off)
+    #[arg(long, env = "ONREC_DECISION_LOG_RECENT", default_value_t = 10_000)]
+    pub decision_log_recent: usize,
+
     /// Online Q-network: off, shadow (computed and compared, never applied) or live
     /// (mixed into the ranking once trained q_min_updates steps)
     #[arg(long, env = "ONREC_LEARNER", default_value = "live")]
@@ -417,6 +475,15 @@ impl Config {
                 bail!("{name} must be a finite, non-negative number");
             }
         }
+        if self.decision_log == DecisionLogSink::Redis && self.redis_url.is_none() {
+            bail!("decision_log = redis needs redis_url");
+        }
+        if self.decision_log_max_bytes == 0 || self.decision_log_stream_maxlen == 0 {
+            bail!("decision_log_max_bytes and decision_log_stream_maxlen must be at least 1");
+        }
+        if self.decision_log_stream.trim().is_empty() {
+            bail!("decision_log_stream must not be empty");
+        }
         if !(self.q_max_busy > 0.0 && self.q_max_busy <= 1.0) {
             bail!("q_max_busy must be within (0, 1]");
         }
@@ -478,6 +545,11 @@ impl Config {
             reward_gamma: self.reward_gamma,
             attribution_window: self.attribution_window,
             impression_log_capacity: self.impression_log_capacity,
+            decision_log_recent: self.decision_log_recent,
+            decision_log_queue: match self.decision_log {
+                DecisionLogSink::None => 0,
+                DecisionLogSink::File | DecisionLogSink::Redis => DECISION_LOG_QUEUE,
+            },
         }
     }
 

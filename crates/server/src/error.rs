@@ -3,6 +3,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use onrec_engine::{EngineError, FieldError};
+use onrec_eval::EvalError;
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,10 @@ pub enum ApiError {
     /// A backing store did not answer.
     #[error("a backing store did not answer: {0}")]
     Unavailable(String),
+    /// The request cannot be answered in the service's present state (e.g. nothing
+    /// logged yet to evaluate a policy on).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -50,6 +55,26 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<EvalError> for ApiError {
+    fn from(e: EvalError) -> Self {
+        match e {
+            EvalError::Options { field, message } => {
+                Self::InvalidArgument(FieldError::new(field, message))
+            }
+            EvalError::Target { field, message } => {
+                Self::InvalidArgument(FieldError::new(field, message))
+            }
+            EvalError::EmptyLog => Self::FailedPrecondition(
+                "no decisions are logged yet to evaluate the policy on".into(),
+            ),
+            EvalError::Record { .. }
+            | EvalError::Line { .. }
+            | EvalError::NoLog { .. }
+            | EvalError::Io { .. } => Self::Internal(e.to_string()),
+        }
+    }
+}
+
 impl From<FieldError> for ApiError {
     fn from(e: FieldError) -> Self {
         Self::InvalidArgument(e)
@@ -64,6 +89,7 @@ impl ApiError {
             Self::Unauthenticated => "unauthenticated",
             Self::Overloaded(_) | Self::Busy(_) => "overloaded",
             Self::Timeout(_) => "timeout",
+            Self::FailedPrecondition(_) => "failed_precondition",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::ShuttingDown | Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
@@ -76,6 +102,7 @@ impl ApiError {
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::Overloaded(_) | Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::FailedPrecondition(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::ShuttingDown | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -88,6 +115,7 @@ impl ApiError {
             Self::Unauthenticated => tonic::Code::Unauthenticated,
             Self::Overloaded(_) | Self::Busy(_) => tonic::Code::ResourceExhausted,
             Self::Timeout(_) => tonic::Code::DeadlineExceeded,
+            Self::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Self::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,
             Self::ShuttingDown | Self::Unavailable(_) => tonic::Code::Unavailable,
             Self::Internal(_) => tonic::Code::Internal,
@@ -101,7 +129,7 @@ pub struct ErrorBody {
     /// Human-readable; for bad input it starts with the field's path.
     pub error: String,
     /// `invalid_argument`, `unauthenticated`, `overloaded`, `timeout`,
-    /// `payload_too_large`, `unavailable` or `internal`.
+    /// `failed_precondition`, `payload_too_large`, `unavailable` or `internal`.
     pub code: &'static str,
     /// The offending field's path, for `invalid_argument` errors that have one.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -201,6 +201,97 @@ fn segment_to(r: engine::SegmentReport) -> pb::Segment {
     }
 }
 
+/// A policy from its message, with the JSON API's defaults for unset parameters; the
+/// error names `field` when no kind is set.
+fn policy_from(
+    field: &str,
+    policy: Option<pb::PolicyConfig>,
+) -> Result<onrec_policy::PolicyConfig, FieldError> {
+    use pb::policy_config::Kind;
+    let kind = policy.and_then(|p| p.kind).ok_or_else(|| {
+        FieldError::new(
+            field,
+            "must set one kind: greedy, epsilon_greedy, ucb1 or thompson",
+        )
+    })?;
+    let (name, params): (&str, Vec<(&str, Option<serde_json::Value>)>) = match kind {
+        Kind::Greedy(_) => ("greedy", vec![]),
+        Kind::EpsilonGreedy(p) => (
+            "epsilon_greedy",
+            vec![
+                ("epsilon", Some(p.epsilon.into())),
+                ("epsilon_min", Some(p.epsilon_min.into())),
+                ("decay_impressions", p.decay_impressions.map(Into::into)),
+            ],
+        ),
+        Kind::Ucb1(p) => ("ucb1", vec![("c", p.c.map(Into::into))]),
+        Kind::Thompson(p) => (
+            "thompson",
+            vec![
+                ("alpha", p.alpha.map(Into::into)),
+                ("beta", p.beta.map(Into::into)),
+                ("draws", p.draws.map(Into::into)),
+            ],
+        ),
+    };
+    let mut json = serde_json::Map::new();
+    json.insert("kind".into(), name.into());
+    json.extend(
+        params
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v))),
+    );
+    serde_json::from_value(json.into()).map_err(|e| FieldError::new(field, e.to_string()))
+}
+
+fn estimate_to(e: onrec_eval::Estimate) -> pb::Estimate {
+    pb::Estimate {
+        value: e.value,
+        low: e.low,
+        high: e.high,
+    }
+}
+
+fn estimates_to(e: onrec_eval::Estimates) -> pb::Estimates {
+    pb::Estimates {
+        logged: Some(estimate_to(e.logged)),
+        ips: Some(estimate_to(e.ips)),
+        snips: Some(estimate_to(e.snips)),
+        dr: Some(estimate_to(e.dr)),
+    }
+}
+
+fn report_to(r: onrec_eval::OpeReport) -> pb::EvaluatePolicyResponse {
+    pb::EvaluatePolicyResponse {
+        per_decision: Some(estimates_to(r.per_decision)),
+        per_slot: Some(estimates_to(r.per_slot)),
+        positions: r
+            .positions
+            .into_iter()
+            .map(|p| pb::PositionEstimate {
+                position: p.position as u32,
+                decisions: p.decisions as u64,
+                logged: p.logged,
+                ips: p.ips,
+                snips: p.snips,
+                dr: p.dr,
+                ess: p.ess,
+                max_weight: p.max_weight,
+            })
+            .collect(),
+        ess: r.ess,
+        max_weight: r.max_weight,
+        decisions: r.counts.decisions as u64,
+        slots: r.counts.slots as u64,
+        rewards: r.counts.rewards as u64,
+        orphan_rewards: r.counts.orphan_rewards as u64,
+        fallbacks: r.counts.fallbacks as u64,
+        bootstrap: r.bootstrap as u32,
+        confidence: r.confidence,
+        seed: r.seed,
+    }
+}
+
 /// Items listed per segment when a request does not say.
 const DEFAULT_TOP: u32 = 10;
 
@@ -430,6 +521,34 @@ impl Recommender for GrpcApi {
                 .segment(&req.segment, top_or_default(req.top))
                 .await?;
             Ok(segment_to(report))
+        })
+        .await
+    }
+
+    async fn evaluate_policy(
+        &self,
+        request: Request<pb::EvaluatePolicyRequest>,
+    ) -> Result<Response<pb::EvaluatePolicyResponse>, Status> {
+        let auth = authorization(&request).map(str::to_owned);
+        let req = request.into_inner();
+        self.unary("ope", Access::Read, auth.as_deref(), async {
+            let policy = policy_from("policy", req.policy)?;
+            let segments = req
+                .segments
+                .into_iter()
+                .map(|(name, p)| {
+                    let field = format!("segments.{name}");
+                    Ok((name, policy_from(&field, Some(p))?))
+                })
+                .collect::<Result<_, FieldError>>()?;
+            let defaults = onrec_eval::OpeOptions::default();
+            let options = onrec_eval::OpeOptions {
+                bootstrap: req.bootstrap.map_or(defaults.bootstrap, |b| b as usize),
+                confidence: req.confidence.unwrap_or(defaults.confidence),
+                seed: req.seed.unwrap_or(defaults.seed),
+            };
+            let target = onrec_eval::TargetPolicy { policy, segments };
+            Ok(report_to(self.app.evaluate(target, options).await?))
         })
         .await
     }

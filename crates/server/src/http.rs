@@ -34,6 +34,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/items", put(upsert_items))
         .route("/v1/segments", get(list_segments))
         .route("/v1/segments/{segment}", get(get_segment))
+        .route("/v1/ope", post(evaluate_policy))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
@@ -381,6 +382,63 @@ async fn get_segment(
     .await
 }
 
+/// A candidate policy to evaluate on the recent decision log, and how.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpeRequest {
+    /// The candidate policy of every segment without an override, e.g.
+    /// `{"kind": "epsilon_greedy", "epsilon": 0.05}`.
+    #[schema(value_type = Object)]
+    pub policy: onrec_policy::PolicyConfig,
+    /// Overrides by segment name.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub segments: std::collections::BTreeMap<String, onrec_policy::PolicyConfig>,
+    /// Bootstrap resamples for the intervals, 0..=10000 (default 1000).
+    #[serde(default)]
+    pub bootstrap: Option<usize>,
+    /// Confidence of the intervals, in (0, 1) (default 0.95).
+    #[serde(default)]
+    pub confidence: Option<f64>,
+    /// Seed of the bootstrap.
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// Off-policy evaluation: a candidate policy's estimated value (IPS, SNIPS, doubly
+/// robust, with bootstrap intervals) on the service's recent decision log.
+#[utoipa::path(post, path = "/v1/ope", tag = "exploration",
+    request_body = OpeRequest,
+    responses(
+        (status = 200, description = "Estimates per decision, per slot and per position", body = onrec_eval::OpeReport),
+        (status = 400, description = "Malformed policy or options; `field` names the culprit", body = ErrorBody),
+        (status = 409, description = "No decisions logged yet", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
+async fn evaluate_policy(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    handle(
+        &app,
+        "ope",
+        Access::Read,
+        &headers,
+        app.timed(async {
+            let req: OpeRequest = read_json(&app, body).await?;
+            let defaults = onrec_eval::OpeOptions::default();
+            let options = onrec_eval::OpeOptions {
+                bootstrap: req.bootstrap.unwrap_or(defaults.bootstrap),
+                confidence: req.confidence.unwrap_or(defaults.confidence),
+                seed: req.seed.unwrap_or(defaults.seed),
+            };
+            let target = onrec_eval::TargetPolicy {
+                policy: req.policy,
+                segments: req.segments,
+            };
+            Ok(Json(app.evaluate(target, options).await?))
+        }),
+    )
+    .await
+}
+
 /// Liveness: 200 while the process runs.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "Alive", content_type = "application/json")))]
@@ -458,7 +516,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "onrec", description = "Online recommendations: top-N items, feedback events, catalog updates."),
-    paths(recommend, record_events, upsert_items, list_segments, get_segment, healthz, readyz, prometheus, openapi),
+    paths(recommend, record_events, upsert_items, list_segments, get_segment, evaluate_policy, healthz, readyz, prometheus, openapi),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
@@ -507,6 +565,9 @@ mod tests {
             "/v1/recommend",
             "/v1/events",
             "/v1/items",
+            "/v1/segments",
+            "/v1/segments/{segment}",
+            "/v1/ope",
             "/healthz",
             "/readyz",
             "/metrics",

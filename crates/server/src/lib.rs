@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod decision_log;
 pub mod encoder;
 pub mod error;
 pub mod events;
@@ -150,6 +151,22 @@ impl App {
         tokio::time::timeout(limit, work)
             .await
             .map_err(|_| ApiError::Timeout(format!("request not completed within {limit:?}")))?
+    }
+
+    /// Estimates `target`'s value from the engine's recent decision log, off the async
+    /// threads (the bootstrap is CPU work).
+    pub async fn evaluate(
+        &self,
+        target: onrec_eval::TargetPolicy,
+        options: onrec_eval::OpeOptions,
+    ) -> Result<onrec_eval::OpeReport, ApiError> {
+        target.validate()?;
+        options.validate()?;
+        let records = self.engine.recent_decisions();
+        tokio::task::spawn_blocking(move || onrec_eval::evaluate(&records, &target, &options))
+            .await
+            .map_err(|e| ApiError::Internal(format!("the evaluation task failed: {e}")))?
+            .map_err(ApiError::from)
     }
 
     /// Refreshes the metrics that mirror the engine's state.
@@ -299,6 +316,11 @@ pub async fn run(
     metrics::handle();
     app.refresh_gauges();
 
+    let log_writer = app
+        .engine
+        .decision_records()
+        .map(|records| decision_log::spawn(records, &app.config))
+        .transpose()?;
     let token = app.shutdown.clone();
     let (health, grpc_server) = grpc::server(app.clone())?;
     let http = tokio::spawn(http::serve(app.clone(), listeners.http));
@@ -338,6 +360,14 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("bandit statistics still queued after 5 s; exiting without them");
+    }
+    app.engine.close_decision_log();
+    if let Some(log_writer) = log_writer
+        && tokio::time::timeout(std::time::Duration::from_secs(5), log_writer)
+            .await
+            .is_err()
+    {
+        tracing::warn!("decision log records still queued after 5 s; exiting without them");
     }
     let engine = app.engine.clone();
     match tokio::task::spawn_blocking(move || engine.shutdown_learner()).await {
