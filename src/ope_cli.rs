@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use onrec_engine::decisions::LogRecord;
 use onrec_eval::ope::{DEFAULT_BOOTSTRAP, DEFAULT_CONFIDENCE, DEFAULT_SEED};
 use onrec_eval::{Estimate, OpeOptions, OpeReport, TargetPolicy, evaluate, read_log, read_obd};
 
@@ -15,18 +16,23 @@ pub enum LogFormat {
     Onrec,
     /// An Open Bandit Dataset CSV file, e.g. bts/all/all.csv
     Obd,
+    /// The service's decision log stream in Redis: --log is the Redis URL
+    Redis,
 }
 
 /// The arguments of `onrec ope`.
 #[derive(Debug, clap::Args)]
 pub struct OpeArgs {
     /// Decision log to estimate from (rotated files beside it are read too); with
-    /// --format obd, an Open Bandit Dataset CSV file
+    /// --format obd, an Open Bandit Dataset CSV file; with --format redis, the Redis URL
     #[arg(long)]
     log: PathBuf,
     /// Format of the log
     #[arg(long, value_enum, default_value_t = LogFormat::Onrec)]
     format: LogFormat,
+    /// With --format redis: the stream the service writes (its decision_log_stream)
+    #[arg(long, default_value = "onrec:decisions")]
+    stream: String,
     /// Target policy: a JSON or TOML (.toml) file holding {"policy": {...}, "segments":
     /// {...}}, or that JSON inline when the value starts with `{`
     #[arg(long)]
@@ -71,6 +77,13 @@ pub fn run(args: OpeArgs) -> anyhow::Result<()> {
             log.records
         }
         LogFormat::Obd => read_obd(&args.log)?,
+        LogFormat::Redis => {
+            let url = args.log.to_string_lossy();
+            let records = read_stream(&url, &args.stream)
+                .with_context(|| format!("reading the stream {} at {url}", args.stream))?;
+            eprintln!("{}: {} records", args.stream, records.len());
+            records
+        }
     };
     let report = evaluate(&records, &target, &options)?;
     if args.json {
@@ -79,6 +92,38 @@ pub fn run(args: OpeArgs) -> anyhow::Result<()> {
         print!("{}", table(&report));
     }
     Ok(())
+}
+
+/// Entries read per XRANGE call.
+const STREAM_PAGE: usize = 10_000;
+
+/// Every record of the Redis stream `key`, oldest first: each entry's `record` field.
+fn read_stream(url: &str, key: &str) -> anyhow::Result<Vec<LogRecord>> {
+    let mut conn = redis::Client::open(url)?.get_connection()?;
+    let mut records = Vec::new();
+    let mut start = "-".to_owned();
+    loop {
+        let page: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+            .arg(key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(STREAM_PAGE)
+            .query(&mut conn)?;
+        for (id, fields) in &page {
+            let json = fields
+                .chunks_exact(2)
+                .find(|kv| kv[0] == "record")
+                .map(|kv| &kv[1])
+                .ok_or_else(|| anyhow::anyhow!("entry {id} has no record field"))?;
+            records.push(serde_json::from_str(json).with_context(|| format!("entry {id}"))?);
+        }
+        match page.last() {
+            Some((id, _)) if page.len() == STREAM_PAGE => start = format!("({id}"),
+            _ => break,
+        }
+    }
+    Ok(records)
 }
 
 /// The target policy from a file or inline JSON.

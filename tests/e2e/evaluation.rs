@@ -211,6 +211,27 @@ async fn the_decision_log_goes_to_a_capped_redis_stream() {
     let count = |t: &str| records.iter().filter(|r| r["type"] == t).count();
     assert_eq!((count("decision"), count("reward")), (6, clicks), "{text}");
 
+    // `onrec ope` reads the stream back.
+    let out = Command::new(env!("CARGO_BIN_EXE_onrec"))
+        .args(["ope", "--format", "redis", "--log", &redis.url()])
+        .args([
+            "--stream",
+            "test:decisions",
+            "--policy",
+            r#"{"policy": {"kind": "greedy"}}"#,
+        ])
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["counts"]["decisions"], 6, "{report}");
+    assert_eq!(report["counts"]["rewards"], clicks);
+
     // A sink that needs Redis without a URL is refused at start, naming the setting.
     let err = Server::try_start(&["--decision-log", "redis"])
         .err()
