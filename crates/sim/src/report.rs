@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -214,11 +215,6 @@ pub fn plot_svg(runs: &[PolicyRun], path: &Path) -> Result<(), SimError> {
     root.fill(&WHITE).map_err(plot_err)?;
     let (upper, lower) = root.split_vertically(500);
     let x_max = rounds as f64;
-    let line = |values: &[f64]| -> Vec<(f64, f64)> {
-        thin(values.len(), PLOT_POINTS)
-            .map(|i| ((i + 1) as f64, values[i]))
-            .collect()
-    };
 
     let mut chart = ChartBuilder::on(&upper)
         .caption(
@@ -242,23 +238,7 @@ pub fn plot_svg(runs: &[PolicyRun], path: &Path) -> Result<(), SimError> {
         .map_err(plot_err)?
         .label("oracle")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
-    for (k, (run, values)) in runs.iter().zip(&rewards).enumerate() {
-        let color = Palette99::pick(k).to_rgba();
-        chart
-            .draw_series(LineSeries::new(line(values), color.stroke_width(2)))
-            .map_err(plot_err)?
-            .label(run.summary.policy.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(plot_err)?;
+    draw_policies(&mut chart, runs, &rewards, SeriesLabelPosition::LowerRight)?;
 
     let mut chart = ChartBuilder::on(&lower)
         .caption("Cumulative regret against the oracle", ("sans-serif", 22))
@@ -275,7 +255,29 @@ pub fn plot_svg(runs: &[PolicyRun], path: &Path) -> Result<(), SimError> {
         .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
         .map_err(plot_err)?;
-    for (k, (run, values)) in runs.iter().zip(&regrets).enumerate() {
+    draw_policies(&mut chart, runs, &regrets, SeriesLabelPosition::UpperLeft)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// A chart of the plot: rounds against a value, both as f64.
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A series as plot points (round from 1, value), thinned to at most [`PLOT_POINTS`].
+fn line(values: &[f64]) -> Vec<(f64, f64)> {
+    thin(values.len(), PLOT_POINTS)
+        .map(|i| ((i + 1) as f64, values[i]))
+        .collect()
+}
+
+/// One line per policy, in its palette colour, and the legend at `legend`.
+fn draw_policies<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    runs: &[PolicyRun],
+    series: &[Vec<f64>],
+    legend: SeriesLabelPosition,
+) -> Result<(), SimError> {
+    for (k, (run, values)) in runs.iter().zip(series).enumerate() {
         let color = Palette99::pick(k).to_rgba();
         chart
             .draw_series(LineSeries::new(line(values), color.stroke_width(2)))
@@ -289,11 +291,9 @@ pub fn plot_svg(runs: &[PolicyRun], path: &Path) -> Result<(), SimError> {
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(legend)
         .draw()
-        .map_err(plot_err)?;
-    root.present().map_err(plot_err)?;
-    Ok(())
+        .map_err(plot_err)
 }
 
 #[cfg(test)]
