@@ -295,6 +295,8 @@ struct Inner {
 
 /// Where decision log records go: the in-memory window and the writer's queue.
 struct DecisionLog {
+    /// Whether anything keeps records (a recent window or a writer); if not, none are built.
+    enabled: bool,
     recent: parking_lot::Mutex<Recent>,
     /// `None` without a writer, or once closed for shutdown.
     tx: RwLock<Option<tokio::sync::mpsc::Sender<LogRecord>>>,
@@ -401,6 +403,7 @@ impl Engine {
                 stats_rx: parking_lot::Mutex::new(Some(stats_rx)),
                 learner: RwLock::new(None),
                 decisions: DecisionLog {
+                    enabled: config.decision_log_recent > 0 || log_tx.is_some(),
                     recent: parking_lot::Mutex::new(Recent::new(config.decision_log_recent)),
                     tx: RwLock::new(log_tx),
                     rx: parking_lot::Mutex::new(log_rx),
@@ -643,32 +646,34 @@ impl Engine {
                 None => base,
             }
         };
-        self.log_decision(LogRecord::Decision(Box::new(DecisionRecord {
-            request_id: request_id.clone(),
-            timestamp: now,
-            segment: segment.clone(),
-            context: req.context.clone(),
-            policy: self.inner.explorer.policy(&segment).config().clone(),
-            fallback: slate.fallback,
-            ranker: ranker.to_owned(),
-            model_version: model_version.clone(),
-            candidates: candidates
-                .iter()
-                .map(|c| LoggedCandidate {
-                    item_id: c.item_id.clone(),
-                    score: c.score,
-                })
-                .collect(),
-            slate: slate
-                .slots
-                .iter()
-                .map(|s| LoggedSlot {
-                    item_id: s.item_id.clone(),
-                    propensity: s.propensity,
-                    explored: s.explored,
-                })
-                .collect(),
-        })));
+        if self.inner.decisions.enabled {
+            self.log_decision(LogRecord::Decision(Box::new(DecisionRecord {
+                request_id: request_id.clone(),
+                timestamp: now,
+                segment: segment.clone(),
+                context: req.context.clone(),
+                policy: self.inner.explorer.policy(&segment).config().clone(),
+                fallback: slate.fallback,
+                ranker: ranker.to_owned(),
+                model_version: model_version.clone(),
+                candidates: candidates
+                    .iter()
+                    .map(|c| LoggedCandidate {
+                        item_id: c.item_id.clone(),
+                        score: c.score,
+                    })
+                    .collect(),
+                slate: slate
+                    .slots
+                    .iter()
+                    .map(|s| LoggedSlot {
+                        item_id: s.item_id.clone(),
+                        propensity: s.propensity,
+                        explored: s.explored,
+                    })
+                    .collect(),
+            })));
+        }
         self.inner
             .impressions
             .shard(&request_id)
@@ -948,6 +953,7 @@ impl Engine {
         }
         let reward = self.reward(event.kind);
         if reward > 0.0
+            && self.inner.decisions.enabled
             && let Some(position) = shown.items.iter().position(|i| *i == event.item_id)
         {
             self.log_decision(LogRecord::Reward(RewardRecord {
