@@ -1,7 +1,6 @@
 //! Evaluation: the decision log written to rotating files and to a Redis stream, and
 //! off-policy estimates over HTTP, gRPC and `onrec ope` on the written files.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -141,27 +140,24 @@ async fn the_decision_log_rotates_on_disk_and_feeds_off_policy_estimates() {
         rotated >= 2,
         "the 8000-byte limit rotated the file ({rotated})"
     );
-    let out = ope_cli(
-        &path,
+    let out = ope_cli(&[
+        "--log",
+        path_arg,
+        "--policy",
         r#"{"policy": {"kind": "epsilon_greedy", "epsilon": 0.5}}"#,
-    );
+    ]);
     assert_eq!(out["counts"]["decisions"], 40, "{out}");
     assert_eq!(out["counts"]["rewards"], clicks);
     assert!((f(&out["per_decision"]["ips"]["value"]) - logged).abs() < 1e-9);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `onrec ope --log PATH --policy JSON --json`, parsed.
-fn ope_cli(log: &Path, policy: &str) -> Value {
+/// `onrec ope ARGS --json`, parsed.
+fn ope_cli(args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_onrec"))
-        .args([
-            "ope",
-            "--log",
-            log.to_str().unwrap(),
-            "--policy",
-            policy,
-            "--json",
-        ])
+        .arg("ope")
+        .args(args)
+        .arg("--json")
         .output()
         .unwrap();
     assert!(
@@ -212,23 +208,17 @@ async fn the_decision_log_goes_to_a_capped_redis_stream() {
     assert_eq!((count("decision"), count("reward")), (6, clicks), "{text}");
 
     // `onrec ope` reads the stream back.
-    let out = Command::new(env!("CARGO_BIN_EXE_onrec"))
-        .args(["ope", "--format", "redis", "--log", &redis.url()])
-        .args([
-            "--stream",
-            "test:decisions",
-            "--policy",
-            r#"{"policy": {"kind": "greedy"}}"#,
-        ])
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let url = redis.url();
+    let report = ope_cli(&[
+        "--format",
+        "redis",
+        "--log",
+        &url,
+        "--stream",
+        "test:decisions",
+        "--policy",
+        r#"{"policy": {"kind": "greedy"}}"#,
+    ]);
     assert_eq!(report["counts"]["decisions"], 6, "{report}");
     assert_eq!(report["counts"]["rewards"], clicks);
 
