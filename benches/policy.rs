@@ -25,11 +25,7 @@ const ROUNDS: usize = 3000;
 fn policies() -> Vec<PolicyConfig> {
     vec![
         PolicyConfig::Greedy {},
-        PolicyConfig::EpsilonGreedy {
-            epsilon: 0.1,
-            epsilon_min: 0.0,
-            decay_impressions: None,
-        },
+        PolicyConfig::epsilon_greedy(0.1),
         PolicyConfig::EpsilonGreedy {
             epsilon: 0.1,
             epsilon_min: 0.01,

@@ -91,11 +91,7 @@ pub fn read_obd(path: &Path) -> Result<Vec<LogRecord>, EvalError> {
         .iter()
         .all(|r| (r.propensity - 1.0 / n_items as f64).abs() <= UNIFORM_SLACK);
     let policy = if uniform {
-        PolicyConfig::EpsilonGreedy {
-            epsilon: 1.0,
-            epsilon_min: 0.0,
-            decay_impressions: None,
-        }
+        PolicyConfig::epsilon_greedy(1.0)
     } else {
         PolicyConfig::Thompson {
             alpha: 1.0,
@@ -435,14 +431,7 @@ mod tests {
         assert_eq!(first.request_id, "obd-2");
         assert_eq!(first.timestamp, 1_574_553_634_762);
         assert_eq!(first.segment, "position_2");
-        assert_eq!(
-            first.policy,
-            PolicyConfig::EpsilonGreedy {
-                epsilon: 1.0,
-                epsilon_min: 0.0,
-                decay_impressions: None,
-            }
-        );
+        assert_eq!(first.policy, PolicyConfig::epsilon_greedy(1.0));
         // Best first by affinity, ties by item id.
         let order: Vec<(&str, f64)> = first
             .candidates

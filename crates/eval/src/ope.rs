@@ -789,21 +789,13 @@ mod tests {
 
     const EPS: f64 = 1e-9;
 
-    fn eps_greedy(epsilon: f64) -> PolicyConfig {
-        PolicyConfig::EpsilonGreedy {
-            epsilon,
-            epsilon_min: 0.0,
-            decay_impressions: None,
-        }
-    }
-
     fn decision(id: &str, candidates: &[&str], slate: &[(&str, f64)]) -> LogRecord {
         LogRecord::Decision(Box::new(DecisionRecord {
             request_id: id.into(),
             timestamp: 1,
             segment: "default".into(),
             context: None,
-            policy: eps_greedy(0.5),
+            policy: PolicyConfig::epsilon_greedy(0.5),
             fallback: false,
             ranker: "popularity".into(),
             model_version: "popularity-c0".into(),
@@ -945,7 +937,7 @@ mod tests {
         // Every weight is 1, so IPS and SNIPS are the logged mean: slot means 1/2 and 3/4.
         let report = evaluate(
             &four_decisions(),
-            &TargetPolicy::new(eps_greedy(0.5)),
+            &TargetPolicy::new(PolicyConfig::epsilon_greedy(0.5)),
             &no_bootstrap(),
         )
         .unwrap();
@@ -962,10 +954,12 @@ mod tests {
         // Only the default segment is logged; overriding it with the logging policy
         // turns the greedy default into the logging policy.
         let mut target = TargetPolicy::new(PolicyConfig::Greedy {});
-        target.segments.insert("default".into(), eps_greedy(0.5));
+        target
+            .segments
+            .insert("default".into(), PolicyConfig::epsilon_greedy(0.5));
         let report = evaluate(&four_decisions(), &target, &no_bootstrap()).unwrap();
         close(report.per_decision.ips.value, 5.0 / 4.0, "ips");
-        target.segments = BTreeMap::from([("mobile".into(), eps_greedy(0.5))]);
+        target.segments = BTreeMap::from([("mobile".into(), PolicyConfig::epsilon_greedy(0.5))]);
         let report = evaluate(&four_decisions(), &target, &no_bootstrap()).unwrap();
         close(report.per_decision.ips.value, 17.0 / 24.0, "ips");
     }
@@ -1197,7 +1191,7 @@ mod tests {
                 .starts_with("ope options: confidence: is "),
             );
         }
-        let mut target = TargetPolicy::new(eps_greedy(2.0));
+        let mut target = TargetPolicy::new(PolicyConfig::epsilon_greedy(2.0));
         let err = evaluate(&log, &target, &no_bootstrap()).unwrap_err();
         assert_eq!(
             err.to_string(),

@@ -6,14 +6,6 @@ use onrec_eval::{OpeOptions, TargetPolicy, evaluate};
 use onrec_policy::PolicyConfig;
 use onrec_sim::{LogRecord, SimConfig, Simulation, World, WorldConfig, spec};
 
-fn epsilon_greedy(epsilon: f64) -> PolicyConfig {
-    PolicyConfig::EpsilonGreedy {
-        epsilon,
-        epsilon_min: 0.0,
-        decay_impressions: None,
-    }
-}
-
 /// A stationary shop with one-item slates: every request chooses from the same ranked
 /// candidates, so the per-slot estimators are unbiased and the on-policy value is the truth.
 fn simulation(epsilon: f64) -> Simulation {
@@ -68,7 +60,7 @@ fn estimates_from_an_exploring_log_agree_with_targets_served_on_policy() {
         let truth = truth(epsilon);
         let report = evaluate(
             &records,
-            &TargetPolicy::new(epsilon_greedy(epsilon)),
+            &TargetPolicy::new(PolicyConfig::epsilon_greedy(epsilon)),
             &options,
         )
         .unwrap();

@@ -156,14 +156,8 @@ mod tests {
         let mut cfg = SegmentConfig::default();
         cfg.policies
             .insert("default".into(), PolicyConfig::Ucb1 { c: 1.0 });
-        cfg.policies.insert(
-            "fixed".into(),
-            PolicyConfig::EpsilonGreedy {
-                epsilon: 1.0,
-                epsilon_min: 0.0,
-                decay_impressions: None,
-            },
-        );
+        cfg.policies
+            .insert("fixed".into(), PolicyConfig::epsilon_greedy(1.0));
         cfg
     }
 

@@ -116,6 +116,15 @@ pub enum PolicyConfig {
 }
 
 impl PolicyConfig {
+    /// ε-greedy with a fixed ε (no decay).
+    pub fn epsilon_greedy(epsilon: f64) -> Self {
+        Self::EpsilonGreedy {
+            epsilon,
+            epsilon_min: 0.0,
+            decay_impressions: None,
+        }
+    }
+
     /// The `kind` name.
     pub fn kind(&self) -> &'static str {
         match self {

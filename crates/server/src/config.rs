@@ -562,11 +562,7 @@ impl Config {
             .entry(onrec_policy::DEFAULT_SEGMENT.to_owned())
             .or_insert(match self.policy {
                 PolicyKind::Greedy => PolicyConfig::Greedy {},
-                PolicyKind::EpsilonGreedy => PolicyConfig::EpsilonGreedy {
-                    epsilon: self.epsilon,
-                    epsilon_min: 0.0,
-                    decay_impressions: None,
-                },
+                PolicyKind::EpsilonGreedy => PolicyConfig::epsilon_greedy(self.epsilon),
                 PolicyKind::Ucb1 => PolicyConfig::Ucb1 { c: self.ucb_c },
                 PolicyKind::Thompson => PolicyConfig::Thompson {
                     alpha: 1.0,

@@ -102,16 +102,8 @@ impl PolicySpec {
     pub fn policy_config(&self, params: &PolicyParams) -> PolicyConfig {
         match self.exploration {
             Exploration::Greedy => PolicyConfig::Greedy {},
-            Exploration::Random => PolicyConfig::EpsilonGreedy {
-                epsilon: 1.0,
-                epsilon_min: 0.0,
-                decay_impressions: None,
-            },
-            Exploration::EpsilonGreedy => PolicyConfig::EpsilonGreedy {
-                epsilon: params.epsilon,
-                epsilon_min: 0.0,
-                decay_impressions: None,
-            },
+            Exploration::Random => PolicyConfig::epsilon_greedy(1.0),
+            Exploration::EpsilonGreedy => PolicyConfig::epsilon_greedy(params.epsilon),
             Exploration::Ucb1 => PolicyConfig::Ucb1 { c: params.ucb_c },
             Exploration::Thompson => PolicyConfig::Thompson {
                 alpha: 1.0,
@@ -228,11 +220,7 @@ mod tests {
         );
         assert_eq!(
             spec("random").policy_config(&PolicyParams::default()),
-            PolicyConfig::EpsilonGreedy {
-                epsilon: 1.0,
-                epsilon_min: 0.0,
-                decay_impressions: None
-            }
+            PolicyConfig::epsilon_greedy(1.0)
         );
         for name in PolicySpec::known_names() {
             assert_eq!(spec(&name).name, name);
