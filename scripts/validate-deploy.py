@@ -70,7 +70,7 @@ METRICS = {
     "onrec_bandit_store_dropped_updates_total", "onrec_bandit_updates_dropped_total",
     "onrec_learn_transitions_total", "onrec_learn_transitions_dropped_total",
     "onrec_learn_updates_total", "onrec_learn_loss", "onrec_learn_td_error", "onrec_learn_q_mean",
-    "onrec_learn_weights_version", "onrec_learn_replay_size",
+    "onrec_learn_weights_version", "onrec_learn_replay_size", "onrec_learn_items",
     "onrec_decision_log_records_total", "onrec_decision_log_write_errors_total",
     "onrec_decision_log_dropped_total",
 } | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}

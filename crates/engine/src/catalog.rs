@@ -60,6 +60,11 @@ impl Catalog {
         &self.items
     }
 
+    /// All item ids in index order.
+    pub fn ids(&self) -> Vec<String> {
+        self.items.iter().map(|i| i.item_id.clone()).collect()
+    }
+
     /// Inserts `item`, or replaces the item with the same id.
     pub fn upsert(&mut self, item: Item) -> Inserted {
         if item.available {

@@ -40,12 +40,12 @@ pub struct Decision {
     negatives_done: bool,
 }
 
-/// A learner attached to the engine.
+/// A learner attached to the engine. Its item index i + 1 is the catalog's index i: the
+/// learner starts with the catalog's items in index order and grows as items are added.
 #[derive(Debug)]
 pub struct LearnerLink {
     learner: Arc<Learner>,
     settings: QSettings,
-    num_items: usize,
 }
 
 /// Mean and standard deviation normalisation, so that scores of different scales mix.
@@ -59,14 +59,20 @@ fn z(values: &[f64]) -> Vec<f64> {
         .collect()
 }
 
+/// The Q-network's index of a catalog item: catalog index + 1, or 0 (unknown) for an
+/// item beyond the `known` items.
+fn q_index(catalog: u32, known: usize) -> u32 {
+    if (catalog as usize) < known {
+        catalog + 1
+    } else {
+        0
+    }
+}
+
 impl LearnerLink {
-    /// Links `learner`, whose Q-network knows catalog indices below `num_items`.
-    pub fn new(learner: Arc<Learner>, settings: QSettings, num_items: usize) -> Self {
-        Self {
-            learner,
-            settings,
-            num_items,
-        }
+    /// Links `learner`, whose items are the catalog's in index order.
+    pub fn new(learner: Arc<Learner>, settings: QSettings) -> Self {
+        Self { learner, settings }
     }
 
     /// The learner.
@@ -74,21 +80,15 @@ impl LearnerLink {
         &self.learner
     }
 
-    /// The Q-network's index of a catalog item: catalog index + 1, or 0 (padding) for
-    /// items added after the network was sized.
-    fn q_index(&self, catalog: u32) -> u32 {
-        if (catalog as usize) < self.num_items {
-            catalog + 1
-        } else {
-            0
-        }
-    }
-
-    /// The state of a user with `history` (catalog indices, oldest first) in `context`.
-    pub fn state(&self, history: &[u32], context: ContextIds) -> State {
+    /// The state of a user with `history` (catalog indices, oldest first) in `context`,
+    /// with the encoder's user vector when the encoder ranked the request (one of another
+    /// width than the network takes is left out).
+    pub fn state(&self, history: &[u32], context: ContextIds, user: Option<Arc<[f32]>>) -> State {
+        let known = self.learner.items();
         State {
-            history: history.iter().map(|&c| self.q_index(c)).collect(),
+            history: history.iter().map(|&c| q_index(c, known)).collect(),
             context,
+            user: user.filter(|u| u.len() == self.learner.q_config().user_dim),
         }
     }
 
@@ -106,19 +106,45 @@ impl LearnerLink {
             return None;
         }
         let published = self.learner.current();
-        let actions: Vec<u32> = candidates.iter().map(|&(c, _)| self.q_index(c)).collect();
-        let q = match published
-            .net
-            .q_values(std::slice::from_ref(state), &[actions])
-        {
+        // Items added since these weights were published are unknown to them: they are
+        // left out of the forward pass and get the mean Q of the rest (neutral once mixed).
+        let known = published.net.num_items();
+        let fitted;
+        let state = if state.history.iter().any(|&i| i as usize > known) {
+            fitted = State {
+                history: state
+                    .history
+                    .iter()
+                    .map(|&i| if i as usize > known { 0 } else { i })
+                    .collect(),
+                ..state.clone()
+            };
+            &fitted
+        } else {
+            state
+        };
+        let actions: Vec<u32> = candidates.iter().map(|&(c, _)| q_index(c, known)).collect();
+        let scored: Vec<u32> = actions.iter().copied().filter(|&a| a != 0).collect();
+        let q = match published.net.q_values_of(&[state], &[&scored]) {
             Ok(mut q) => q.pop().unwrap_or_default(),
             Err(e) => {
                 tracing::warn!(error = %e, "Q-network forward failed; ranking kept");
                 return None;
             }
         };
+        let mean = q.iter().map(|&v| f64::from(v)).sum::<f64>() / q.len().max(1) as f64;
+        let mut values = q.into_iter().map(f64::from);
+        let q: Vec<f64> = actions
+            .iter()
+            .map(|&a| {
+                if a == 0 {
+                    mean
+                } else {
+                    values.next().unwrap_or(mean)
+                }
+            })
+            .collect();
         let ranker: Vec<f64> = candidates.iter().map(|&(_, s)| s).collect();
-        let q: Vec<f64> = q.into_iter().map(f64::from).collect();
         let w = self.settings.weight;
         let mixed: Vec<f64> = z(&ranker)
             .iter()
@@ -157,25 +183,31 @@ impl LearnerLink {
     /// Hands the learner the transitions of feedback on `item` (catalog index) with
     /// `reward`: the rewarded one, and on the response's first feedback reward-0 ones for
     /// its other slots. A full learner queue drops them (the learner counts it).
+    ///
+    /// The next state is the history with the item appended, in the same context and with
+    /// the same user vector: the encoder's vector for the longer history would take an
+    /// encoder pass on the event path, and the history part of the state carries the step.
     pub fn feedback(&self, decision: &mut Decision, item: u32, reward: f64) {
+        let known = self.learner.items();
         let mut out = Vec::new();
         let next_candidates = |taken: u32| -> Vec<u32> {
             decision
                 .candidates
                 .iter()
                 .filter(|&&c| c != taken)
-                .map(|&c| self.q_index(c))
+                .map(|&c| q_index(c, known))
                 .collect()
         };
         let mut next_history = decision.state.history.clone();
-        next_history.push(self.q_index(item));
+        next_history.push(q_index(item, known));
         out.push(Transition {
             state: decision.state.clone(),
-            action: self.q_index(item),
+            action: q_index(item, known),
             reward: reward as f32,
             next_state: Some(State {
                 history: next_history,
                 context: decision.state.context,
+                user: decision.state.user.clone(),
             }),
             next_candidates: next_candidates(item),
         });
@@ -184,7 +216,7 @@ impl LearnerLink {
             for &other in decision.slate.iter().filter(|&&c| c != item) {
                 out.push(Transition {
                     state: decision.state.clone(),
-                    action: self.q_index(other),
+                    action: q_index(other, known),
                     reward: 0.0,
                     next_state: Some(decision.state.clone()),
                     next_candidates: next_candidates(other),
@@ -202,6 +234,36 @@ impl LearnerLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_state_keeps_a_user_vector_of_the_networks_width() {
+        let mut config = onrec_learn::LearnConfig::default();
+        config.q.user_dim = 3;
+        let ids = (0..5).map(|i| format!("i{i}")).collect();
+        let learner = Arc::new(Learner::start(config, ids, None).unwrap());
+        let settings = QSettings {
+            mode: QMode::Live,
+            weight: 0.5,
+            min_updates: 0,
+            negatives: true,
+        };
+        let link = LearnerLink::new(learner.clone(), settings);
+        let ctx = ContextIds::from_parts(Some(9), None);
+        let u: Arc<[f32]> = Arc::from([0.1f32, 0.2, 0.3].as_slice());
+        let s = link.state(&[0, 4, 7], ctx, Some(u.clone()));
+        assert_eq!(
+            s.history,
+            [1, 5, 0],
+            "catalog index + 1; beyond the known items 0"
+        );
+        assert_eq!(s.user.as_deref(), Some(&[0.1f32, 0.2, 0.3][..]));
+        let wrong: Arc<[f32]> = Arc::from([1.0f32; 4].as_slice());
+        assert_eq!(link.state(&[0], ctx, Some(wrong)).user, None);
+        let mut decision = link.decision(s, vec![0, 1, 2], vec![0, 1]);
+        link.feedback(&mut decision, 1, 1.0);
+        assert_eq!(learner.accepted(), 2);
+        learner.shutdown().unwrap();
+    }
 
     #[test]
     fn z_scores_mix_scales() {

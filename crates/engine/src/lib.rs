@@ -456,17 +456,32 @@ impl Engine {
         ranking.encoder = EncoderState::Ready(link);
     }
 
-    /// Re-ranks with the online Q-network of `learner` from now on, and feeds it the
-    /// transitions of attributed feedback. Its item vocabulary is the catalog as it is now.
-    pub fn attach_learner(
+    /// Starts an online Q-network learner for the catalog's items (resuming from the
+    /// checkpoint in `dir`, if any), re-ranks with it from now on and feeds it the
+    /// transitions of attributed feedback. Items added to the catalog later join it.
+    pub fn start_learner(
         &self,
-        learner: Arc<onrec_learn::Learner>,
+        config: onrec_learn::LearnConfig,
+        dir: Option<&std::path::Path>,
         settings: learning::QSettings,
-    ) {
-        let num_items = self.inner.ranking.read().catalog.len();
+    ) -> Result<Arc<onrec_learn::Learner>, onrec_learn::LearnError> {
+        let ids = self.inner.ranking.read().catalog.ids();
+        let learner = Arc::new(onrec_learn::Learner::start(config, ids, dir)?);
         *self.inner.learner.write() = Some(Arc::new(learning::LearnerLink::new(
-            learner, settings, num_items,
+            Arc::clone(&learner),
+            settings,
         )));
+        // Items upserted while it started; later upserts grow it themselves.
+        Self::grow_learner(&self.inner.ranking.read().catalog, &learner);
+        Ok(learner)
+    }
+
+    /// Tells `learner` about catalog items it does not know yet.
+    fn grow_learner(catalog: &Catalog, learner: &onrec_learn::Learner) {
+        let known = learner.items();
+        if catalog.len() > known {
+            learner.grow(catalog.items()[known..].iter().map(|i| i.item_id.clone()));
+        }
     }
 
     /// Stops the learner, if any, writing its final checkpoint.
@@ -475,11 +490,6 @@ impl Engine {
             Some(link) => link.learner().shutdown(),
             None => Ok(()),
         }
-    }
-
-    /// Items in the catalog now: the size a Q-network for it needs.
-    pub fn catalog_len(&self) -> usize {
-        self.inner.ranking.read().catalog.len()
     }
 
     /// The top-n items for one user, best first.
@@ -546,16 +556,16 @@ impl Engine {
             (hidden, plan, segment, history)
         };
 
-        let (encoded, mut fallback) = match plan {
-            Plan::Popularity(reason) => (Vec::new(), reason),
+        let (encoded, user, mut fallback) = match plan {
+            Plan::Popularity(reason) => (Vec::new(), None, reason),
             Plan::Encoder(encoder, query) => match encoder.top_k(query).await {
-                Ok(found) => (found, None),
+                Ok(found) => (found.items, Some(Arc::<[f32]>::from(found.user)), None),
                 Err(ServeError::Overloaded) => {
                     return Err(EngineError::Overloaded("the encoder queue is full".into()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "encoder failed; serving popularity");
-                    (Vec::new(), Some("the encoder failed"))
+                    (Vec::new(), None, Some("the encoder failed"))
                 }
             },
         };
@@ -564,11 +574,8 @@ impl Engine {
         let learner = self.inner.learner.read().clone();
         let q_state = learner
             .as_ref()
-            .map(|l| l.state(&history, context))
-            .unwrap_or_else(|| onrec_learn::State {
-                history: Vec::new(),
-                context,
-            });
+            .map(|l| l.state(&history, context, user))
+            .unwrap_or_default();
         let mut q_version = None;
         let candidate_idx: Vec<u32>;
         let (candidates, ranker) = {
@@ -1008,6 +1015,9 @@ impl Engine {
         if let EncoderState::Ready(link) = encoder {
             link.sync(catalog);
         }
+        if let Some(link) = self.inner.learner.read().as_ref() {
+            Self::grow_learner(catalog, link.learner());
+        }
         Ok(UpsertSummary {
             created,
             updated,
@@ -1304,6 +1314,49 @@ mod tests {
             assert_eq!(e.segment("b", 5).await.unwrap().reward, 0.0);
             task.abort();
         });
+    }
+
+    #[test]
+    fn items_added_while_learning_join_the_q_network() {
+        let e = engine(20);
+        let settings = learning::QSettings {
+            mode: learning::QMode::Live,
+            weight: 0.5,
+            min_updates: 0,
+            negatives: true,
+        };
+        let learner = e
+            .start_learner(onrec_learn::LearnConfig::default(), None, settings)
+            .unwrap();
+        assert_eq!(learner.items(), 20);
+        e.upsert_items(vec![Item::new("new-1", "x"), Item::new("new-2", "x")])
+            .unwrap();
+        assert_eq!(learner.items(), 22, "the learner grows with the catalog");
+        // Whether or not the published weights know the new items yet, every candidate
+        // is re-scored: the response carries the Q weights' version.
+        let mut req = RecommendRequest::new("u", 22);
+        req.exclude = Vec::new();
+        let served = rec(&e, &req).unwrap();
+        assert!(
+            served.model_version.contains("+q"),
+            "{}",
+            served.model_version
+        );
+        assert!(ids(&served).contains(&"new-2"));
+        let mut click = event("c1", "u", "new-2", EventType::Click);
+        click.request_id = Some(served.request_id.clone());
+        assert_eq!(e.record(&click), EventOutcome::Accepted);
+        assert_eq!(learner.accepted(), 22, "the click and 21 unclicked slots");
+        let mut known = 0;
+        for _ in 0..400 {
+            known = learner.current().net.num_items();
+            if known == 22 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(known, 22, "published weights cover the new items");
+        learner.shutdown().unwrap();
     }
 
     #[test]

@@ -16,8 +16,13 @@
 //! use onrec_learn::{LearnConfig, Learner, State, Transition};
 //! use onrec_model::context::ContextIds;
 //!
-//! let learner = Learner::start(LearnConfig::for_items(10), None)?;
-//! let state = State { history: vec![1, 2], context: ContextIds::from_parts(Some(9), None) };
+//! let items: Vec<String> = (1..=10).map(|i| format!("sku-{i}")).collect();
+//! let learner = Learner::start(LearnConfig::default(), items, None)?;
+//! let state = State {
+//!     history: vec![1, 2],
+//!     context: ContextIds::from_parts(Some(9), None),
+//!     user: None,
+//! };
 //! learner.submit(Transition {
 //!     state: state.clone(),
 //!     action: 7,
@@ -32,13 +37,15 @@
 //! # Ok::<(), onrec_learn::LearnError>(())
 //! ```
 
+pub mod checkpoint;
+pub mod optim;
 pub mod qnet;
 pub mod replay;
 pub mod updater;
 
 pub use crate::qnet::{QConfig, QNet, State};
 pub use crate::replay::{Replay, Transition};
-pub use crate::updater::{LearnConfig, Learner, Published, double_dqn_targets};
+pub use crate::updater::{LearnConfig, Learner, Priority, Published, double_dqn_targets};
 
 /// What can go wrong in online learning.
 #[derive(Debug, thiserror::Error)]

@@ -65,9 +65,14 @@ pub fn save(
     write_json(&dir.join(TRAINING), training)
 }
 
+/// The model configuration of a checkpoint directory, without loading its weights.
+pub fn read_config(dir: &Path) -> Result<Config, ModelError> {
+    read_json(&dir.join(CONFIG))
+}
+
 /// Loads a checkpoint directory onto `device`, checking that its parts agree.
 pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint, ModelError> {
-    let config: Config = read_json(&dir.join(CONFIG))?;
+    let config = read_config(dir)?;
     let ids: Vec<String> = read_json(&dir.join(ITEMS))?;
     if ids.len() != config.num_items {
         return Err(io(

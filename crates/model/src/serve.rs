@@ -39,13 +39,23 @@ pub enum ServeError {
     Failed(String),
 }
 
-type Reply = tokio::sync::oneshot::Sender<Result<Vec<(u32, f32)>, ServeError>>;
+/// The encoder's answer for one user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    /// The top `k` (index, score) pairs, best first.
+    pub items: Vec<(u32, f32)>,
+    /// The user vector u the scores are products with (`hidden` wide).
+    pub user: Vec<f32>,
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<Scored, ServeError>>;
 
 /// A cheap handle to the encoder thread.
 #[derive(Debug, Clone)]
 pub struct Encoder {
     tx: SyncSender<(Query, Reply)>,
     num_items: usize,
+    width: usize,
 }
 
 impl Encoder {
@@ -58,11 +68,15 @@ impl Encoder {
         batching: Batching,
     ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(queue.max(1));
-        let num_items = model.config().num_items;
+        let (num_items, width) = (model.config().num_items, model.config().hidden);
         std::thread::Builder::new()
             .name("onrec-encoder".into())
             .spawn(move || worker(&model, &device, &rx, batching))?;
-        Ok(Self { tx, num_items })
+        Ok(Self {
+            tx,
+            num_items,
+            width,
+        })
     }
 
     /// Items the model knows (indices 1..=num_items).
@@ -70,8 +84,13 @@ impl Encoder {
         self.num_items
     }
 
-    /// The top `k` (index, score) pairs for one user, best first.
-    pub async fn top_k(&self, query: Query) -> Result<Vec<(u32, f32)>, ServeError> {
+    /// Width of its user vectors.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The top `k` (index, score) pairs for one user, best first, and the user's vector.
+    pub async fn top_k(&self, query: Query) -> Result<Scored, ServeError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.tx.try_send((query, reply)).map_err(|e| match e {
             TrySendError::Full(_) => ServeError::Overloaded,
@@ -107,7 +126,7 @@ fn worker(model: &SasRec, device: &Device, rx: &Receiver<(Query, Reply)>, batchi
         }
         metrics::histogram!("onrec_encoder_batch_size").record(jobs.len() as f64);
         let queries: Vec<&Query> = jobs.iter().map(|(q, _)| q).collect();
-        match score_batch(model, device, &queries) {
+        match score_with_users(model, device, &queries) {
             Ok(results) => {
                 for ((_, reply), result) in jobs.into_iter().zip(results) {
                     // The caller may have given up (timeout); nothing to do then.
@@ -131,11 +150,34 @@ pub fn score_batch(
     queries: &[&Query],
 ) -> candle_core::Result<Vec<Vec<(u32, f32)>>> {
     let users = user_vectors(model, device, queries)?;
-    let scores = model.scores(&users)?.to_vec2::<f32>()?;
+    top_ks(model, &users, queries)
+}
+
+fn top_ks(
+    model: &SasRec,
+    users: &Tensor,
+    queries: &[&Query],
+) -> candle_core::Result<Vec<Vec<(u32, f32)>>> {
+    let scores = model.scores(users)?.to_vec2::<f32>()?;
     Ok(queries
         .iter()
         .zip(scores)
         .map(|(q, s)| top_k(s, &q.exclude, q.k))
+        .collect())
+}
+
+/// [`score_batch`] with each query's user vector.
+pub fn score_with_users(
+    model: &SasRec,
+    device: &Device,
+    queries: &[&Query],
+) -> candle_core::Result<Vec<Scored>> {
+    let users = user_vectors(model, device, queries)?;
+    let items = top_ks(model, &users, queries)?;
+    Ok(items
+        .into_iter()
+        .zip(users.to_vec2::<f32>()?)
+        .map(|(items, user)| Scored { items, user })
         .collect())
 }
 

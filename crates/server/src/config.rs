@@ -43,6 +43,16 @@ pub enum LearnerMode {
     Live,
 }
 
+/// The Q-network learner thread's scheduling priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LearnerPriority {
+    /// The lowest (nice 19): serving takes the CPU first, the learner uses what is idle.
+    Idle,
+    /// The process's own: for machines with cores to spare for training.
+    Normal,
+}
+
 /// Where bandit impressions come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -376,6 +386,11 @@ pub struct Config {
     /// of its core to serving; less training means more dropped transitions
     #[arg(long, env = "ONREC_Q_MAX_BUSY", default_value_t = 1.0)]
     pub q_max_busy: f64,
+
+    /// Scheduling priority of the learner thread: idle lets serving take the CPU first
+    /// (under load the learner then drops more transitions), normal competes with it
+    #[arg(long, env = "ONREC_Q_PRIORITY", default_value = "idle")]
+    pub q_priority: LearnerPriority,
 
     /// Directory of the Q-network's checkpoints: resumed from at start, written
     /// periodically and on shutdown; none keeps the learned weights in memory only

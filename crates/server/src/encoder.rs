@@ -38,6 +38,38 @@ pub fn attach_checkpoint(engine: &Engine, config: &Config, dir: &Path) -> anyhow
     Ok(())
 }
 
+/// The demo encoder's shape for `num_items` items.
+fn demo_model(num_items: usize) -> ModelConfig {
+    ModelConfig {
+        num_items,
+        max_len: 20,
+        hidden: 32,
+        heads: 2,
+        layers: 1,
+        ff: 128,
+        dropout: 0.1,
+    }
+}
+
+/// Width of the user vectors of the encoder `config` attaches (0 without one): the
+/// Q-network's state takes them.
+pub fn user_width(config: &Config) -> anyhow::Result<usize> {
+    Ok(match &config.model {
+        Some(dir) => {
+            checkpoint::read_config(dir)
+                .with_context(|| format!("reading the model in {}", dir.display()))?
+                .hidden
+        }
+        None if demo_encoder(config) => demo_model(0).hidden,
+        None => 0,
+    })
+}
+
+/// Whether the demo encoder is trained: asked for, with the demo catalog.
+pub fn demo_encoder(config: &Config) -> bool {
+    config.demo_encoder && config.catalog.is_none() && config.demo_items > 0
+}
+
 /// Users and interactions per user of the demo encoder's synthetic sessions.
 const DEMO_USERS: usize = 1000;
 const DEMO_STEPS: usize = 20;
@@ -58,15 +90,7 @@ pub fn spawn_demo(
         let device = device::select(choice);
         let seqs = Sequences::from_interactions(synth::sessions(&items, DEMO_USERS, DEMO_STEPS, DEMO_SEED));
         let split = Split::leave_one_out(&seqs);
-        let model = ModelConfig {
-            num_items: seqs.num_items(),
-            max_len: 20,
-            hidden: 32,
-            heads: 2,
-            layers: 1,
-            ff: 128,
-            dropout: 0.1,
-        };
+        let model = demo_model(seqs.num_items());
         let tc = TrainConfig { epochs: 4, batch_size: 64, lr: 3e-3, patience: 2, seed: DEMO_SEED, progress: false, ..TrainConfig::default() };
         let trained = match train::train(&model, &tc, &split, &device) {
             Ok(t) => t,

@@ -23,7 +23,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use onrec_engine::learning::{QMode, QSettings};
 use onrec_engine::{Engine, catalog};
-use onrec_learn::{LearnConfig, Learner};
+use onrec_learn::{LearnConfig, Priority};
 use onrec_policy::{
     BanditStore, Explorer, MemoryStore, RedisConfig, RedisStore, ResilientConfig, ResilientStore,
     StatsConfig,
@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Access, ApiKeys};
 pub use crate::config::Config;
-use crate::config::LearnerMode;
+use crate::config::{LearnerMode, LearnerPriority};
 use crate::error::ApiError;
 use crate::metrics::{Inflight, Transport};
 
@@ -211,7 +211,7 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
     attach_learner(&engine, config)?;
     if let Some(dir) = &config.model {
         encoder::attach_checkpoint(&engine, config, dir)?;
-    } else if config.demo_encoder && config.catalog.is_none() && !demo_pairs.is_empty() {
+    } else if encoder::demo_encoder(config) {
         encoder::spawn_demo(&engine, config, demo_pairs)?;
     }
     Ok(engine)
@@ -251,33 +251,37 @@ fn attach_learner(engine: &Engine, config: &Config) -> anyhow::Result<()> {
         LearnerMode::Shadow => QMode::Shadow,
         LearnerMode::Live => QMode::Live,
     };
-    let mut learn = LearnConfig::for_items(engine.catalog_len().max(1));
+    let mut learn = LearnConfig::default();
+    learn.q.user_dim = encoder::user_width(config)?;
     learn.gamma = config.q_gamma as f32;
     learn.max_busy = config.q_max_busy;
-    let learner = Learner::start(learn, config.learner_dir.as_deref()).with_context(|| {
-        match &config.learner_dir {
+    learn.priority = match config.q_priority {
+        LearnerPriority::Idle => Priority::Idle,
+        LearnerPriority::Normal => Priority::Normal,
+    };
+    let settings = QSettings {
+        mode,
+        weight: config.q_weight,
+        min_updates: config.q_min_updates,
+        negatives: config.q_negatives,
+    };
+    let learner = engine
+        .start_learner(learn, config.learner_dir.as_deref(), settings)
+        .with_context(|| match &config.learner_dir {
             Some(dir) => format!(
                 "starting the Q-network learner from {} (move it away to start afresh)",
                 dir.display()
             ),
             None => "starting the Q-network learner".to_owned(),
-        }
-    })?;
+        })?;
     let published = learner.current();
     tracing::info!(
         version = published.version,
         updates = published.updates,
+        items = learner.items(),
+        user_dim = learner.q_config().user_dim,
         ?mode,
         "Q-network learner started"
-    );
-    engine.attach_learner(
-        Arc::new(learner),
-        QSettings {
-            mode,
-            weight: config.q_weight,
-            min_updates: config.q_min_updates,
-            negatives: config.q_negatives,
-        },
     );
     Ok(())
 }

@@ -22,7 +22,7 @@ use onrec_engine::{
     Engine, EngineConfig, Event, EventOutcome, EventType, ImpressionSource, RANKER_ENCODER,
     RecommendRequest,
 };
-use onrec_learn::{LearnConfig, Learner};
+use onrec_learn::{LearnConfig, Learner, Priority};
 use onrec_policy::segment::OneOrMany;
 use onrec_policy::{Explorer, MemoryStore, SegmentConfig, SegmentRule, StatsConfig};
 use serde::Serialize;
@@ -375,28 +375,31 @@ impl Simulation {
             engine_config.decision_log_queue = engine_config.decision_log_queue.max(LOG_QUEUE);
         }
         let engine = Engine::new(engine_config, self.world.catalog(), explorer)?;
+        // No serving latency to protect here: the learner competes for the CPU as an equal.
+        let mut learn = LearnConfig {
+            priority: Priority::Normal,
+            ..LearnConfig::default()
+        };
         if spec.ranker == Ranker::Encoder {
             let trained = self
                 .encoder
                 .as_ref()
                 .ok_or_else(|| SimError::config("encoder", "was not trained"))?;
-            engine.attach_encoder(trained.start()?, trained.items(), "sasrec-sim".to_owned());
+            let encoder = trained.start()?;
+            learn.q.user_dim = encoder.width();
+            engine.attach_encoder(encoder, trained.items(), "sasrec-sim".to_owned());
         }
         let learner = if spec.q_network {
-            let learner = Arc::new(Learner::start(
-                LearnConfig::for_items(engine.catalog_len()),
+            Some(engine.start_learner(
+                learn,
                 None,
-            )?);
-            engine.attach_learner(
-                Arc::clone(&learner),
                 QSettings {
                     mode: QMode::Live,
                     weight: self.config.q.weight,
                     min_updates: self.config.q.min_updates,
                     negatives: self.config.q.negatives,
                 },
-            );
-            Some(learner)
+            )?)
         } else {
             None
         };
