@@ -6,6 +6,8 @@
 //! moves on to the next item of the ring (a sequential pattern a popularity ranker cannot
 //! see); otherwise they pick another item of the category, or wander off.
 
+use std::collections::HashMap;
+
 use crate::data::Interaction;
 use crate::rng::SplitMix64;
 
@@ -23,27 +25,19 @@ pub fn sessions(
     if categories.is_empty() {
         return Vec::new();
     }
-    let members: Vec<Vec<usize>> = categories
+    // One pass over the items, so building the rings stays linear in the catalog.
+    let index: HashMap<&str, usize> = categories
         .iter()
-        .map(|c| (0..items.len()).filter(|&i| items[i].1 == *c).collect())
+        .enumerate()
+        .map(|(i, c)| (*c, i))
         .collect();
-    let position: Vec<usize> = (0..items.len())
-        .map(|i| {
-            members
-                .iter()
-                .flat_map(|m| m.iter().position(|&x| x == i))
-                .next()
-                .unwrap_or(0)
-        })
-        .collect();
-    let category_of: Vec<usize> = (0..items.len())
-        .map(|i| {
-            categories
-                .iter()
-                .position(|c| *c == items[i].1)
-                .unwrap_or(0)
-        })
-        .collect();
+    let category_of: Vec<usize> = items.iter().map(|(_, c)| index[c.as_str()]).collect();
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); categories.len()];
+    let mut position = vec![0usize; items.len()];
+    for (i, &c) in category_of.iter().enumerate() {
+        position[i] = members[c].len();
+        members[c].push(i);
+    }
 
     let mut rng = SplitMix64::new(seed);
     let mut out = Vec::with_capacity(users * steps);
