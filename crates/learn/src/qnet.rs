@@ -147,6 +147,13 @@ pub struct State {
     pub user: Option<Arc<[f32]>>,
 }
 
+impl State {
+    /// The last `max_history` items of the history: the part the network reads.
+    pub fn recent(&self, max_history: usize) -> &[u32] {
+        &self.history[self.history.len().saturating_sub(max_history)..]
+    }
+}
+
 /// Item embedding rows (row 0 is padding and stays zero), plain memory so that training
 /// can read and update single rows.
 #[derive(Debug, Clone)]
@@ -245,13 +252,15 @@ pub struct Items {
 impl Items {
     /// Seeded tables for `items` items.
     pub fn seeded(cfg: &QConfig, items: usize) -> Self {
-        Self {
-            history: ItemTable::seeded(items, cfg.embed, cfg.seed ^ 0x4849_5354),
-            actions: ItemTable::seeded(items, cfg.embed, cfg.seed ^ 0x4143_5453),
-        }
+        let mut tables = Self {
+            history: ItemTable::seeded(0, cfg.embed, 0),
+            actions: ItemTable::seeded(0, cfg.embed, 0),
+        };
+        tables.grow(cfg, items);
+        tables
     }
 
-    /// Grows both tables to `items` items.
+    /// Grows both tables to `items` items, each row seeded from the table's own seed.
     pub fn grow(&mut self, cfg: &QConfig, items: usize) {
         self.history.grow(items, cfg.seed ^ 0x4849_5354);
         self.actions.grow(items, cfg.seed ^ 0x4143_5453);
@@ -332,7 +341,7 @@ impl Dense {
         let mut ids = vec![0u32; b * l];
         let mut weights = vec![0f32; b * l];
         for (r, s) in states.iter().enumerate() {
-            let tail = &s.history[s.history.len().saturating_sub(l)..];
+            let tail = s.recent(l);
             let real = tail.iter().filter(|&&i| i != 0).count();
             for (c, &item) in tail.iter().enumerate() {
                 ids[r * l + c] = (rows.row)(item);

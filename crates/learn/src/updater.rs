@@ -607,12 +607,11 @@ impl Trainer {
                 used.len() as u32 - 1
             });
         };
-        let tail = |s: &State| s.history[s.history.len().saturating_sub(l)..].to_vec();
         for t in &batch {
-            tail(&t.state).into_iter().for_each(&mut note);
+            t.state.recent(l).iter().copied().for_each(&mut note);
             note(t.action);
             if let Some(next) = &t.next_state {
-                tail(next).into_iter().for_each(&mut note);
+                next.recent(l).iter().copied().for_each(&mut note);
             }
             t.next_candidates.iter().copied().for_each(&mut note);
         }
