@@ -32,10 +32,14 @@ impl Server {
 
     /// Starts the server, or returns what it logged before it exited.
     pub fn try_start(args: &[&str]) -> Result<Server, String> {
-        // Popularity without exploration unless a test asks otherwise, so rankings stay fixed.
+        // Popularity without exploration or learning unless a test asks otherwise, so
+        // rankings stay fixed.
         let mut defaults: Vec<&str> = Vec::new();
         if !args.contains(&"--demo-encoder") {
             defaults.extend(["--demo-encoder", "false"]);
+        }
+        if !args.contains(&"--encoder-online") {
+            defaults.extend(["--encoder-online", "false"]);
         }
         if !args.contains(&"--policy") {
             defaults.extend(["--policy", "greedy"]);
@@ -124,6 +128,18 @@ impl Server {
             .send()
             .await
             .expect("POST");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .client
+            .put(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("PUT");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }

@@ -58,8 +58,14 @@ async fn clicks_move_an_item_up_for_everyone() {
     assert_eq!(summary["accepted"], 150);
     let after = s.recommend("dave", 5).await;
     assert_eq!(after[0], target, "{after:?}");
-    // The clickers have seen it, so it is not recommended to them again.
-    assert!(!s.recommend("u3", 100).await.contains(&target));
+    // A click shows interest: the item may come back to the clicker. A purchase hides it
+    // from the buyer.
+    assert!(s.recommend("u3", 100).await.contains(&target));
+    let mut bought = click("p4", "u4", &target);
+    bought["type"] = json!("purchase");
+    let (status, _) = s.post("/v1/events", json!([bought])).await;
+    assert_eq!(status, 200);
+    assert!(!s.recommend("u4", 100).await.contains(&target));
 }
 
 #[tokio::test]

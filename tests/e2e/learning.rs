@@ -32,6 +32,32 @@ async fn rank_of(s: &Server, user: &str, hour: u32, item: &str) -> (Option<usize
     (pos, body)
 }
 
+/// The Q-network weights version the server last published, from its metrics.
+async fn weights_version(s: &Server) -> f64 {
+    let (_, metrics) = s.get_text("/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("onrec_learn_weights_version "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits (at most a generous minute) until weights newer than `after` are published.
+async fn next_weights(s: &Server, after: f64) -> f64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = weights_version(s).await;
+        if now > after {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new Q weights within a minute (still version {now})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn rewarded_item_climbs_in_its_context_and_survives_a_restart() {
     let dir = std::env::temp_dir().join(format!("onrec-learner-e2e-{}", std::process::id()));
@@ -70,6 +96,7 @@ async fn rewarded_item_climbs_in_its_context_and_survives_a_restart() {
     // One click per response on the target, for new users at 9 o'clock. The guard bounds
     // the number of events; the assertion is that it climbs within them.
     let mut climbed = None;
+    let mut published = weights_version(&s).await;
     for round in 0..400 {
         let user = format!("learner-{round}");
         let (_, body) = s
@@ -87,8 +114,9 @@ async fn rewarded_item_climbs_in_its_context_and_survives_a_restart() {
             "{summary}"
         );
         if round % 10 == 9 {
-            // Paced like real traffic, so that the learner's queue is not simply overrun.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Checked once the learner has published weights trained after these events,
+            // however busy the machine is.
+            published = next_weights(&s, published).await;
             let (pos, body) = rank_of(&s, &format!("check-{round}"), 9, &target).await;
             if pos.is_some() {
                 climbed = Some((round + 1, version_of(&body)));

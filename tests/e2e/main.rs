@@ -10,3 +10,4 @@ mod http;
 mod learning;
 mod lifecycle;
 mod model;
+mod online;

@@ -128,10 +128,6 @@ async fn train_eval_and_serve_a_checkpoint() {
         .map(|i| i["item_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids.len(), 5);
-    assert!(
-        !ids.contains(&"sku-00003") && !ids.contains(&"sku-00007"),
-        "history returned: {ids:?}"
-    );
     // Items the checkpoint never saw (120..150) are served by popularity only.
     let (_, body) = s
         .post(

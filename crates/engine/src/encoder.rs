@@ -24,6 +24,9 @@ pub struct EncoderLink {
     model_to_catalog: Vec<u32>,
     /// Model items that may not be returned: absent from the catalog, or unavailable.
     blocked: Vec<u32>,
+    /// Whether users with no known history are ranked too (by their context alone): the
+    /// encoder learned first choices as well.
+    pub newcomers: bool,
 }
 
 impl EncoderLink {
@@ -37,6 +40,7 @@ impl EncoderLink {
             catalog_to_model: Vec::new(),
             model_to_catalog: Vec::new(),
             blocked: Vec::new(),
+            newcomers: false,
         };
         link.sync(catalog);
         link
@@ -67,7 +71,7 @@ impl EncoderLink {
     }
 
     /// The query for a user with `history` (catalog indices, oldest first), or `None` when
-    /// no item of the history is known to the encoder.
+    /// no item of the history is known to the encoder (unless it ranks newcomers).
     pub fn query(
         &self,
         history: &[u32],
@@ -80,7 +84,7 @@ impl EncoderLink {
             .filter_map(|&c| self.catalog_to_model.get(c as usize).copied())
             .filter(|&m| m != NONE)
             .collect();
-        if known.is_empty() {
+        if known.is_empty() && !self.newcomers {
             return None;
         }
         let mut exclude = self.blocked.clone();

@@ -10,6 +10,7 @@ pub mod decisions;
 pub mod encoder;
 pub mod error;
 pub mod learning;
+pub mod online;
 pub mod popularity;
 pub mod types;
 
@@ -81,8 +82,13 @@ pub struct EngineConfig {
     pub max_n: u32,
     /// Time for an event's weight in popularity to halve.
     pub half_life: Duration,
-    /// Leave out the items in the user's history.
-    pub exclude_seen: bool,
+    /// Leave out the items the user bought (the engine remembers their last
+    /// [`MAX_PURCHASED`] purchases).
+    pub hide_purchased: bool,
+    /// Rest an item for a user once it was shown to them this many times among their last
+    /// [`SHOWN_WINDOW`] shown slots without a click since; it returns when it falls out of
+    /// that window (0: never rest).
+    pub rest_after: u32,
     /// Items kept per user history.
     pub history_len: usize,
     /// Users whose state is kept; the least recently active are forgotten first.
@@ -127,7 +133,8 @@ impl Default for EngineConfig {
         Self {
             max_n: 100,
             half_life: Duration::from_secs(6 * 3600),
-            exclude_seen: true,
+            hide_purchased: true,
+            rest_after: 3,
             history_len: 50,
             max_users: 1_000_000,
             dedupe_capacity: 1_000_000,
@@ -153,6 +160,10 @@ impl Default for EngineConfig {
 
 /// Items a user disliked that are remembered and hidden from them.
 const MAX_DISLIKED: usize = 100;
+/// Purchases remembered per user.
+pub const MAX_PURCHASED: usize = 100;
+/// Shown slots remembered per user, for resting items they keep passing over.
+pub const SHOWN_WINDOW: usize = 50;
 
 /// What the engine keeps per user.
 #[derive(Debug, Default, Clone)]
@@ -161,11 +172,61 @@ struct UserState {
     history: VecDeque<u32>,
     /// Items disliked, oldest first, at most [`MAX_DISLIKED`].
     disliked: VecDeque<u32>,
+    /// Items bought, oldest first, at most [`MAX_PURCHASED`].
+    purchased: VecDeque<u32>,
+    /// Items of the user's last [`SHOWN_WINDOW`] shown slots, oldest first; an interaction
+    /// with an item takes it out.
+    shown: VecDeque<u32>,
     /// The segment the user was last served as, for feedback without a `request_id`.
     last_segment: Option<String>,
     /// The user's latest responses, oldest first, at most [`MAX_RECENT_REQUESTS`]: feedback
     /// without a `request_id` is matched to the newest one that showed the item.
     recent_requests: VecDeque<String>,
+}
+
+impl UserState {
+    /// Adds what this user is not to be shown to `hidden`: what they disliked, what they
+    /// bought (with `hide_purchased`), and what rests (see `rest_after`).
+    fn hide(&self, cfg: &EngineConfig, hidden: &mut HashSet<u32>) {
+        hidden.extend(self.disliked.iter().copied());
+        if cfg.hide_purchased {
+            hidden.extend(self.purchased.iter().copied());
+        }
+        if cfg.rest_after > 0 {
+            let mut counts: std::collections::HashMap<u32, u32> =
+                std::collections::HashMap::with_capacity(self.shown.len());
+            for &i in &self.shown {
+                let c = counts.entry(i).or_insert(0);
+                *c += 1;
+                if *c == cfg.rest_after {
+                    hidden.insert(i);
+                }
+            }
+        }
+    }
+
+    /// Remembers the items of a served slate.
+    fn saw(&mut self, items: impl IntoIterator<Item = u32>) {
+        for i in items {
+            push_bounded(&mut self.shown, i, SHOWN_WINDOW);
+        }
+    }
+
+    /// Applies an event of `kind` on item `idx` to the user's history, dislikes,
+    /// purchases and resting items.
+    fn apply(&mut self, kind: EventType, idx: u32, history_len: usize) {
+        match kind {
+            EventType::Dislike => push_bounded(&mut self.disliked, idx, MAX_DISLIKED),
+            EventType::Impression => {}
+            EventType::Click | EventType::AddToCart | EventType::Purchase => {
+                push_bounded(&mut self.history, idx, history_len);
+                self.shown.retain(|&i| i != idx);
+                if kind == EventType::Purchase && !self.purchased.contains(&idx) {
+                    push_bounded(&mut self.purchased, idx, MAX_PURCHASED);
+                }
+            }
+        }
+    }
 }
 
 /// Responses remembered per user for matching feedback that names none.
@@ -177,8 +238,19 @@ struct Impression {
     segment: String,
     items: Vec<String>,
     at_ms: i64,
+    /// The request's context, which the encoder learns interactions in.
+    context: ContextIds,
+    /// Catalog indices of the served slots: what a chosen item was chosen over.
+    slate: Vec<u32>,
     /// What the learner needs to learn from the response's feedback.
     decision: Option<learning::Decision>,
+}
+
+/// The response an event is attributed to: its segment, context and slate.
+struct Shown {
+    segment: String,
+    context: ContextIds,
+    slate: Vec<u32>,
 }
 
 /// Bandit statistics updates waiting for the background writer.
@@ -200,6 +272,8 @@ enum EncoderState {
     None,
     /// An encoder is being loaded or trained; popularity serves meanwhile.
     Loading,
+    /// The online encoder has not published anything yet: no events have come.
+    Learning,
     /// The encoder ranks users with a known history.
     Ready(EncoderLink),
 }
@@ -219,21 +293,23 @@ impl Ranking {
     fn ranker(&self) -> &'static str {
         match self.encoder {
             EncoderState::Ready(_) => RANKER_ENCODER,
-            EncoderState::None | EncoderState::Loading => RANKER,
+            EncoderState::None | EncoderState::Loading | EncoderState::Learning => RANKER,
         }
     }
 
     fn model_version(&self) -> String {
         match &self.encoder {
             EncoderState::Ready(link) => format!("{}-c{}", link.version, self.catalog_generation),
-            EncoderState::None | EncoderState::Loading => {
+            EncoderState::None | EncoderState::Loading | EncoderState::Learning => {
                 format!("{RANKER}-c{}", self.catalog_generation)
             }
         }
     }
 
-    /// The `n` most popular available items outside `skip`, as (index, rank key).
-    fn popular(&self, skip: &HashSet<u32>, n: usize) -> Vec<u32> {
+    /// The `n` most popular available items outside `skip`. Ties (a fresh catalog is all
+    /// ties) are broken by a hash of the item and `salt`, so each request draws them in
+    /// another order, never in catalog order.
+    fn popular(&self, skip: &HashSet<u32>, n: usize, salt: u64) -> Vec<u32> {
         let mut heap = BinaryHeap::with_capacity(n + 1);
         for (idx, item) in self.catalog.items().iter().enumerate() {
             let idx = idx as u32;
@@ -242,6 +318,7 @@ impl Ranking {
             }
             heap.push(Ranked {
                 key: self.popularity.rank_key(idx),
+                tie: mix(u64::from(idx) ^ salt),
                 idx,
             });
             if heap.len() > n {
@@ -290,6 +367,7 @@ struct Inner {
     stats_tx: RwLock<Option<tokio::sync::mpsc::Sender<StatUpdate>>>,
     stats_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<StatUpdate>>>,
     learner: RwLock<Option<Arc<learning::LearnerLink>>>,
+    online: RwLock<Option<Arc<online::OnlineEncoder>>>,
     decisions: DecisionLog,
 }
 
@@ -343,17 +421,28 @@ fn event_digest(event_id: &str) -> u128 {
 #[derive(Debug, PartialEq)]
 struct Ranked {
     key: f64,
+    /// Breaks ties of `key`.
+    tie: u64,
     idx: u32,
+}
+
+/// A 64-bit finaliser (SplitMix64's): nearby inputs give unrelated outputs.
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl Eq for Ranked {}
 
 impl Ord for Ranked {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        // Higher key is better; on ties the lower index (catalog order) is better.
+        // Higher key is better; on ties the lower tie-breaker is better.
         other
             .key
             .total_cmp(&self.key)
+            .then(self.tie.cmp(&other.tie))
             .then(self.idx.cmp(&other.idx))
     }
 }
@@ -402,6 +491,7 @@ impl Engine {
                 stats_tx: RwLock::new(Some(stats_tx)),
                 stats_rx: parking_lot::Mutex::new(Some(stats_rx)),
                 learner: RwLock::new(None),
+                online: RwLock::new(None),
                 decisions: DecisionLog {
                     enabled: config.decision_log_recent > 0 || log_tx.is_some(),
                     recent: parking_lot::Mutex::new(Recent::new(config.decision_log_recent)),
@@ -445,15 +535,72 @@ impl Engine {
         items: &[String],
         version: String,
     ) {
-        let mut ranking = self.inner.ranking.write();
-        let link = EncoderLink::new(encoder, items, version, &ranking.catalog);
+        let (known, catalog) =
+            Self::swap_encoder(&self.inner, encoder, items, version.clone(), false);
         tracing::info!(
-            version = %link.version,
-            known_items = link.known_items(),
-            catalog_items = ranking.catalog.len(),
+            %version,
+            known_items = known,
+            catalog_items = catalog,
             "encoder attached"
         );
+    }
+
+    /// Ranks with `encoder` from now on (users with no history too, with `newcomers`);
+    /// returns the catalog items it knows and the catalog's size.
+    fn swap_encoder(
+        inner: &Inner,
+        encoder: onrec_model::serve::Encoder,
+        items: &[String],
+        version: String,
+        newcomers: bool,
+    ) -> (usize, usize) {
+        let mut ranking = inner.ranking.write();
+        let mut link = EncoderLink::new(encoder, items, version, &ranking.catalog);
+        link.newcomers = newcomers;
+        let known = (link.known_items(), ranking.catalog.len());
         ranking.encoder = EncoderState::Ready(link);
+        known
+    }
+
+    /// Trains an encoder online from the interactions of accepted events, starting from
+    /// nothing, and ranks with each snapshot it publishes. Items added to the catalog
+    /// later join it.
+    pub fn start_online_encoder(
+        &self,
+        settings: online::OnlineSettings,
+    ) -> Result<Arc<online::OnlineEncoder>, onrec_learn::LearnError> {
+        let weak = Arc::downgrade(&self.inner);
+        let publish: online::Publish = Box::new(move |encoder, items, version| {
+            if let Some(inner) = weak.upgrade() {
+                Self::swap_encoder(&inner, encoder, items, version, true);
+            }
+        });
+        let mut ranking = self.inner.ranking.write();
+        let items = ranking
+            .catalog
+            .items()
+            .iter()
+            .map(|i| (i.item_id.clone(), i.category.clone()))
+            .collect();
+        let trainer = Arc::new(online::OnlineEncoder::start(settings, items, publish)?);
+        if !matches!(ranking.encoder, EncoderState::Ready(_)) {
+            ranking.encoder = EncoderState::Learning;
+        }
+        *self.inner.online.write() = Some(Arc::clone(&trainer));
+        Ok(trainer)
+    }
+
+    /// The online encoder, when one trains.
+    pub fn online_encoder(&self) -> Option<Arc<online::OnlineEncoder>> {
+        self.inner.online.read().clone()
+    }
+
+    /// Stops the online encoder's training, if any.
+    pub fn shutdown_online_encoder(&self) -> Result<(), onrec_learn::LearnError> {
+        match self.online_encoder() {
+            Some(online) => online.shutdown(),
+            None => Ok(()),
+        }
     }
 
     /// Starts an online Q-network learner for the catalog's items (resuming from the
@@ -482,6 +629,15 @@ impl Engine {
         if catalog.len() > known {
             learner.grow(catalog.items()[known..].iter().map(|i| i.item_id.clone()));
         }
+    }
+
+    /// The Q-network learner, when one runs.
+    pub fn q_learner(&self) -> Option<Arc<onrec_learn::Learner>> {
+        self.inner
+            .learner
+            .read()
+            .as_ref()
+            .map(|link| Arc::clone(link.learner()))
     }
 
     /// Stops the learner, if any, writing its final checkpoint.
@@ -513,7 +669,7 @@ impl Engine {
                 .iter()
                 .filter_map(|id| catalog.index_of(id))
                 .collect();
-            let (history, disliked) = {
+            let history = {
                 let users = self.inner.users.shard(&req.user_id);
                 let user = users.peek(&req.user_id);
                 let history: Vec<u32> = if req.recent_items.is_empty() {
@@ -526,11 +682,10 @@ impl Engine {
                         .filter_map(|id| catalog.index_of(id))
                         .collect()
                 };
-                let disliked: Vec<u32> = user
-                    .iter()
-                    .flat_map(|u| u.disliked.iter().copied())
-                    .collect();
-                (history, disliked)
+                if let Some(user) = user {
+                    user.hide(cfg, &mut hidden);
+                }
+                history
             };
             let ctx = req.context.as_ref();
             let facts = UserFacts {
@@ -541,13 +696,12 @@ impl Engine {
                 returning: !history.is_empty(),
             };
             let segment = self.inner.explorer.segment(req.segment.as_deref(), &facts);
-            if cfg.exclude_seen {
-                hidden.extend(history.iter().copied());
-            }
-            hidden.extend(disliked);
             let plan = match &ranking.encoder {
                 EncoderState::None => Plan::Popularity(None),
                 EncoderState::Loading => Plan::Popularity(Some("the encoder is still loading")),
+                EncoderState::Learning => {
+                    Plan::Popularity(Some("the encoder has not learned from any event yet"))
+                }
                 EncoderState::Ready(link) => match link.query(&history, &hidden, context, m) {
                     Some(q) => Plan::Encoder(link.encoder().clone(), q),
                     None => Plan::Popularity(Some("the user has no history the encoder knows")),
@@ -599,7 +753,7 @@ impl Engine {
                     Some("the encoder found fewer items than asked; popular items fill the rest");
             }
             if picked.len() < m {
-                let fill = ranking.popular(&hidden, m - picked.len());
+                let fill = ranking.popular(&hidden, m - picked.len(), request_id.as_u64_pair().1);
                 picked.extend(
                     fill.into_iter()
                         .map(|idx| (idx, ranking.popularity.score_at(idx, now))),
@@ -681,6 +835,13 @@ impl Engine {
                     .collect(),
             })));
         }
+        // Catalog indices of the served slots.
+        let slate_idx: Vec<u32> = slate
+            .slots
+            .iter()
+            .filter_map(|s| candidates.iter().position(|c| c.item_id == s.item_id))
+            .map(|i| candidate_idx[i])
+            .collect();
         self.inner
             .impressions
             .shard(&request_id)
@@ -688,20 +849,17 @@ impl Engine {
                 segment: segment.clone(),
                 items: slate.slots.iter().map(|s| s.item_id.clone()).collect(),
                 at_ms: now,
-                decision: learner.as_ref().map(|l| {
-                    let slate_idx = slate
-                        .slots
-                        .iter()
-                        .filter_map(|s| candidates.iter().position(|c| c.item_id == s.item_id))
-                        .map(|i| candidate_idx[i])
-                        .collect();
-                    l.decision(q_state.clone(), candidate_idx.clone(), slate_idx)
-                }),
+                context,
+                slate: slate_idx.clone(),
+                decision: learner
+                    .as_ref()
+                    .map(|l| l.decision(q_state.clone(), candidate_idx.clone(), slate_idx.clone())),
             });
         {
             let mut users = self.inner.users.shard(&req.user_id);
             let user = users.get_or_insert_with(req.user_id.clone(), UserState::default);
             user.last_segment = Some(segment.clone());
+            user.saw(slate_idx);
             user.recent_requests.push_back(request_id.clone());
             while user.recent_requests.len() > MAX_RECENT_REQUESTS {
                 user.recent_requests.pop_front();
@@ -883,17 +1041,30 @@ impl Engine {
         ranking.popularity.add(idx, cfg.weights.of(event.kind), at);
         drop(ranking);
 
-        let segment = self.attribute(event, idx, at);
+        let attributed = self.attribute(event, idx, at);
+        if event.kind.is_interaction()
+            && let Some(online) = self.inner.online.read().as_ref()
+        {
+            match &attributed {
+                Some(shown) => online.observe(&event.user_id, idx, shown.context, &shown.slate),
+                None => {
+                    let hour = onrec_model::data::hour_of(at as f64 / 1000.0);
+                    online.observe(
+                        &event.user_id,
+                        idx,
+                        ContextIds::from_parts(Some(hour), None),
+                        &[],
+                    );
+                }
+            }
+        }
+        let segment = attributed.map(|a| a.segment);
         let mut users = self.inner.users.shard(&event.user_id);
         let user = users.get_or_insert_with(event.user_id.clone(), UserState::default);
         let segment = segment
             .or_else(|| user.last_segment.clone())
             .unwrap_or_else(|| onrec_policy::DEFAULT_SEGMENT.to_owned());
-        match event.kind {
-            EventType::Dislike => push_bounded(&mut user.disliked, idx, MAX_DISLIKED),
-            kind if kind.is_interaction() => push_bounded(&mut user.history, idx, cfg.history_len),
-            _ => {}
-        }
+        user.apply(event.kind, idx, cfg.history_len);
         drop(users);
 
         let mut updates = Vec::with_capacity(2);
@@ -924,11 +1095,11 @@ impl Engine {
         }
     }
 
-    /// The segment of the response that showed the event's item within the attribution
-    /// window: the one its `request_id` names, or without one the user's newest response
-    /// that showed the item. Also hands the learner the transitions of a rewarded event
-    /// (`item` is its catalog index).
-    fn attribute(&self, event: &Event, item: u32, at: i64) -> Option<String> {
+    /// The segment, context and slate of the response that showed the event's item within
+    /// the attribution window: the one its `request_id` names, or without one the user's
+    /// newest response that showed the item. Also hands the learner the transitions of a
+    /// rewarded event (`item` is its catalog index).
+    fn attribute(&self, event: &Event, item: u32, at: i64) -> Option<Shown> {
         let candidates: Vec<String> = match &event.request_id {
             Some(id) => vec![id.clone()],
             None => {
@@ -952,7 +1123,7 @@ impl Engine {
         item: u32,
         at: i64,
         window: i64,
-    ) -> Option<String> {
+    ) -> Option<Shown> {
         let mut log = self.inner.impressions.shard(request_id);
         let shown = log.get_mut(request_id)?;
         if at.saturating_sub(shown.at_ms) > window || !shown.items.contains(&event.item_id) {
@@ -978,7 +1149,11 @@ impl Engine {
         {
             link.feedback(decision, item, reward);
         }
-        Some(shown.segment.clone())
+        Some(Shown {
+            segment: shown.segment.clone(),
+            context: shown.context,
+            slate: shown.slate.clone(),
+        })
     }
 
     /// Checks a batch before any of it is applied: the error names the first malformed
@@ -1001,12 +1176,23 @@ impl Engine {
         }
         let now = now_ms();
         let mut ranking = self.inner.ranking.write();
-        let (mut created, mut updated) = (0, 0);
+        let (mut created, mut updated) = (Vec::new(), 0);
         for item in items {
             match Self::insert_item(&mut ranking, item, now) {
-                Inserted::Created(_) => created += 1,
+                Inserted::Created(idx) => created.push(idx),
                 Inserted::Updated(_) => updated += 1,
             }
+        }
+        if let Some(online) = self.inner.online.read().as_ref() {
+            online.grow(
+                created
+                    .iter()
+                    .map(|&i| {
+                        let item = ranking.catalog.get(i);
+                        (item.item_id.clone(), item.category.clone())
+                    })
+                    .collect(),
+            );
         }
         ranking.catalog_generation += 1;
         let Ranking {
@@ -1019,7 +1205,7 @@ impl Engine {
             Self::grow_learner(catalog, link.learner());
         }
         Ok(UpsertSummary {
-            created,
+            created: created.len() as u64,
             updated,
             catalog_size: ranking.catalog.len() as u64,
         })
@@ -1151,29 +1337,58 @@ mod tests {
     }
 
     #[test]
-    fn seen_excluded_and_disliked_items_are_never_returned() {
+    fn purchased_disliked_and_excluded_items_are_hidden_and_clicked_ones_come_back() {
         let e = engine(30);
         let all = rec(&e, &RecommendRequest::new("u", 30)).unwrap();
-        let (a, b, c) = (
-            &all.items[0].item_id,
-            &all.items[1].item_id,
-            &all.items[2].item_id,
-        );
-        e.record(&event("1", "u", a, EventType::Click));
-        e.record(&event("2", "u", b, EventType::Dislike));
+        let id = |k: usize| all.items[k].item_id.clone();
+        let (a, b, c, d) = (id(0), id(1), id(2), id(3));
+        e.record(&event("1", "u", &a, EventType::Click));
+        e.record(&event("2", "u", &b, EventType::Dislike));
+        e.record(&event("3", "u", &d, EventType::Click));
+        e.record(&event("4", "u", &d, EventType::Purchase));
         let mut req = RecommendRequest::new("u", 30);
         req.exclude = vec![c.clone(), "not-in-catalog".into()];
         let r = rec(&e, &req).unwrap();
         assert_eq!(r.items.len(), 27);
-        for id in [a, b, c] {
-            assert!(!ids(&r).contains(&id.as_str()), "{id} returned");
+        for hidden in [&b, &c, &d] {
+            assert!(!ids(&r).contains(&hidden.as_str()), "{hidden} returned");
         }
-        assert_eq!(e.history("u"), vec![a.clone()]);
-        // recent_items in the request replace the recorded history.
+        assert!(
+            ids(&r).contains(&a.as_str()),
+            "a clicked item may come back"
+        );
+        assert_eq!(e.history("u"), vec![a.clone(), d.clone(), d.clone()]);
+        // recent_items in the request replace the recorded history, not what is hidden.
         let mut req = RecommendRequest::new("u", 30);
         req.recent_items = vec![c.clone()];
         let r = rec(&e, &req).unwrap();
-        assert!(ids(&r).contains(&a.as_str()) && !ids(&r).contains(&c.as_str()));
+        assert!(ids(&r).contains(&c.as_str()) && !ids(&r).contains(&d.as_str()));
+    }
+
+    #[test]
+    fn items_passed_over_three_times_rest_until_clicked() {
+        let e = engine(30);
+        let first = rec(&e, &RecommendRequest::new("v", 5)).unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                ids(&rec(&e, &RecommendRequest::new("v", 5)).unwrap()),
+                ids(&first)
+            );
+        }
+        let fourth = rec(&e, &RecommendRequest::new("v", 5)).unwrap();
+        assert!(
+            ids(&fourth).iter().all(|i| !ids(&first).contains(i)),
+            "shown three times without a click, they rest: {:?} then {:?}",
+            ids(&first),
+            ids(&fourth)
+        );
+        e.record(&event("c", "v", &first.items[0].item_id, EventType::Click));
+        let after = rec(&e, &RecommendRequest::new("v", 5)).unwrap();
+        assert!(ids(&after).contains(&first.items[0].item_id.as_str()));
+        assert!(
+            rec(&e, &RecommendRequest::new("w", 5)).unwrap().items.len() == 5,
+            "resting is per user"
+        );
     }
 
     #[test]

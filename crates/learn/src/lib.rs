@@ -45,7 +45,9 @@ pub mod updater;
 
 pub use crate::qnet::{QConfig, QNet, State};
 pub use crate::replay::{Replay, Transition};
-pub use crate::updater::{LearnConfig, Learner, Priority, Published, double_dqn_targets};
+pub use crate::updater::{
+    LearnConfig, Learner, Priority, Published, double_dqn_targets, spawn_training_thread,
+};
 
 /// What can go wrong in online learning.
 #[derive(Debug, thiserror::Error)]

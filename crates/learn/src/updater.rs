@@ -260,23 +260,10 @@ impl Learner {
         let trainer = Trainer::new(config.clone(), Device::Cpu, vocabulary.clone(), dir)?;
         let (learner, rx) = Self::unstarted(&config, vocabulary, trainer.published.clone());
         let stop = learner.stop.clone();
-        let priority = config.priority;
-        let handle = std::thread::Builder::new()
-            .name("onrec-learner".into())
-            .spawn(move || {
-                if priority == Priority::Idle {
-                    lower_priority();
-                }
-                // Tensor work that candle parallelises with rayon stays on this thread
-                // instead of the global pool that serving uses.
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .use_current_thread()
-                    .build()
-                    .map_err(|e| LearnError::Train(format!("the learner's pool: {e}")))?;
-                pool.install(move || trainer.run(&rx, &stop))
-            })
-            .map_err(|e| LearnError::Train(format!("cannot start the learner thread: {e}")))?;
+        let handle = spawn_training_thread("onrec-learner", config.priority, move || {
+            trainer.run(&rx, &stop)
+        })
+        .map_err(|e| LearnError::Train(format!("cannot start the learner thread: {e}")))?;
         *learner.worker.lock() = Some(handle);
         Ok(learner)
     }
@@ -375,19 +362,41 @@ impl Learner {
     }
 }
 
+/// Starts a thread that trains: at `priority`, with the tensor work that candle
+/// parallelises with rayon kept on it instead of the global pool that serving uses.
+pub fn spawn_training_thread<T: Send + 'static>(
+    name: &str,
+    priority: Priority,
+    work: impl FnOnce() -> Result<T, LearnError> + Send + 'static,
+) -> std::io::Result<JoinHandle<Result<T, LearnError>>> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            if priority == Priority::Idle {
+                lower_priority();
+            }
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .use_current_thread()
+                .build()
+                .map_err(|e| LearnError::Train(format!("a training thread's pool: {e}")))?;
+            pool.install(work)
+        })
+}
+
 /// Gives the calling thread the lowest scheduling priority (nice 19; on Linux a thread's
 /// own). A refusal leaves it as it was, with a warning.
 #[cfg(target_os = "linux")]
 fn lower_priority() {
     let tid = rustix::thread::gettid();
     if let Err(e) = rustix::process::setpriority_process(Some(tid), 19) {
-        tracing::warn!(error = %e, "the learner thread keeps its priority");
+        tracing::warn!(error = %e, "a training thread keeps its priority");
     }
 }
 
 #[cfg(not(target_os = "linux"))]
 fn lower_priority() {
-    tracing::warn!("the learner thread keeps its priority: lowering it is Linux-only");
+    tracing::warn!("a training thread keeps its priority: lowering it is Linux-only");
 }
 
 /// The learner thread's state.

@@ -7,6 +7,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod metrics;
+pub mod online;
 pub mod rng;
 pub mod sasrec;
 pub mod serve;

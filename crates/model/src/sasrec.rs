@@ -1,7 +1,9 @@
 //! The sequence encoder: SASRec-style causal self-attention over a user's last L items,
 //! plus the request context, giving one user vector per sequence. The item tower is the
 //! item embedding table itself (shared with the input side), so a user's score for item
-//! i is the inner product `u · vᵢ`.
+//! i is the inner product `u · vᵢ`. Optionally the tower adds a category embedding,
+//! vᵢ = eᵢ + c[cat(i)], so what is learned of one item carries over to its category; a
+//! served copy folds the two into one table ([`SasRec::folded_item_table`]).
 //!
 //! Causal attention (not BERT4Rec's masked bidirectional model) because every position of
 //! every training sequence is then a next-item example in one forward pass, which trains
@@ -150,10 +152,24 @@ impl Block {
     }
 }
 
+/// How much of an item's vector is its own with categories: its own embedding is scaled
+/// by this, so that (with Adam's steps of a fixed size) it moves this much slower than
+/// its category's and a few clicks do not overfit single items.
+pub const ITEM_SHARE: f64 = 0.3;
+
+/// A category embedding added to every item's vector in the item tower.
+#[derive(Debug)]
+struct ItemCategories {
+    table: Embedding,
+    /// Category index of every item index, `[num_items + 1]`.
+    of_item: Tensor,
+}
+
 /// The encoder.
 #[derive(Debug)]
 pub struct SasRec {
     items: Embedding,
+    categories: Option<ItemCategories>,
     positions: Embedding,
     hours: Embedding,
     devices: Embedding,
@@ -176,6 +192,7 @@ impl SasRec {
         }
         Ok(Self {
             items: candle_nn::embedding(cfg.num_items + 1, h, vb.pp("items"))?,
+            categories: None,
             positions: candle_nn::embedding(cfg.max_len, h, vb.pp("positions"))?,
             hours: candle_nn::embedding(HOUR_BUCKETS, h, vb.pp("context.hours"))?,
             devices: candle_nn::embedding(DEVICE_BUCKETS, h, vb.pp("context.devices"))?,
@@ -192,9 +209,42 @@ impl SasRec {
         &self.cfg
     }
 
-    /// The item tower: one row per item index (row 0 is padding), `[num_items + 1, hidden]`.
-    pub fn item_table(&self) -> &Tensor {
-        self.items.embeddings()
+    /// Adds `count` category embeddings (named `categories.weight` under `vb`) to the
+    /// item tower; `of_item[i]` is item index i's category (`num_items + 1` entries, each
+    /// below `count`).
+    pub fn with_categories(
+        mut self,
+        vb: VarBuilder,
+        count: usize,
+        of_item: &[u32],
+    ) -> candle_core::Result<Self> {
+        if of_item.len() != self.cfg.num_items + 1 {
+            candle_core::bail!(
+                "{} item categories for {} item indices",
+                of_item.len(),
+                self.cfg.num_items + 1
+            );
+        }
+        if let Some(&c) = of_item.iter().find(|&&c| c as usize >= count) {
+            candle_core::bail!("category index {c} is beyond the {count} categories");
+        }
+        let device = self.items.embeddings().device().clone();
+        self.categories = Some(ItemCategories {
+            table: candle_nn::embedding(count, self.cfg.hidden, vb.pp("categories"))?,
+            of_item: Tensor::from_slice(of_item, of_item.len(), &device)?,
+        });
+        Ok(self)
+    }
+
+    /// The item tower: one row per item index (row 0 is padding), `[num_items + 1, hidden]`,
+    /// the category embeddings added when there are any.
+    pub fn folded_item_table(&self) -> candle_core::Result<Tensor> {
+        match &self.categories {
+            None => Ok(self.items.embeddings().clone()),
+            Some(c) => {
+                self.items.embeddings().affine(ITEM_SHARE, 0.0)? + c.table.forward(&c.of_item)?
+            }
+        }
     }
 
     /// Runs the blocks over left-padded item ids `[b, l]` (0 = padding). With `last_only`,
@@ -210,8 +260,9 @@ impl SasRec {
         let pos = Tensor::arange(0u32, l as u32, device)?;
         let scale = (self.cfg.hidden as f64).sqrt();
         let x = self
-            .items
-            .forward(ids)?
+            .folded_item_table()?
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, l, self.cfg.hidden))?
             .affine(scale, 0.0)?
             .broadcast_add(&self.positions.forward(&pos)?)?;
         let real = ids.ne(0u32)?.to_dtype(DType::F32)?;
@@ -276,9 +327,21 @@ impl SasRec {
         self.head(&last, hours, devices)
     }
 
+    /// [`SasRec::user_vectors`] with dropout, for training.
+    pub fn user_vectors_train(
+        &self,
+        ids: &Tensor,
+        hours: &Tensor,
+        devices: &Tensor,
+        noise: &mut Noise,
+    ) -> candle_core::Result<Tensor> {
+        let last = self.encode(ids, true, &mut Some(noise))?.squeeze(1)?;
+        self.head(&last, hours, devices)
+    }
+
     /// Scores of every item index for each user vector: `[b, num_items + 1]`.
     pub fn scores(&self, users: &Tensor) -> candle_core::Result<Tensor> {
-        users.matmul(&self.item_table().t()?)
+        users.matmul(&self.folded_item_table()?.t()?)
     }
 
     /// Left-pads (or truncates to the last `max_len`) histories into `[b, max_len]` ids,

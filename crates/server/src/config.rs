@@ -130,6 +130,16 @@ pub struct Config {
     #[arg(long, env = "ONREC_DEMO_ENCODER", default_value_t = true, action = clap::ArgAction::Set)]
     pub demo_encoder: bool,
 
+    /// Without a model (and without the demo encoder): train an encoder from nothing on
+    /// the interactions of accepted events, while serving, and rank with it as it learns
+    #[arg(long, env = "ONREC_ENCODER_ONLINE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub encoder_online: bool,
+
+    /// Training effort of the online encoder: sequence visits each interaction buys (how
+    /// often, on average, training goes over it)
+    #[arg(long, env = "ONREC_ENCODER_REPLAYS", default_value_t = 8.0)]
+    pub encoder_replays: f64,
+
     /// Where the encoder runs: cpu, or cuda (falls back to cpu without a GPU)
     #[arg(long, env = "ONREC_DEVICE", default_value = "cpu")]
     pub device: DeviceChoice,
@@ -158,9 +168,15 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub half_life: Duration,
 
-    /// Leave the items in a user's history out of their recommendations
-    #[arg(long, env = "ONREC_EXCLUDE_SEEN", default_value_t = true, action = clap::ArgAction::Set)]
-    pub exclude_seen: bool,
+    /// Leave the items a user bought out of their recommendations (clicked items may
+    /// come back)
+    #[arg(long, env = "ONREC_HIDE_PURCHASED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub hide_purchased: bool,
+
+    /// Rest an item for a user once it was shown to them this many times among their last
+    /// 50 shown slots without a click; 0 never rests items
+    #[arg(long, env = "ONREC_REST_AFTER", default_value_t = 3)]
+    pub rest_after: u32,
 
     /// Items kept per user history
     #[arg(long, env = "ONREC_HISTORY_LEN", default_value_t = 50)]
@@ -389,7 +405,7 @@ pub struct Config {
 
     /// Scheduling priority of the learner thread: idle lets serving take the CPU first
     /// (under load the learner then drops more transitions), normal competes with it
-    #[arg(long, env = "ONREC_Q_PRIORITY", default_value = "idle")]
+    #[arg(long, env = "ONREC_Q_PRIORITY", default_value = "normal")]
     pub q_priority: LearnerPriority,
 
     /// Directory of the Q-network's checkpoints: resumed from at start, written
@@ -499,6 +515,9 @@ impl Config {
         if self.decision_log_stream.trim().is_empty() {
             bail!("decision_log_stream must not be empty");
         }
+        if !(self.encoder_replays.is_finite() && self.encoder_replays > 0.0) {
+            bail!("encoder_replays must be a finite number above 0");
+        }
         if !(self.q_max_busy > 0.0 && self.q_max_busy <= 1.0) {
             bail!("q_max_busy must be within (0, 1]");
         }
@@ -533,7 +552,8 @@ impl Config {
         EngineConfig {
             max_n: self.max_n,
             half_life: self.half_life,
-            exclude_seen: self.exclude_seen,
+            hide_purchased: self.hide_purchased,
+            rest_after: self.rest_after,
             history_len: self.history_len,
             max_users: self.max_users,
             dedupe_capacity: self.dedupe_capacity,

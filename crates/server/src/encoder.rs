@@ -1,5 +1,6 @@
-//! Putting a Transformer encoder behind the engine: a checkpoint loaded at start, or the
-//! demo encoder trained on synthetic sessions in the background.
+//! Putting a Transformer encoder behind the engine: a checkpoint loaded at start, the
+//! demo encoder trained on synthetic sessions in the background, or an encoder trained
+//! online from the service's own events.
 
 use std::hash::{Hash, Hasher};
 use std::path::Path;
@@ -7,7 +8,9 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use onrec_engine::Engine;
+use onrec_engine::online::OnlineSettings;
 use onrec_model::data::{Sequences, Split};
+use onrec_model::online::OnlineConfig;
 use onrec_model::sasrec::Config as ModelConfig;
 use onrec_model::serve::{Batching, Encoder};
 use onrec_model::train::{self, TrainConfig};
@@ -61,6 +64,7 @@ pub fn user_width(config: &Config) -> anyhow::Result<usize> {
                 .hidden
         }
         None if demo_encoder(config) => demo_model(0).hidden,
+        None if config.encoder_online => OnlineConfig::default().hidden,
         None => 0,
     })
 }
@@ -68,6 +72,35 @@ pub fn user_width(config: &Config) -> anyhow::Result<usize> {
 /// Whether the demo encoder is trained: asked for, with the demo catalog.
 pub fn demo_encoder(config: &Config) -> bool {
     config.demo_encoder && config.catalog.is_none() && config.demo_items > 0
+}
+
+/// Starts training an encoder online from accepted events, unless a checkpoint or the
+/// demo encoder ranks.
+pub fn start_online(engine: &Engine, config: &Config) -> anyhow::Result<()> {
+    if config.model.is_some() || demo_encoder(config) || !config.encoder_online {
+        return Ok(());
+    }
+    let settings = OnlineSettings {
+        config: OnlineConfig {
+            replays: config.encoder_replays,
+            ..OnlineConfig::default()
+        },
+        device: config.device,
+        encoder_queue: config.encoder_queue,
+        batching: batching(config),
+        ..OnlineSettings::default()
+    };
+    let cfg = settings.config.clone();
+    engine
+        .start_online_encoder(settings)
+        .context("starting the online encoder")?;
+    tracing::info!(
+        width = cfg.hidden,
+        layers = cfg.layers,
+        history = cfg.max_len,
+        "online encoder started: it learns from accepted events; popularity ranks until it publishes"
+    );
+    Ok(())
 }
 
 /// Users and interactions per user of the demo encoder's synthetic sessions.

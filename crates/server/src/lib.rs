@@ -214,6 +214,7 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
     } else if encoder::demo_encoder(config) {
         encoder::spawn_demo(&engine, config, demo_pairs)?;
     }
+    encoder::start_online(&engine, config)?;
     Ok(engine)
 }
 
@@ -329,7 +330,7 @@ pub async fn run(
     let (health, grpc_server) = grpc::server(app.clone())?;
     let http = tokio::spawn(http::serve(app.clone(), listeners.http));
     let grpc = tokio::spawn(grpc::serve(grpc_server, listeners.grpc, token.clone()));
-    let upkeep = tokio::spawn(metrics_upkeep(token.clone()));
+    let upkeep = tokio::spawn(metrics_upkeep(app.engine.clone(), token.clone()));
     let writer = {
         let engine = app.engine.clone();
         tokio::spawn(async move { engine.run_stats_writer().await })
@@ -379,6 +380,12 @@ pub async fn run(
         Ok(Err(e)) => tracing::error!(error = %e, "the Q-network's final checkpoint failed"),
         Err(e) => tracing::error!(error = %e, "stopping the Q-network learner failed"),
     }
+    let engine = app.engine.clone();
+    match tokio::task::spawn_blocking(move || engine.shutdown_online_encoder()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the online encoder did not stop cleanly"),
+        Err(e) => tracing::error!(error = %e, "stopping the online encoder failed"),
+    }
     match drained {
         Ok(result) => {
             result?;
@@ -392,9 +399,45 @@ pub async fn run(
     Ok(())
 }
 
-async fn metrics_upkeep(token: CancellationToken) {
+async fn metrics_upkeep(engine: Engine, token: CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut starved = Starved::default();
     while token.run_until_cancelled(tick.tick()).await.is_some() {
         metrics::handle().run_upkeep();
+        starved.check(&engine);
+    }
+}
+
+/// What the learners had dropped at the last look, to say in the log when they starve.
+#[derive(Default)]
+struct Starved {
+    transitions: u64,
+    interactions: u64,
+}
+
+impl Starved {
+    /// Warns when a learner dropped work since the last look (it is behind the traffic).
+    fn check(&mut self, engine: &Engine) {
+        if let Some(learner) = engine.q_learner() {
+            let (dropped, taken) = (learner.dropped(), learner.accepted());
+            if dropped > self.transitions {
+                tracing::warn!(
+                    dropped = dropped - self.transitions,
+                    taken_total = taken,
+                    "the Q-network learner is starved: transitions were dropped (onrec_learn_transitions_dropped_total); give it more CPU or q_priority normal"
+                );
+            }
+            self.transitions = dropped;
+        }
+        if let Some(online) = engine.online_encoder() {
+            let dropped = online.dropped();
+            if dropped > self.interactions {
+                tracing::warn!(
+                    dropped = dropped - self.interactions,
+                    "the online encoder is starved: interactions were dropped (onrec_encoder_online_dropped_total)"
+                );
+            }
+            self.interactions = dropped;
+        }
     }
 }

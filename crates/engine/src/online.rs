@@ -1,0 +1,327 @@
+//! The encoder trained online from the service's own events: a thread owns an
+//! [`OnlineTrainer`], takes the interactions the feedback path hands it, trains while
+//! there is something new, and publishes a snapshot for serving every few steps and
+//! whenever it catches up. Publication swaps the engine's encoder; requests never wait
+//! for training.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use onrec_learn::{LearnError, Priority};
+use onrec_model::context::ContextIds;
+use onrec_model::device::{self, DeviceChoice};
+use onrec_model::online::{OnlineConfig, OnlineTrainer};
+use onrec_model::serve::{Batching, Encoder};
+use parking_lot::{Mutex, RwLock};
+
+/// How the online encoder trains and serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnlineSettings {
+    /// The encoder's shape and the pace of training.
+    pub config: OnlineConfig,
+    /// Training steps between publications while training goes on (it also publishes
+    /// whenever it has caught up).
+    pub publish_every: u64,
+    /// Scheduling priority of the training thread.
+    pub priority: Priority,
+    /// Interactions queued for the thread; beyond it they are dropped and counted.
+    pub queue: usize,
+    /// Where the encoder trains and serves.
+    pub device: DeviceChoice,
+    /// Requests that may wait for a published encoder.
+    pub encoder_queue: usize,
+    /// How a published encoder batches requests.
+    pub batching: Batching,
+}
+
+impl Default for OnlineSettings {
+    fn default() -> Self {
+        Self {
+            config: OnlineConfig::default(),
+            publish_every: 50,
+            priority: Priority::Normal,
+            queue: 65_536,
+            device: DeviceChoice::Cpu,
+            encoder_queue: 1024,
+            batching: Batching {
+                max_batch: 64,
+                window: Duration::ZERO,
+            },
+        }
+    }
+}
+
+/// Where the thread hands a published encoder: the encoder, its vocabulary (`items[0]`
+/// padding) and its version.
+pub(crate) type Publish = Box<dyn Fn(Encoder, &[String], String) + Send>;
+
+enum Msg {
+    Observe {
+        user: String,
+        item: u32,
+        context: ContextIds,
+        shown: Vec<u32>,
+    },
+    Grow(Vec<(String, String)>),
+    Settle(Sender<u64>),
+}
+
+/// A handle to the online encoder's thread.
+#[derive(Debug)]
+pub struct OnlineEncoder {
+    /// `None` once shut down.
+    tx: RwLock<Option<SyncSender<Msg>>>,
+    published: Arc<AtomicU64>,
+    steps: Arc<AtomicU64>,
+    dropped: AtomicU64,
+    worker: Mutex<Option<std::thread::JoinHandle<Result<(), LearnError>>>>,
+}
+
+impl OnlineEncoder {
+    /// Starts training a fresh encoder over `items` (id, category) in catalog order;
+    /// snapshots go to `publish`.
+    pub(crate) fn start(
+        settings: OnlineSettings,
+        items: Vec<(String, String)>,
+        publish: Publish,
+    ) -> Result<Self, LearnError> {
+        let categories: Vec<String> = items.iter().map(|(_, c)| c.clone()).collect();
+        let mut vocabulary = vec![String::new()];
+        vocabulary.extend(items.into_iter().map(|(id, _)| id));
+        let (tx, rx) = mpsc::sync_channel(settings.queue.max(1));
+        let published = Arc::new(AtomicU64::new(0));
+        let steps = Arc::new(AtomicU64::new(0));
+        let worker = {
+            let (published, steps) = (published.clone(), steps.clone());
+            onrec_learn::spawn_training_thread(
+                "onrec-encoder-train",
+                settings.priority,
+                move || {
+                    let device = device::select(settings.device);
+                    let trainer =
+                        OnlineTrainer::new(settings.config.clone(), &categories, device.clone())
+                            .map_err(|e| LearnError::Train(e.to_string()))?;
+                    let mut worker = Worker {
+                        trainer,
+                        vocabulary,
+                        settings,
+                        device,
+                        publish,
+                        published,
+                        steps,
+                        since_publish: 0,
+                    };
+                    worker.run(&rx);
+                    Ok(())
+                },
+            )
+            .map_err(|e| LearnError::Train(format!("cannot start the encoder trainer: {e}")))?
+        };
+        Ok(Self {
+            tx: RwLock::new(Some(tx)),
+            published,
+            steps,
+            dropped: AtomicU64::new(0),
+            worker: Mutex::new(Some(worker)),
+        })
+    }
+
+    fn send(&self, msg: Msg) -> bool {
+        self.tx
+            .read()
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(msg).is_ok())
+    }
+
+    /// Hands the trainer an interaction of `user` with catalog item `item` in `context`,
+    /// chosen from the slate `shown` (catalog indices; empty when it was not recommended);
+    /// when its queue is full it is dropped and counted.
+    pub fn observe(&self, user: &str, item: u32, context: ContextIds, shown: &[u32]) {
+        let msg = Msg::Observe {
+            user: user.to_owned(),
+            item: item + 1,
+            context,
+            shown: shown.iter().map(|&i| i + 1).collect(),
+        };
+        if !self.send(msg) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("onrec_encoder_online_dropped_total").increment(1);
+        }
+    }
+
+    /// Adds catalog items (id, category), in catalog order after the known ones.
+    pub fn grow(&self, items: Vec<(String, String)>) {
+        if !items.is_empty() && !self.send(Msg::Grow(items)) {
+            tracing::warn!("the encoder trainer's queue is full; new items join it later");
+        }
+    }
+
+    /// Waits until everything handed over before this call is trained on and published,
+    /// at most `timeout`; returns the version published then (`None` on time-out).
+    pub fn settle(&self, timeout: Duration) -> Option<u64> {
+        let (reply, answer) = mpsc::channel();
+        let sent = self
+            .tx
+            .read()
+            .as_ref()
+            .is_some_and(|tx| tx.send(Msg::Settle(reply)).is_ok());
+        if !sent {
+            return None;
+        }
+        answer.recv_timeout(timeout).ok()
+    }
+
+    /// The number of snapshots published so far.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    /// Training steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps.load(Ordering::Relaxed)
+    }
+
+    /// Interactions dropped because the trainer's queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Stops the thread after what is queued; later interactions are dropped.
+    pub fn shutdown(&self) -> Result<(), LearnError> {
+        self.tx.write().take();
+        match self.worker.lock().take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| LearnError::Train("the encoder trainer panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Messages taken between two training steps, at most: a flood of events never stops
+/// training for long.
+const DRAIN: usize = 4096;
+
+struct Worker {
+    trainer: OnlineTrainer,
+    vocabulary: Vec<String>,
+    settings: OnlineSettings,
+    device: candle_core::Device,
+    publish: Publish,
+    published: Arc<AtomicU64>,
+    steps: Arc<AtomicU64>,
+    since_publish: u64,
+}
+
+impl Worker {
+    fn run(&mut self, rx: &Receiver<Msg>) {
+        let mut waiters: Vec<Sender<u64>> = Vec::new();
+        loop {
+            // Block only when there is nothing to train on.
+            if !self.trainer.pending() {
+                self.publish_if_trained();
+                for w in waiters.drain(..) {
+                    let _ = w.send(self.published.load(Ordering::Acquire));
+                }
+                match rx.recv() {
+                    Ok(msg) => self.take(msg, &mut waiters),
+                    Err(_) => return,
+                }
+            }
+            for _ in 0..DRAIN {
+                match rx.try_recv() {
+                    Ok(msg) => self.take(msg, &mut waiters),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.publish_if_trained();
+                        return;
+                    }
+                }
+            }
+            match self.trainer.step() {
+                Ok(Some(loss)) => {
+                    self.since_publish += 1;
+                    self.steps.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("onrec_encoder_online_steps_total").increment(1);
+                    metrics::gauge!("onrec_encoder_online_loss").set(f64::from(loss));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "online encoder training step failed");
+                }
+            }
+            if self.since_publish >= self.settings.publish_every {
+                self.publish_if_trained();
+            }
+        }
+    }
+
+    fn take(&mut self, msg: Msg, waiters: &mut Vec<Sender<u64>>) {
+        match msg {
+            Msg::Observe {
+                user,
+                item,
+                context,
+                shown,
+            } => self.trainer.observe(&user, item, context, &shown),
+            Msg::Grow(items) => {
+                let categories: Vec<String> = items.iter().map(|(_, c)| c.clone()).collect();
+                match self.trainer.grow(&categories) {
+                    Ok(()) => self.vocabulary.extend(items.into_iter().map(|(id, _)| id)),
+                    Err(e) => tracing::error!(error = %e, "the online encoder cannot grow"),
+                }
+            }
+            Msg::Settle(reply) => waiters.push(reply),
+        }
+    }
+
+    /// Publishes a snapshot when steps were taken since the last one.
+    fn publish_if_trained(&mut self) {
+        if self.since_publish == 0 {
+            return;
+        }
+        self.since_publish = 0;
+        let started = std::time::Instant::now();
+        let model = match self.trainer.snapshot() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "online encoder snapshot failed");
+                return;
+            }
+        };
+        let encoder = match Encoder::start(
+            model,
+            self.device.clone(),
+            self.settings.encoder_queue,
+            self.settings.batching,
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start an encoder thread for new weights");
+                return;
+            }
+        };
+        let version = self.published.load(Ordering::Acquire) + 1;
+        (self.publish)(
+            encoder,
+            &self.vocabulary,
+            format!("sasrec-online-{version}"),
+        );
+        self.published.store(version, Ordering::Release);
+        metrics::gauge!("onrec_encoder_online_version").set(version as f64);
+        metrics::gauge!("onrec_encoder_online_users").set(self.trainer.users() as f64);
+        let level_info = version == 1 || version.is_multiple_of(100);
+        if level_info {
+            tracing::info!(
+                version,
+                steps = self.trainer.steps(),
+                users = self.trainer.users(),
+                loss = self.trainer.last_loss(),
+                took_us = started.elapsed().as_micros() as u64,
+                "online encoder published"
+            );
+        }
+    }
+}

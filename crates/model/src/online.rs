@@ -1,0 +1,626 @@
+//! Training the encoder online, from the interactions a service sees while it serves.
+//!
+//! Every interaction is a choice: a user with a history, in a context, picked an item
+//! over the others of the slate they were shown. [`OnlineTrainer`] keeps these examples
+//! (bounded) and learns to put the chosen item first among what was shown: a softmax over
+//! the slate, not over the catalog. An encoder that learns from its own traffic with a
+//! full softmax learns mostly what it showed (every click is on a shown item), and its
+//! ranking then feeds on itself; learning the choice among the shown items learns
+//! preference instead. An interaction with no slate (a click the service did not
+//! recommend) is contrasted with random catalog items.
+//!
+//! Each step takes half its batch from the newest examples (fine-tuning on what is new)
+//! and half uniformly from all kept ones (a replay, so the model does not forget). Every
+//! interaction buys a fixed number of example visits (`replays`), so training keeps pace
+//! with traffic and stops when there is nothing new. The first interaction of a user is an
+//! example too: a choice in a context with no history.
+//!
+//! The item vocabulary is the catalog: item index i + 1 is the catalog's item i, and
+//! [`OnlineTrainer::grow`] adds rows for items added later. The item tower adds a
+//! category embedding to each item's own (see [`crate::sasrec`]), drawn wider at the
+//! start, so items of one category begin alike, a new item is placed near its category
+//! before anyone has clicked it, and what a user's clicks say about a category reaches
+//! every item in it. [`OnlineTrainer::snapshot`] gives a plain encoder for serving,
+//! categories folded into its item table.
+
+use std::collections::{HashMap, VecDeque};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+use crate::context::ContextIds;
+use crate::rng::SplitMix64;
+use crate::sasrec::{self, Config, Noise, SasRec};
+
+/// The shape and pace of online training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OnlineConfig {
+    /// Longest history read (the last `max_len` items).
+    pub max_len: usize,
+    /// Width of item and user vectors.
+    pub hidden: usize,
+    /// Attention heads (divides `hidden`).
+    pub heads: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Width of the feed-forward layer.
+    pub ff: usize,
+    /// Dropout probability during training.
+    pub dropout: f32,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// Example visits each new interaction buys: how often, on average, training goes
+    /// over an interaction.
+    pub replays: f64,
+    /// Users whose histories are kept; the least recently active are forgotten first.
+    pub max_users: usize,
+    /// Examples kept for training; the oldest are forgotten first.
+    pub max_examples: usize,
+    /// Seed of initial weights, dropout and sampling.
+    pub seed: u64,
+}
+
+impl Default for OnlineConfig {
+    fn default() -> Self {
+        Self {
+            max_len: 20,
+            hidden: 32,
+            heads: 2,
+            layers: 1,
+            ff: 64,
+            dropout: 0.1,
+            batch_size: 32,
+            lr: 3e-3,
+            replays: 8.0,
+            max_users: 200_000,
+            max_examples: 200_000,
+            seed: 7,
+        }
+    }
+}
+
+/// Gradient norm clip.
+const MAX_GRAD_NORM: f64 = 5.0;
+/// Items an example contrasts with the chosen one, at most: the rest of the slate, or
+/// random catalog items when there was none.
+const OTHERS: usize = 9;
+/// Logit of a padding candidate.
+const MASKED: f32 = -1e9;
+/// The category embeddings' name in the variables.
+const CATEGORY_TABLE: &str = "categories.weight";
+/// The item embeddings' name in the variables.
+const ITEM_TABLE: &str = "items.weight";
+/// Spread (sd) of the initial category embeddings; item embeddings start at 0.02.
+const CATEGORY_INIT_SD: f64 = 0.1;
+
+/// One user's recent interactions, newest last.
+#[derive(Debug)]
+struct UserSeq {
+    items: VecDeque<u32>,
+    /// The trainer's clock when it last grew.
+    touched: u64,
+}
+
+/// One choice: with `history` in `context`, the user took `item` over `others`.
+#[derive(Debug)]
+struct Example {
+    history: Vec<u32>,
+    context: ContextIds,
+    item: u32,
+    /// Empty: contrast with random items.
+    others: Vec<u32>,
+}
+
+/// The encoder in training, with the examples it trains on.
+pub struct OnlineTrainer {
+    cfg: OnlineConfig,
+    varmap: VarMap,
+    model: SasRec,
+    opt: AdamW,
+    device: Device,
+    /// Category index of every item index (index 0 is padding, category 0 "none").
+    item_category: Vec<u32>,
+    category_index: HashMap<String, u32>,
+    users: HashMap<String, usize>,
+    seqs: Vec<UserSeq>,
+    examples: VecDeque<Example>,
+    /// The newest examples not trained on yet.
+    fresh: usize,
+    credit: f64,
+    clock: u64,
+    rng: SplitMix64,
+    noise: Noise,
+    steps: u64,
+    last_loss: f32,
+}
+
+impl std::fmt::Debug for OnlineTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnlineTrainer")
+            .field("items", &(self.item_category.len() - 1))
+            .field("users", &self.seqs.len())
+            .field("examples", &self.examples.len())
+            .field("steps", &self.steps)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OnlineTrainer {
+    /// A freshly initialised encoder over items whose categories are `categories` (in
+    /// item order; an empty string is no category), on `device`.
+    pub fn new(
+        cfg: OnlineConfig,
+        categories: &[String],
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        if cfg.batch_size == 0
+            || cfg.max_len == 0
+            || cfg.max_examples == 0
+            || !(cfg.replays.is_finite() && cfg.replays > 0.0)
+        {
+            return Err(ModelError::Train(
+                "batch_size, max_len, max_examples and replays must be above zero".into(),
+            ));
+        }
+        let mut category_index = HashMap::new();
+        let mut item_category = vec![0];
+        for c in categories {
+            item_category.push(Self::category_of(&mut category_index, c));
+        }
+        let (varmap, model) = Self::build(&cfg, &item_category, category_index.len(), &device)?;
+        sasrec::init_seeded(&varmap, cfg.seed)?;
+        Self::spread_categories(&varmap, cfg.seed)?;
+        let opt = Self::optimizer(&varmap, &cfg)?;
+        Ok(Self {
+            rng: SplitMix64::new(cfg.seed ^ 0x0a11_0e5d),
+            noise: Noise::new(cfg.dropout, cfg.seed.wrapping_add(1)),
+            cfg,
+            varmap,
+            model,
+            opt,
+            device,
+            item_category,
+            category_index,
+            users: HashMap::new(),
+            seqs: Vec::new(),
+            examples: VecDeque::new(),
+            fresh: 0,
+            credit: 0.0,
+            clock: 0,
+            steps: 0,
+            last_loss: f32::NAN,
+        })
+    }
+
+    fn category_of(index: &mut HashMap<String, u32>, category: &str) -> u32 {
+        if category.is_empty() {
+            return 0;
+        }
+        let next = index.len() as u32 + 1;
+        *index.entry(category.to_owned()).or_insert(next)
+    }
+
+    fn model_config(cfg: &OnlineConfig, num_items: usize) -> Config {
+        Config {
+            num_items,
+            max_len: cfg.max_len,
+            hidden: cfg.hidden,
+            heads: cfg.heads,
+            layers: cfg.layers,
+            ff: cfg.ff,
+            dropout: cfg.dropout,
+        }
+    }
+
+    fn build(
+        cfg: &OnlineConfig,
+        item_category: &[u32],
+        categories: usize,
+        device: &Device,
+    ) -> Result<(VarMap, SasRec), ModelError> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = SasRec::load(
+            vb.clone(),
+            &Self::model_config(cfg, item_category.len() - 1),
+        )?
+        .with_categories(vb, categories + 1, item_category)?;
+        Ok((varmap, model))
+    }
+
+    /// Draws the category embeddings wider than the items' own, so that before any
+    /// training items of one category are alike and a click on one lifts its category.
+    fn spread_categories(varmap: &VarMap, seed: u64) -> Result<(), ModelError> {
+        let vars = varmap
+            .data()
+            .lock()
+            .map_err(|e| ModelError::Train(e.to_string()))?;
+        if let Some(var) = vars.get(CATEGORY_TABLE) {
+            let mut rng = SplitMix64::new(seed ^ 0x0ca7_e609);
+            let data: Vec<f32> = (0..var.elem_count())
+                .map(|_| (rng.normal() * CATEGORY_INIT_SD) as f32)
+                .collect();
+            var.set(&Tensor::from_vec(data, var.shape(), var.device())?)?;
+        }
+        Ok(())
+    }
+
+    fn optimizer(varmap: &VarMap, cfg: &OnlineConfig) -> Result<AdamW, ModelError> {
+        Ok(AdamW::new(
+            varmap.all_vars(),
+            ParamsAdamW {
+                lr: cfg.lr,
+                weight_decay: 0.0,
+                ..ParamsAdamW::default()
+            },
+        )?)
+    }
+
+    /// Items it knows.
+    pub fn num_items(&self) -> usize {
+        self.item_category.len() - 1
+    }
+
+    /// Width of its user vectors.
+    pub fn width(&self) -> usize {
+        self.cfg.hidden
+    }
+
+    /// Training steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Loss of the last step (NaN before the first).
+    pub fn last_loss(&self) -> f32 {
+        self.last_loss
+    }
+
+    /// Users whose histories it keeps.
+    pub fn users(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Examples it keeps.
+    pub fn examples(&self) -> usize {
+        self.examples.len()
+    }
+
+    /// Adds items after the known ones, with their categories. What was learned is kept;
+    /// the optimiser's moments start afresh.
+    pub fn grow(&mut self, categories: &[String]) -> Result<(), ModelError> {
+        if categories.is_empty() {
+            return Ok(());
+        }
+        let mut item_category = self.item_category.clone();
+        for c in categories {
+            item_category.push(Self::category_of(&mut self.category_index, c));
+        }
+        let (varmap, model) = Self::build(
+            &self.cfg,
+            &item_category,
+            self.category_index.len(),
+            &self.device,
+        )?;
+        sasrec::init_seeded(&varmap, self.cfg.seed ^ item_category.len() as u64)?;
+        Self::spread_categories(&varmap, self.cfg.seed ^ item_category.len() as u64)?;
+        {
+            let old = self
+                .varmap
+                .data()
+                .lock()
+                .map_err(|e| ModelError::Train(e.to_string()))?;
+            let new = varmap
+                .data()
+                .lock()
+                .map_err(|e| ModelError::Train(e.to_string()))?;
+            for (name, var) in new.iter() {
+                let Some(before) = old.get(name) else {
+                    continue;
+                };
+                let (rows, fresh) = (before.dims()[0], var.dims()[0]);
+                let value = if rows == fresh {
+                    before.as_tensor().copy()?
+                } else {
+                    Tensor::cat(
+                        &[
+                            before.as_tensor(),
+                            &var.as_tensor().narrow(0, rows, fresh - rows)?,
+                        ],
+                        0,
+                    )?
+                };
+                var.set(&value)?;
+            }
+        }
+        self.opt = Self::optimizer(&varmap, &self.cfg)?;
+        self.varmap = varmap;
+        self.model = model;
+        self.item_category = item_category;
+        Ok(())
+    }
+
+    /// Takes one interaction of `user` with item index `item` (1-based) in `context`,
+    /// chosen from the slate `shown` (item indices; empty when it was not recommended).
+    /// Items it does not know are ignored; a cart or purchase right after the click on
+    /// the same item is the same choice.
+    pub fn observe(&mut self, user: &str, item: u32, context: ContextIds, shown: &[u32]) {
+        let items = self.num_items();
+        let known = |i: u32| i != 0 && i as usize <= items;
+        if !known(item) {
+            return;
+        }
+        self.clock += 1;
+        let slot = match self.users.get(user) {
+            Some(&slot) => slot,
+            None => {
+                if self.seqs.len() >= self.cfg.max_users {
+                    self.forget_oldest();
+                }
+                self.seqs.push(UserSeq {
+                    items: VecDeque::new(),
+                    touched: 0,
+                });
+                self.users.insert(user.to_owned(), self.seqs.len() - 1);
+                self.seqs.len() - 1
+            }
+        };
+        let seq = &mut self.seqs[slot];
+        seq.touched = self.clock;
+        if seq.items.back() == Some(&item) {
+            return;
+        }
+        let mut others: Vec<u32> = Vec::with_capacity(OTHERS);
+        for &i in shown {
+            if others.len() < OTHERS && i != item && known(i) && !others.contains(&i) {
+                others.push(i);
+            }
+        }
+        self.examples.push_back(Example {
+            history: seq.items.iter().copied().collect(),
+            context,
+            item,
+            others,
+        });
+        seq.items.push_back(item);
+        while seq.items.len() > self.cfg.max_len {
+            seq.items.pop_front();
+        }
+        while self.examples.len() > self.cfg.max_examples {
+            self.examples.pop_front();
+        }
+        self.fresh = (self.fresh + 1).min(self.examples.len());
+        self.credit += self.cfg.replays;
+    }
+
+    /// Forgets the least recently active tenth of the users' histories (their examples
+    /// stay until they are the oldest).
+    fn forget_oldest(&mut self) {
+        let mut order: Vec<usize> = (0..self.seqs.len()).collect();
+        order.sort_unstable_by_key(|&s| self.seqs[s].touched);
+        let drop: std::collections::HashSet<usize> = order[..(self.seqs.len() / 10).max(1)]
+            .iter()
+            .copied()
+            .collect();
+        let mut remap = vec![usize::MAX; self.seqs.len()];
+        let mut kept = Vec::with_capacity(self.seqs.len() - drop.len());
+        for (old, seq) in std::mem::take(&mut self.seqs).into_iter().enumerate() {
+            if !drop.contains(&old) {
+                remap[old] = kept.len();
+                kept.push(seq);
+            }
+        }
+        self.seqs = kept;
+        self.users.retain(|_, slot| {
+            *slot = remap[*slot];
+            *slot != usize::MAX
+        });
+    }
+
+    /// Whether new interactions are waiting to be trained on.
+    pub fn pending(&self) -> bool {
+        self.credit > 0.0 && !self.examples.is_empty()
+    }
+
+    /// One training step, if anything is pending: returns its loss.
+    pub fn step(&mut self) -> Result<Option<f32>, ModelError> {
+        if !self.pending() {
+            return Ok(None);
+        }
+        let b = self.cfg.batch_size.min(self.credit.ceil() as usize).max(1);
+        self.credit = (self.credit - b as f64).max(0.0);
+        let total = self.examples.len();
+        let mut batch = Vec::with_capacity(b);
+        while batch.len() < b.div_ceil(2) && self.fresh > 0 {
+            batch.push(total - self.fresh);
+            self.fresh -= 1;
+        }
+        while batch.len() < b {
+            batch.push(self.rng.below(total as u64) as usize);
+        }
+        let (l, k, n) = (self.cfg.max_len, OTHERS + 1, self.num_items() as u64);
+        let rows = batch.len();
+        let mut ids = vec![0u32; rows * l];
+        let mut hours = Vec::with_capacity(rows);
+        let mut devices = Vec::with_capacity(rows);
+        let mut candidates = vec![0u32; rows * k];
+        let mut mask = vec![0f32; rows * k];
+        for (r, &e) in batch.iter().enumerate() {
+            let ex = &self.examples[e];
+            let tail = &ex.history[ex.history.len().saturating_sub(l)..];
+            ids[r * l + (l - tail.len())..(r + 1) * l].copy_from_slice(tail);
+            hours.push(u32::from(ex.context.hour));
+            devices.push(u32::from(ex.context.device));
+            let row = &mut candidates[r * k..(r + 1) * k];
+            row[0] = ex.item;
+            for (c, slot) in row[1..].iter_mut().enumerate() {
+                *slot = if ex.others.is_empty() {
+                    // Random contrast: any item but the chosen one.
+                    let draw = 1 + self.rng.below(n.max(2) - 1) as u32;
+                    if draw >= ex.item { draw + 1 } else { draw }.min(n as u32)
+                } else {
+                    match ex.others.get(c) {
+                        Some(&i) => i,
+                        None => {
+                            mask[r * k + 1 + c] = MASKED;
+                            0
+                        }
+                    }
+                };
+            }
+        }
+        let d = &self.device;
+        let ids = Tensor::from_vec(ids, (rows, l), d)?;
+        let hours = Tensor::from_vec(hours, rows, d)?;
+        let devices = Tensor::from_vec(devices, rows, d)?;
+        let users = self
+            .model
+            .user_vectors_train(&ids, &hours, &devices, &mut self.noise)?;
+        let vectors = self
+            .model
+            .folded_item_table()?
+            .index_select(&Tensor::from_vec(candidates, rows * k, d)?, 0)?
+            .reshape((rows, k, self.cfg.hidden))?;
+        let logits = vectors
+            .matmul(&users.unsqueeze(2)?)?
+            .squeeze(2)?
+            .add(&Tensor::from_vec(mask, (rows, k), d)?)?;
+        let targets = Tensor::zeros(rows, DType::U32, d)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        let mut grads = loss.backward()?;
+        sasrec::clip_grads(&mut grads, &self.varmap.all_vars(), MAX_GRAD_NORM)?;
+        self.opt.step(&grads)?;
+        self.steps += 1;
+        self.last_loss = loss.to_scalar::<f32>()?;
+        Ok(Some(self.last_loss))
+    }
+
+    /// A copy of the encoder for serving: the same scores, categories folded into the
+    /// item table, independent of further training.
+    pub fn snapshot(&self) -> Result<SasRec, ModelError> {
+        let mut tensors = HashMap::new();
+        {
+            let vars = self
+                .varmap
+                .data()
+                .lock()
+                .map_err(|e| ModelError::Train(e.to_string()))?;
+            for (name, var) in vars.iter() {
+                if name != CATEGORY_TABLE {
+                    tensors.insert(name.clone(), var.as_tensor().copy()?);
+                }
+            }
+        }
+        tensors.insert(
+            ITEM_TABLE.to_owned(),
+            self.model.folded_item_table()?.copy()?,
+        );
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &self.device);
+        Ok(SasRec::load(
+            vb,
+            &Self::model_config(&self.cfg, self.num_items()),
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::{Query, score_batch};
+
+    fn categories(items: usize, cats: usize) -> Vec<String> {
+        (0..items).map(|i| format!("c{}", i % cats)).collect()
+    }
+
+    fn trainer(items: usize) -> OnlineTrainer {
+        let cfg = OnlineConfig {
+            hidden: 16,
+            ff: 32,
+            batch_size: 16,
+            ..OnlineConfig::default()
+        };
+        OnlineTrainer::new(cfg, &categories(items, 3), Device::Cpu).unwrap()
+    }
+
+    fn top(model: &SasRec, history: Vec<u32>, k: usize) -> Vec<u32> {
+        let q = Query {
+            history,
+            context: ContextIds::default(),
+            exclude: vec![],
+            k,
+        };
+        score_batch(model, &Device::Cpu, &[&q]).unwrap()[0]
+            .iter()
+            .map(|&(i, _)| i)
+            .collect()
+    }
+
+    #[test]
+    fn it_learns_the_category_users_choose_from_mixed_slates() {
+        let mut t = trainer(30);
+        let mut rng = SplitMix64::new(3);
+        // Item index i + 1 is of category i % 3. User u likes category u % 3: from a slate
+        // of one item per category they take the one of theirs.
+        for u in 0..90u32 {
+            for _ in 0..4 {
+                let slate: Vec<u32> = (0..3).map(|c| c + 3 * rng.below(10) as u32 + 1).collect();
+                let chosen = slate[(u % 3) as usize];
+                t.observe(&format!("u{u}"), chosen, ContextIds::default(), &slate);
+            }
+        }
+        assert!(t.examples() > 300, "one example a choice, repeats aside");
+        assert!(t.pending());
+        while t.step().unwrap().is_some() {}
+        assert!(!t.pending());
+        assert!(t.steps() > 0 && t.last_loss().is_finite());
+        let served = t.snapshot().unwrap();
+        for c in 0..3u32 {
+            let same = top(&served, vec![c + 1, c + 4], 5)
+                .iter()
+                .filter(|&&i| (i - 1) % 3 == c)
+                .count();
+            assert!(same >= 4, "{same} of 5 in category {c}");
+        }
+        let q = |m: &SasRec| top(m, vec![2, 5], 8);
+        assert_eq!(
+            q(&t.model),
+            q(&served),
+            "the snapshot ranks as the trainer does"
+        );
+    }
+
+    #[test]
+    fn growing_keeps_what_was_learned_and_nothing_trains_without_news() {
+        let mut t = trainer(12);
+        assert!(t.step().unwrap().is_none(), "nothing to train on yet");
+        t.observe("a", 1, ContextIds::default(), &[]);
+        t.observe("a", 4, ContextIds::default(), &[2, 4, 6]);
+        t.observe("a", 4, ContextIds::default(), &[]);
+        t.observe("b", 99, ContextIds::default(), &[]);
+        assert_eq!(
+            (t.users(), t.examples()),
+            (1, 2),
+            "repeats and unknown items add nothing"
+        );
+        while t.step().unwrap().is_some() {}
+        let before = t.model.folded_item_table().unwrap();
+        t.grow(&["c1".to_owned(), "new".to_owned()]).unwrap();
+        assert_eq!(t.num_items(), 14);
+        let after = t.model.folded_item_table().unwrap();
+        let diff = (before - after.narrow(0, 0, 13).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "known items keep their vectors ({diff})");
+        t.observe("a", 14, ContextIds::default(), &[13, 14]);
+        assert!(t.step().unwrap().is_some(), "a new item trains at once");
+    }
+}

@@ -1,0 +1,145 @@
+//! The encoder learns online through the real binary: started with only a catalog, the
+//! service answers by popularity until events come, then ranks with a Transformer it
+//! trains from them, publishes newer versions as events keep coming, and takes items
+//! added at run time into the model without a restart.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::{Server, click};
+
+/// A catalog of `items` items in 3 categories, as a JSON-lines file.
+fn catalog(items: usize) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "onrec-online-catalog-{}-{items}.jsonl",
+        std::process::id()
+    ));
+    let lines: Vec<String> = (0..items)
+        .map(|i| json!({"item_id": format!("p{i}"), "category": format!("c{}", i % 3)}).to_string())
+        .collect();
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+async fn recommend(s: &Server, body: Value) -> Value {
+    let (status, body) = s.post("/v1/recommend", body).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The online encoder's published version in a response's `model_version`
+/// (`sasrec-online-<version>-c<catalog>`), if it ranked.
+fn online_version(body: &Value) -> Option<u64> {
+    body["model_version"]
+        .as_str()?
+        .strip_prefix("sasrec-online-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Asks for `user`'s recommendations until the online encoder's version is above
+/// `after`, within a generous bound (the trainer shares the machine with everything).
+async fn wait_for_version(s: &Server, user: &str, after: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let body = recommend(s, json!({"user_id": user, "n": 5})).await;
+        if online_version(&body).is_some_and(|v| v > after) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no online encoder version above {after} within 2 minutes: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Each of `users` users clicks 3 items of their category (user k likes category k % 3)
+/// on a response served to them.
+async fn clicks(s: &Server, prefix: &str, users: usize) {
+    let mut events = Vec::new();
+    for u in 0..users {
+        let user = format!("{prefix}{u}");
+        let body = recommend(s, json!({"user_id": user, "n": 5})).await;
+        for k in 0..3 {
+            let item = format!("p{}", u % 3 + 3 * ((u * 7 + k * 5) % 20));
+            let mut ev = click(&format!("{user}-{k}"), &user, &item);
+            ev["request_id"] = body["request_id"].clone();
+            events.push(ev);
+        }
+    }
+    let (status, summary) = s.post("/v1/events", Value::Array(events)).await;
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(summary["accepted"], json!(users * 3), "{summary}");
+}
+
+#[tokio::test]
+async fn a_fresh_catalog_gets_a_transformer_trained_from_its_own_events() {
+    let path = catalog(60);
+    let s = Server::start(&[
+        "--catalog",
+        path.to_str().unwrap(),
+        "--encoder-online",
+        "true",
+    ]);
+
+    let before = recommend(&s, json!({"user_id": "early", "n": 5})).await;
+    assert_eq!(before["ranker"], "popularity", "{before}");
+    assert_eq!(
+        before["fallback"], "the encoder has not learned from any event yet",
+        "{before}"
+    );
+
+    clicks(&s, "a", 30).await;
+    let first = wait_for_version(&s, "a0", 0).await;
+    assert_eq!(first["ranker"], "transformer", "{first}");
+    let v1 = online_version(&first).unwrap();
+
+    // More traffic, newer weights; a user with no history is ranked by their context.
+    clicks(&s, "b", 30).await;
+    let later = wait_for_version(&s, "b1", v1).await;
+    assert_eq!(later["ranker"], "transformer", "{later}");
+    let newcomer = recommend(&s, json!({"user_id": "nobody-yet", "n": 5})).await;
+    assert_eq!(newcomer["ranker"], "transformer", "{newcomer}");
+
+    // An item added at run time joins the model: once it is clicked and trained on, a
+    // history of it is one the encoder knows.
+    let (status, body) = s
+        .put(
+            "/v1/items",
+            json!([{"item_id": "fresh", "category": "c1", "title": "New in"}]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = s
+        .post("/v1/events", json!([click("fresh-1", "c-user", "fresh")]))
+        .await;
+    assert_eq!(status, 200);
+    let v2 = online_version(&later).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let body = recommend(
+            &s,
+            json!({"user_id": "c-user", "n": 5, "recent_items": ["fresh"]}),
+        )
+        .await;
+        if online_version(&body).is_some_and(|v| v > v2) && body.get("fallback").is_none() {
+            assert_eq!(body["ranker"], "transformer", "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the added item never joined the encoder: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, metrics) = s.get_text("/metrics").await;
+    assert!(
+        metrics.contains("onrec_encoder_online_steps_total"),
+        "{metrics}"
+    );
+    std::fs::remove_file(&path).unwrap();
+}
