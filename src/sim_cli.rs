@@ -7,35 +7,57 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use onrec_sim::report::{self, Report};
 use onrec_sim::{
-    DEFAULT_POLICIES, EncoderSettings, LogRecord, PolicyParams, QParams, SimConfig, SimError,
-    Simulation, World, WorldConfig, spec,
+    DEFAULT_POLICIES, EncoderSettings, LogRecord, PolicyParams, QParams, Repeats, SimConfig,
+    SimError, Simulation, World, WorldConfig, spec,
 };
+
+/// Which shop to simulate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[clap(rename_all = "snake_case")]
+pub enum Scenario {
+    /// A shop with a sales history in its catalog; compares the policies and rankers one
+    /// by one (100,000 rounds, slates of 10)
+    Classic,
+    /// A fresh shop: a few hundred products in 8 categories, no sales history, the
+    /// service exactly as shipped (`onrec`) beside uniform random and the oracle (20,000
+    /// rounds, slates of 5)
+    Fresh,
+}
 
 /// The arguments of `onrec simulate`.
 #[derive(Debug, clap::Args)]
 pub struct SimulateArgs {
-    /// Rounds (requests) per policy
-    #[arg(long, default_value_t = 100_000)]
-    rounds: usize,
+    /// The shop and the default policies, rounds and shape that go with it
+    #[arg(long, value_enum, default_value = "classic")]
+    scenario: Scenario,
+    /// What buying does to a buyer's later interest: indifferent, consumable (bought
+    /// again) or durable (bought once)
+    #[arg(long, default_value = "indifferent")]
+    repeats: Repeats,
+    /// Rounds (requests) per policy [classic: 100000, fresh: 20000]
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Seed of the world, its traffic and its users' responses
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Policies to compare, comma-separated: popularity, random, epsilon_greedy, ucb1,
-    /// thompson, encoder, encoder_<policy>, each optionally with +q (the Q-network)
-    #[arg(long, default_value = DEFAULT_POLICIES)]
-    policies: String,
-    /// Users in the world
-    #[arg(long, default_value_t = 2000)]
-    users: usize,
-    /// Items in the world's catalog
-    #[arg(long, default_value_t = 1000)]
-    items: usize,
-    /// Item categories
-    #[arg(long, default_value_t = 20)]
-    categories: usize,
-    /// Items per slate
-    #[arg(long, default_value_t = 10)]
-    n: u32,
+    /// Policies to compare, comma-separated: onrec (the service as shipped), oracle,
+    /// popularity, random, epsilon_greedy, ucb1, thompson, encoder, encoder_<policy>, each
+    /// but onrec and oracle optionally with +q (the Q-network) [classic: the rankers and
+    /// policies one by one, fresh: random,onrec,oracle]
+    #[arg(long)]
+    policies: Option<String>,
+    /// Users in the world [classic: 2000, fresh: 3000]
+    #[arg(long)]
+    users: Option<usize>,
+    /// Items in the world's catalog [classic: 1000, fresh: 400]
+    #[arg(long)]
+    items: Option<usize>,
+    /// Item categories [classic: 20, fresh: 8]
+    #[arg(long)]
+    categories: Option<usize>,
+    /// Items per slate [classic: 10, fresh: 5]
+    #[arg(long)]
+    n: Option<u32>,
     /// Candidates the ranker proposes to the bandit policy
     #[arg(long, default_value_t = 50)]
     candidates: usize,
@@ -75,19 +97,66 @@ pub struct SimulateArgs {
     log_dir: Option<PathBuf>,
 }
 
+/// The service as shipped over a catalog: the server's default configuration with the
+/// catalog written to a file, built by the same code `onrec serve` runs.
+fn shipped_service(items: Vec<onrec_engine::Item>) -> Result<onrec_engine::Engine, SimError> {
+    let dir = std::env::temp_dir().join(format!("onrec-sim-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("catalog.jsonl");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    for item in &items {
+        serde_json::to_writer(&mut out, item).map_err(|e| SimError::Io(e.into()))?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    drop(out);
+    let command = <onrec_server::Config as clap::Args>::augment_args(clap::Command::new("onrec"));
+    let matches = command
+        .try_get_matches_from(["onrec", "--catalog", &path.display().to_string()])
+        .map_err(|e| SimError::config("service", e.to_string()))?;
+    let engine = onrec_server::Config::from_matches(&matches)
+        .and_then(|config| onrec_server::build_engine(&config))
+        .map_err(|e| SimError::config("service", format!("{e:#}")));
+    std::fs::remove_dir_all(&dir)?;
+    engine
+}
+
 /// Runs `onrec simulate`.
 pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
-    let specs = spec::parse_list(&args.policies)?;
-    let world = World::new(WorldConfig {
+    let fresh = args.scenario == Scenario::Fresh;
+    let pick = |given: Option<usize>, classic: usize, fresh_shop: usize| {
+        given.unwrap_or(if fresh { fresh_shop } else { classic })
+    };
+    let default_policies = if fresh {
+        "random,onrec,oracle"
+    } else {
+        DEFAULT_POLICIES
+    };
+    let specs = spec::parse_list(args.policies.as_deref().unwrap_or(default_policies))?;
+    let shape = if fresh {
+        WorldConfig::fresh_shop(args.seed)
+    } else {
+        WorldConfig::default()
+    };
+    let world_config = WorldConfig {
         seed: args.seed,
-        users: args.users,
-        items: args.items,
-        categories: args.categories,
-        ..WorldConfig::default()
-    })?;
+        users: args.users.unwrap_or(shape.users),
+        items: args.items.unwrap_or(shape.items),
+        categories: args.categories.unwrap_or(shape.categories),
+        repeats: args.repeats,
+        ..shape
+    };
+    let (users, items, categories) = (
+        world_config.users,
+        world_config.items,
+        world_config.categories,
+    );
+    let world = World::new(world_config)?;
+    let rounds = pick(args.rounds, 100_000, 20_000);
+    let n = args.n.unwrap_or(if fresh { 5 } else { 10 });
     let mut config = SimConfig {
-        rounds: args.rounds,
-        n: args.n,
+        rounds,
+        n,
         params: PolicyParams {
             epsilon: args.epsilon,
             ucb_c: args.ucb_c,
@@ -109,19 +178,25 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     if args.stationary {
         config = config.stationary();
     }
-    let mut sim = Simulation::new(world, config)?;
+    if fresh {
+        // The service's own settings, as shipped: no segment rules of the simulator's.
+        config.segment_rules.clear();
+    }
+    let mut sim = Simulation::new(world, config)?.with_service(Box::new(shipped_service));
     if let Some(dir) = &args.log_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the log directory {}", dir.display()))?;
     }
     eprintln!(
-        "world: seed {}, {} users, {} items in {} categories; {} rounds per policy, slates of {}, {} candidates{}",
+        "world: seed {}, {} users, {} items in {} categories ({:?} goods{}); {} rounds per policy, slates of {}, {} candidates{}",
         args.seed,
-        args.users,
-        args.items,
-        args.categories,
-        args.rounds,
-        args.n,
+        users,
+        items,
+        categories,
+        args.repeats,
+        if fresh { ", no sales history" } else { "" },
+        rounds,
+        n,
         args.candidates,
         if args.stationary {
             ", stationary ranker"
@@ -178,9 +253,11 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     } else {
         let summaries: Vec<_> = runs.iter().map(|r| r.summary.clone()).collect();
         print!("{}", report::table(&summaries));
+        print!("{}", report::tenths(&summaries));
         println!(
             "regret: the oracle's expected reward minus the served slate's, summed over rounds \
-             (cum. regret) and per round over the last 10% of rounds (regret/rd@end)"
+             (cum. regret) and per round over the last 10% of rounds (regret/rd@end); \
+             pref-cat: share of slots in the user's preferred category"
         );
     }
     Ok(())

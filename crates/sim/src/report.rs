@@ -58,12 +58,13 @@ pub fn table(summaries: &[Summary]) -> String {
         .unwrap_or(0)
         .max("policy".len());
     let mut out = format!(
-        "{:<width$}  {:>8}  {:>11}  {:>8}  {:>7}  {:>10}  {:>9}  {:>12}  {:>13}  {:>7}\n",
+        "{:<width$}  {:>8}  {:>11}  {:>8}  {:>7}  {:>8}  {:>10}  {:>9}  {:>12}  {:>13}  {:>7}\n",
         "policy",
         "rounds",
         "impressions",
         "clicks",
         "CTR",
+        "pref-cat",
         "reward/imp",
         "reward/rd",
         "cum. regret",
@@ -72,18 +73,42 @@ pub fn table(summaries: &[Summary]) -> String {
     );
     for s in summaries {
         out.push_str(&format!(
-            "{:<width$}  {:>8}  {:>11}  {:>8}  {:>6.2}%  {:>10.4}  {:>9.4}  {:>12.1}  {:>13.4}  {:>7.1}\n",
+            "{:<width$}  {:>8}  {:>11}  {:>8}  {:>6.2}%  {:>7.1}%  {:>10.4}  {:>9.4}  {:>12.1}  {:>13.4}  {:>7.1}\n",
             s.policy,
             s.rounds,
             s.impressions,
             s.clicks,
             100.0 * s.ctr,
+            100.0 * s.preferred_share,
             s.reward_per_impression,
             s.reward_per_round,
             s.cumulative_regret,
             s.final_regret_per_round,
             s.wall_seconds,
         ));
+    }
+    out
+}
+
+/// CTR by tenth of the run, one row per policy.
+pub fn tenths(summaries: &[Summary]) -> String {
+    let width = summaries
+        .iter()
+        .map(|s| s.policy.len())
+        .max()
+        .unwrap_or(0)
+        .max("CTR by tenth".len());
+    let mut out = format!("{:<width$}", "CTR by tenth");
+    for k in 1..=10 {
+        out.push_str(&format!("  {:>6}", format!("{}0%", k)));
+    }
+    out.push('\n');
+    for s in summaries {
+        out.push_str(&format!("{:<width$}", s.policy));
+        for ctr in &s.ctr_by_tenth {
+            out.push_str(&format!("  {:>5.2}%", 100.0 * ctr));
+        }
+        out.push('\n');
     }
     out
 }
@@ -120,8 +145,8 @@ pub struct Report {
     pub candidates: usize,
     /// Whether the popularity ranker moves with feedback.
     pub popularity_learns: bool,
-    /// Whether seen items are excluded.
-    pub exclude_seen: bool,
+    /// Whether purchased items are hidden from their buyers.
+    pub hide_purchased: bool,
     /// Rewards per event.
     pub rewards: Rewards,
     /// Parameters of the bandit policies.
@@ -151,7 +176,7 @@ impl Report {
             popularity_learns: [w.impression, w.click, w.add_to_cart, w.purchase, w.dislike]
                 .iter()
                 .any(|&x| x != 0.0),
-            exclude_seen: config.engine.exclude_seen,
+            hide_purchased: config.engine.hide_purchased,
             rewards: Rewards::of(&config.engine),
             params: config.params,
             q: config.q,

@@ -5,7 +5,10 @@
 //! Each policy gets a fresh engine over the world's catalog with an in-memory bandit
 //! store, its statistics written by `Engine::run_stats_writer` as a task on a
 //! current-thread tokio runtime (the loop yields after every round so the writer keeps
-//! up). The world, the traffic and the outcome draws come from the world's seed, so every
+//! up). The service as shipped (`onrec`) comes from a factory the caller gives
+//! ([`Simulation::with_service`]); every `SETTLE_EVERY` rounds the run waits for its
+//! online encoder to train on what it was sent, as it would keep up with a shop's
+//! traffic. The world, the traffic and the outcome draws come from the world's seed, so every
 //! policy meets the same users in the same moments; the engine's exploration draws from
 //! its random request ids, so two runs of a randomised policy (ε-greedy, Thompson) differ
 //! a little, while greedy and UCB1 runs replay exactly. Runs with the encoder or the
@@ -14,7 +17,7 @@
 //! seconds, so the popularity half-life and any statistics half-life hardly act in it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use onrec_engine::decisions::LogRecord;
 use onrec_engine::learning::{QMode, QSettings};
@@ -34,6 +37,15 @@ use crate::world::{DEVICES, Oracle, Rewards, World};
 
 /// Decision log records queued between the engine and a sink; drained every round.
 const LOG_QUEUE: usize = 4096;
+
+/// Rounds between waits for the online encoder to catch up.
+pub const SETTLE_EVERY: usize = 50;
+
+/// Longest wait for the online encoder to catch up.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Builds the service as shipped over a catalog.
+pub type ServiceFactory = dyn Fn(Vec<onrec_engine::Item>) -> Result<Engine, SimError>;
 
 /// How the Q-network takes part in `+q` policies (live mode always).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -122,7 +134,8 @@ impl SimConfig {
             purchase: 0.0,
             dislike: 0.0,
         };
-        self.engine.exclude_seen = false;
+        self.engine.hide_purchased = false;
+        self.engine.rest_after = 0;
         self
     }
 
@@ -214,6 +227,13 @@ pub struct Summary {
     pub encoder_rounds: u64,
     /// Rounds the Q-network re-ranked.
     pub q_rounds: u64,
+    /// Share of served slots in the user's preferred category.
+    pub preferred_share: f64,
+    /// CTR in each tenth of the run, in order.
+    pub ctr_by_tenth: Vec<f64>,
+    /// Snapshots the online encoder published, when one trained.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder_versions: Option<u64>,
     /// The Q-network learner's counts, for `+q` policies.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub learner: Option<LearnerCounts>,
@@ -272,11 +292,20 @@ impl PolicyRun {
 pub type DecisionSink<'a> = dyn FnMut(LogRecord) -> Result<(), SimError> + 'a;
 
 /// A world, the settings to run policies in it, and the encoder once trained.
-#[derive(Debug)]
 pub struct Simulation {
     world: World,
     config: SimConfig,
     encoder: Option<TrainedEncoder>,
+    service: Option<Box<ServiceFactory>>,
+}
+
+impl std::fmt::Debug for Simulation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Simulation")
+            .field("world", &self.world.config())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Simulation {
@@ -292,7 +321,15 @@ impl Simulation {
             world,
             config,
             encoder: None,
+            service: None,
         })
+    }
+
+    /// Runs the `onrec` policy on engines `factory` builds over the world's catalog: the
+    /// service as shipped.
+    pub fn with_service(mut self, factory: Box<ServiceFactory>) -> Self {
+        self.service = Some(factory);
+        self
     }
 
     /// The world.
@@ -336,6 +373,9 @@ impl Simulation {
         let started = Instant::now();
         let (engine, learner) = self.engine(spec, sink.is_some())?;
         let result = runtime.block_on(self.drive(&engine, spec, sink));
+        let encoder_versions = engine.online_encoder().map(|o| o.published());
+        engine.shutdown_online_encoder()?;
+        let learner = learner.or_else(|| engine.q_learner());
         let learner_counts = match &learner {
             Some(l) => {
                 let counts = LearnerCounts {
@@ -350,6 +390,7 @@ impl Simulation {
         };
         let mut run = result?;
         run.summary.learner = learner_counts;
+        run.summary.encoder_versions = encoder_versions;
         run.summary.wall_seconds = started.elapsed().as_secs_f64();
         Ok(run)
     }
@@ -360,6 +401,12 @@ impl Simulation {
         spec: &PolicySpec,
         logging: bool,
     ) -> Result<(Engine, Option<Arc<Learner>>), SimError> {
+        if spec.ranker == Ranker::Service {
+            let factory = self.service.as_ref().ok_or_else(|| {
+                SimError::config("policies", "'onrec' needs the service (with_service)")
+            })?;
+            return Ok((factory(self.world.catalog())?, None));
+        }
         let mut segments = SegmentConfig {
             rules: self.config.segment_rules.clone(),
             ..SegmentConfig::default()
@@ -444,6 +491,9 @@ impl Simulation {
                 final_regret_per_round: 0.0,
                 encoder_rounds: 0,
                 q_rounds: 0,
+                preferred_share: 0.0,
+                ctr_by_tenth: Vec::new(),
+                encoder_versions: None,
                 learner: None,
                 wall_seconds: 0.0,
             },
@@ -451,40 +501,62 @@ impl Simulation {
             oracle: Vec::with_capacity(config.rounds),
             realised: Vec::with_capacity(config.rounds),
         };
+        let tenth = config.rounds.div_ceil(10);
+        let (mut tenth_clicks, mut tenth_impressions) = (0u64, 0u64);
+        let mut preferred = 0u64;
+        let online = engine.online_encoder();
         for (round, (u, moment)) in world.traffic().take(config.rounds).enumerate() {
+            if round > 0
+                && round % SETTLE_EVERY == 0
+                && let Some(online) = &online
+                && online.settle(SETTLE_TIMEOUT).is_none()
+            {
+                return Err(SimError::config(
+                    "encoder",
+                    format!("the online encoder did not catch up within {SETTLE_TIMEOUT:?}"),
+                ));
+            }
             let user_id = World::user_id(u);
             // The oracle chooses from what the engine may serve this user now.
             for &i in &hidden_list {
                 hidden[i as usize] = false;
             }
             hidden_list.clear();
-            if config.engine.exclude_seen {
-                for id in engine.history(&user_id) {
-                    if let Some(i) = world.item_index(&id) {
-                        hidden[i as usize] = true;
-                        hidden_list.push(i);
-                    }
+            if config.engine.hide_purchased {
+                for &i in oracle.owned(u) {
+                    hidden[i as usize] = true;
+                    hidden_list.push(i);
                 }
             }
-            let (best, _) = oracle.best(u, moment, &hidden, n);
-            let mut request = RecommendRequest::new(user_id.clone(), config.n);
-            request.context = Some(moment.context());
-            let served = engine.recommend(&request).await?;
-            let slate: Vec<u32> = served
-                .items
-                .iter()
-                .map(|item| {
-                    world.item_index(&item.item_id).ok_or_else(|| {
-                        SimError::config("catalog", format!("unknown item {}", item.item_id))
+            let (best, best_slate) = oracle.best(u, moment, &hidden, n);
+            let (slate, request_id) = if spec.ranker == Ranker::Oracle {
+                (best_slate, None)
+            } else {
+                let mut request = RecommendRequest::new(user_id.clone(), config.n);
+                request.context = Some(moment.context());
+                let served = engine.recommend(&request).await?;
+                let slate: Vec<u32> = served
+                    .items
+                    .iter()
+                    .map(|item| {
+                        world.item_index(&item.item_id).ok_or_else(|| {
+                            SimError::config("catalog", format!("unknown item {}", item.item_id))
+                        })
                     })
-                })
-                .collect::<Result<_, _>>()?;
-            if served.ranker == RANKER_ENCODER {
-                run.summary.encoder_rounds += 1;
-            }
-            if served.model_version.contains("+q") {
-                run.summary.q_rounds += 1;
-            }
+                    .collect::<Result<_, _>>()?;
+                if served.ranker == RANKER_ENCODER {
+                    run.summary.encoder_rounds += 1;
+                }
+                if served.model_version.contains("+q") {
+                    run.summary.q_rounds += 1;
+                }
+                (slate, Some(served.request_id))
+            };
+            let liked = world.preferred_category(u);
+            preferred += slate
+                .iter()
+                .filter(|&&i| world.category_index(i) == liked)
+                .count() as u64;
             let expected = oracle.slate_value(u, moment, &slate);
             let response = oracle.respond(u, moment, &slate, outcomes.next_round(n));
             let event = |slot: usize, item: u32, kind: EventType| Event {
@@ -492,7 +564,7 @@ impl Simulation {
                 user_id: user_id.clone(),
                 item_id: world.item_id(item).to_owned(),
                 kind,
-                request_id: Some(served.request_id.clone()),
+                request_id: request_id.clone(),
                 value: None,
                 timestamp: None,
             };
@@ -511,6 +583,11 @@ impl Simulation {
                     .iter()
                     .map(|a| event(a.slot, a.item, a.kind)),
             );
+            let events = if spec.ranker == Ranker::Oracle {
+                Vec::new()
+            } else {
+                events
+            };
             for e in &events {
                 match engine.record(e) {
                     EventOutcome::Accepted => {}
@@ -526,6 +603,16 @@ impl Simulation {
             }
             run.summary.impressions += slate.len() as u64;
             run.summary.clicks += response.clicks;
+            tenth_impressions += slate.len() as u64;
+            tenth_clicks += response.clicks;
+            if (round + 1) % tenth == 0 || round + 1 == config.rounds {
+                run.summary.ctr_by_tenth.push(if tenth_impressions > 0 {
+                    tenth_clicks as f64 / tenth_impressions as f64
+                } else {
+                    0.0
+                });
+                (tenth_clicks, tenth_impressions) = (0, 0);
+            }
             run.summary.reward += response.reward;
             run.expected.push(expected);
             run.oracle.push(best);
@@ -548,6 +635,11 @@ impl Simulation {
                 sink(record)?;
             }
         }
+        run.summary.preferred_share = if run.summary.impressions > 0 {
+            preferred as f64 / run.summary.impressions as f64
+        } else {
+            0.0
+        };
         finish(&mut run.summary, &run.expected, &run.oracle);
         Ok(run)
     }

@@ -8,6 +8,8 @@
 //! | `epsilon_greedy`, `ucb1`, `thompson` | popularity | that policy over the candidates |
 //! | `encoder` | SASRec encoder | the ranking (greedy) |
 //! | `encoder_random`, `encoder_epsilon_greedy`, `encoder_ucb1`, `encoder_thompson` | SASRec encoder | that policy |
+//! | `onrec` | the service as shipped: its default configuration, only the catalog | its default policy |
+//! | `oracle` | the world's truth | the best slate |
 //!
 //! A `+q` suffix attaches the online Q-network learner in live mode, which re-ranks the
 //! candidates once it has trained enough.
@@ -19,6 +21,11 @@ use onrec_policy::PolicyConfig;
 use serde::Serialize;
 
 use crate::SimError;
+
+/// The name of the service as shipped.
+pub const SERVICE: &str = "onrec";
+/// The name of the oracle.
+pub const ORACLE: &str = "oracle";
 
 /// The policies `onrec simulate` compares when not told otherwise.
 pub const DEFAULT_POLICIES: &str =
@@ -32,6 +39,11 @@ pub enum Ranker {
     Popularity,
     /// A SASRec encoder trained on the world's organic sessions before the run.
     Encoder,
+    /// The service exactly as shipped, started with only the world's catalog (see
+    /// [`crate::Simulation::with_service`]).
+    Service,
+    /// The world's oracle: the best slate for every request, through no engine.
+    Oracle,
 }
 
 /// Which bandit policy fills the slots from the candidates.
@@ -115,7 +127,7 @@ impl PolicySpec {
 
     /// Every name the parser accepts, without `+q`.
     pub fn known_names() -> Vec<String> {
-        let mut names = Vec::new();
+        let mut names = vec![SERVICE.to_owned(), ORACLE.to_owned()];
         for prefix in ["", "encoder_"] {
             for (e, name) in Exploration::ALL {
                 names.push(match (prefix, e) {
@@ -151,6 +163,18 @@ impl FromStr for PolicySpec {
             Some(base) => (base, true),
             None => (name, false),
         };
+        if (base == SERVICE || base == ORACLE) && !q_network {
+            return Ok(Self {
+                name: name.to_owned(),
+                ranker: if base == SERVICE {
+                    Ranker::Service
+                } else {
+                    Ranker::Oracle
+                },
+                exploration: Exploration::Greedy,
+                q_network: false,
+            });
+        }
         let (ranker, exploration) = match base {
             "popularity" => (Ranker::Popularity, Exploration::Greedy),
             "encoder" => (Ranker::Encoder, Exploration::Greedy),
@@ -231,7 +255,7 @@ mod tests {
     fn unknown_empty_and_repeated_names_are_errors() {
         let err = parse_list("ucb1,softmax").unwrap_err().to_string();
         assert!(
-            err.starts_with("unknown policy 'softmax' (known: popularity, random"),
+            err.starts_with("unknown policy 'softmax' (known: onrec, oracle, popularity, random"),
             "{err}"
         );
         assert!("greedy".parse::<PolicySpec>().is_err());

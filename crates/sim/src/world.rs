@@ -10,7 +10,9 @@
 //! Slots are independent (the position-based click model). After a click the user puts
 //! the item in the cart with probability pᵢ and then buys it with probability qᵢ, both
 //! per item. The catalog's prior popularity is the appeal seen through noise, as a sales
-//! history would show it. Nothing drifts: the world is stationary.
+//! history would show it (a fresh shop's catalog has none). Tastes and appeal never drift;
+//! what a purchase does to the next visit depends on the kind of goods ([`Repeats`]):
+//! nothing, consumables that are bought again, or durable goods that are bought once.
 
 use std::collections::HashMap;
 
@@ -43,6 +45,41 @@ const STREAM_OUTCOMES: u64 = 0x00c1_1c45;
 /// Uniform draws per slot per round: examine, click, add to cart, purchase.
 const DRAWS_PER_SLOT: usize = 4;
 
+/// What buying an item does to the buyer's later interest in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Repeats {
+    /// Nothing: interest stays as it was.
+    Indifferent,
+    /// Consumables: a buyer is drawn back to what they bought (its click logit rises by
+    /// [`REPEAT_BOOST`]).
+    Consumable,
+    /// Durable goods: a buyer hardly looks at what they own (its click probability falls
+    /// to [`OWNED_SHARE`] of what it was).
+    Durable,
+}
+
+impl std::str::FromStr for Repeats {
+    type Err = SimError;
+
+    fn from_str(s: &str) -> Result<Self, SimError> {
+        match s {
+            "indifferent" => Ok(Self::Indifferent),
+            "consumable" => Ok(Self::Consumable),
+            "durable" => Ok(Self::Durable),
+            other => Err(SimError::config(
+                "repeats",
+                format!("unknown kind '{other}' (expected indifferent, consumable or durable)"),
+            )),
+        }
+    }
+}
+
+/// How much a consumable's click logit rises for one who bought it.
+pub const REPEAT_BOOST: f64 = 1.5;
+/// The share of its click probability an owned durable item keeps.
+pub const OWNED_SHARE: f64 = 0.05;
+
 /// The shape of a world; every value has a default that gives CTRs of a few per cent.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WorldConfig {
@@ -72,6 +109,11 @@ pub struct WorldConfig {
     pub prior_noise_sd: f64,
     /// Spread (sd) of the log activity of users: some shop far more often than others.
     pub activity_sd: f64,
+    /// Whether the catalog carries prior popularity (a sales history); a fresh shop's
+    /// does not.
+    pub priors: bool,
+    /// What a purchase does to the buyer's later interest in the item.
+    pub repeats: Repeats,
 }
 
 impl Default for WorldConfig {
@@ -90,6 +132,25 @@ impl Default for WorldConfig {
             position_decay: 0.8,
             prior_noise_sd: 1.0,
             activity_sd: 0.8,
+            priors: true,
+            repeats: Repeats::Indifferent,
+        }
+    }
+}
+
+impl WorldConfig {
+    /// A fresh shop: a few hundred products in 8 categories, thousands of users with
+    /// strong category tastes, no sales history in the catalog.
+    pub fn fresh_shop(seed: u64) -> Self {
+        Self {
+            seed,
+            users: 3000,
+            items: 400,
+            categories: 8,
+            base_logit: -5.0,
+            taste_sd: 1.6,
+            priors: false,
+            ..Self::default()
         }
     }
 }
@@ -378,6 +439,19 @@ impl World {
         format!("user-{u:06}")
     }
 
+    /// The category of item `i`, as an index.
+    pub fn category_index(&self, i: u32) -> usize {
+        self.items[i as usize].category
+    }
+
+    /// The category user `u` likes best.
+    pub fn preferred_category(&self, u: usize) -> usize {
+        let taste = &self.users[u].taste;
+        (0..taste.len())
+            .max_by(|&a, &b| taste[a].total_cmp(&taste[b]))
+            .unwrap_or(0)
+    }
+
     /// The category name of item `i`.
     pub fn category(&self, i: u32) -> String {
         format!("cat-{:02}", self.items[i as usize].category)
@@ -389,7 +463,7 @@ impl World {
             .map(|i| {
                 let mut item = Item::new(self.item_id(i), self.category(i));
                 item.title = format!("{} item {i}", self.category(i));
-                item.popularity = Some(self.items[i as usize].prior);
+                item.popularity = self.config.priors.then_some(self.items[i as usize].prior);
                 item
             })
             .collect()
@@ -400,21 +474,34 @@ impl World {
         1.0 / ((k + 1) as f64).powf(self.config.position_decay)
     }
 
-    /// The probability that user `u` clicks item `i` in moment `m` once they examine it.
+    /// The probability that user `u` clicks item `i` in moment `m` once they examine it,
+    /// before any purchase.
     pub fn attraction(&self, u: usize, i: u32, m: Moment) -> f64 {
+        1.0 / (1.0 + (-self.logit(u, i, m)).exp())
+    }
+
+    /// The same once `u` has bought `i` (see [`Repeats`]).
+    pub fn attraction_owned(&self, u: usize, i: u32, m: Moment) -> f64 {
+        match self.config.repeats {
+            Repeats::Indifferent => self.attraction(u, i, m),
+            Repeats::Consumable => 1.0 / (1.0 + (-(self.logit(u, i, m) + REPEAT_BOOST)).exp()),
+            Repeats::Durable => OWNED_SHARE * self.attraction(u, i, m),
+        }
+    }
+
+    fn logit(&self, u: usize, i: u32, m: Moment) -> f64 {
         let dim = self.config.latent_dim;
         let item = &self.items[i as usize];
         let c = item.category;
         let v = &self.item_latent[i as usize * dim..(i as usize + 1) * dim];
         let w = &self.user_latent[u * dim..(u + 1) * dim];
         let affinity: f64 = v.iter().zip(w).map(|(a, b)| a * b).sum();
-        let logit = self.config.base_logit
+        self.config.base_logit
             + item.appeal
             + self.users[u].taste[c]
             + self.config.latent_weight * affinity
             + self.device_shift[m.device][c]
-            + self.band_shift[m.band()][c];
-        1.0 / (1.0 + (-logit).exp())
+            + self.band_shift[m.band()][c]
     }
 
     /// The expected reward of a click on item `i`: the click and the discounted funnel.
@@ -542,11 +629,15 @@ impl Outcomes {
 }
 
 /// What the world knows about rewards under the engine's settings: the expected reward
-/// of any slate for any user and moment, the best slate, and actual responses.
+/// of any slate for any user and moment, the best slate, and actual responses. It
+/// remembers what each user bought in the run, which changes their interest when goods
+/// are consumable or durable.
 #[derive(Debug)]
 pub struct Oracle<'w> {
     world: &'w World,
     rewards: Rewards,
+    /// Items each user bought in this run.
+    owned: HashMap<usize, Vec<u32>>,
     /// Expected reward of a click, per item.
     click_value: Vec<f64>,
     /// Position bias per slot.
@@ -565,7 +656,21 @@ impl<'w> Oracle<'w> {
             examine: (0..n).map(|k| world.examine(k)).collect(),
             world,
             rewards,
+            owned: HashMap::new(),
             scratch: Vec::with_capacity(world.num_items()),
+        }
+    }
+
+    /// The items user `u` bought so far.
+    pub fn owned(&self, u: usize) -> &[u32] {
+        self.owned.get(&u).map_or(&[], Vec::as_slice)
+    }
+
+    fn attraction(&self, u: usize, i: u32, m: Moment) -> f64 {
+        if self.owned(u).contains(&i) {
+            self.world.attraction_owned(u, i, m)
+        } else {
+            self.world.attraction(u, i, m)
         }
     }
 
@@ -576,7 +681,7 @@ impl<'w> Oracle<'w> {
 
     /// Expected reward of item `i` for user `u` in moment `m` once examined.
     pub fn item_value(&self, u: usize, i: u32, m: Moment) -> f64 {
-        self.world.attraction(u, i, m) * self.click_value[i as usize]
+        self.attraction(u, i, m) * self.click_value[i as usize]
     }
 
     /// Expected reward of `slate` (items in slot order) for user `u` in moment `m`.
@@ -613,17 +718,18 @@ impl<'w> Oracle<'w> {
     }
 
     /// How user `u` in moment `m` responds to `slate`, decided by `draws` (from
-    /// [`Outcomes::next_round`], at least 4 per slot).
-    pub fn respond(&self, u: usize, m: Moment, slate: &[u32], draws: &[f64]) -> Response {
+    /// [`Outcomes::next_round`], at least 4 per slot). Purchases are remembered.
+    pub fn respond(&mut self, u: usize, m: Moment, slate: &[u32], draws: &[f64]) -> Response {
         let mut out = Response::default();
         for (slot, (&i, d)) in slate
             .iter()
             .zip(draws.chunks_exact(DRAWS_PER_SLOT))
             .enumerate()
         {
-            let item = &self.world.items[i as usize];
+            let world = self.world;
+            let item = &world.items[i as usize];
             let examined = d[0] < self.examine.get(slot).copied().unwrap_or(0.0);
-            if !examined || d[1] >= self.world.attraction(u, i, m) {
+            if !examined || d[1] >= self.attraction(u, i, m) {
                 continue;
             }
             let mut act = |kind| {
@@ -640,6 +746,10 @@ impl<'w> Oracle<'w> {
                 act(EventType::AddToCart);
                 if d[3] < item.purchase {
                     act(EventType::Purchase);
+                    let owned = self.owned.entry(u).or_default();
+                    if !owned.contains(&i) {
+                        owned.push(i);
+                    }
                 }
             }
         }
