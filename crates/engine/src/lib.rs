@@ -570,9 +570,9 @@ impl Engine {
         settings: online::OnlineSettings,
     ) -> Result<Arc<online::OnlineEncoder>, onrec_learn::LearnError> {
         let weak = Arc::downgrade(&self.inner);
-        let publish: online::Publish = Box::new(move |encoder, items, version| {
+        let publish: online::Publish = Box::new(move |encoder, items, version, newcomers| {
             if let Some(inner) = weak.upgrade() {
-                Self::swap_encoder(&inner, encoder, items, version, true);
+                Self::swap_encoder(&inner, encoder, items, version, newcomers);
             }
         });
         let mut ranking = self.inner.ranking.write();

@@ -54,8 +54,16 @@ impl Default for OnlineSettings {
 }
 
 /// Where the thread hands a published encoder: the encoder, its vocabulary (`items[0]`
-/// padding) and its version.
-pub(crate) type Publish = Box<dyn Fn(Encoder, &[String], String) + Send>;
+/// padding), its version, and whether it has learned enough first choices to rank users
+/// with no history.
+pub(crate) type Publish = Box<dyn Fn(Encoder, &[String], String, bool) + Send>;
+
+/// First choices (interactions of users with no history yet) the encoder learns from
+/// before it ranks users with no history: until then popularity, ties broken at random,
+/// shows them a spread of the catalog. An encoder that ranked them from its first steps
+/// would send every newcomer to the few items its barely trained context vector favours,
+/// and learn only from choices among those.
+pub const NEWCOMER_EXAMPLES: usize = 500;
 
 enum Msg {
     Observe {
@@ -308,6 +316,7 @@ impl Worker {
             encoder,
             &self.vocabulary,
             format!("sasrec-online-{version}"),
+            self.trainer.first_choices() >= NEWCOMER_EXAMPLES,
         );
         self.published.store(version, Ordering::Release);
         metrics::gauge!("onrec_encoder_online_version").set(version as f64);

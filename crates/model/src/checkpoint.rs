@@ -33,16 +33,16 @@ pub struct Checkpoint {
     pub index: HashMap<String, u32>,
 }
 
-fn io(path: &Path, e: impl std::fmt::Display) -> ModelError {
+pub(crate) fn io(path: &Path, e: impl std::fmt::Display) -> ModelError {
     ModelError::Checkpoint(format!("{}: {e}", path.display()))
 }
 
-fn write_json(path: &Path, value: &impl Serialize) -> Result<(), ModelError> {
+pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), ModelError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| io(path, e))?;
     std::fs::write(path, text).map_err(|e| io(path, e))
 }
 
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
+pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
     let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
     serde_json::from_str(&text).map_err(|e| io(path, e))
 }

@@ -130,6 +130,7 @@ pub struct OnlineTrainer {
     examples: VecDeque<Example>,
     /// The newest examples not trained on yet.
     fresh: usize,
+    first_choices: usize,
     credit: f64,
     clock: u64,
     rng: SplitMix64,
@@ -189,6 +190,7 @@ impl OnlineTrainer {
             seqs: Vec::new(),
             examples: VecDeque::new(),
             fresh: 0,
+            first_choices: 0,
             credit: 0.0,
             clock: 0,
             steps: 0,
@@ -290,6 +292,11 @@ impl OnlineTrainer {
         self.examples.len()
     }
 
+    /// Choices of users with no history yet it has taken (ever).
+    pub fn first_choices(&self) -> usize {
+        self.first_choices
+    }
+
     /// Adds items after the known ones, with their categories. What was learned is kept;
     /// the optimiser's moments start afresh.
     pub fn grow(&mut self, categories: &[String]) -> Result<(), ModelError> {
@@ -379,6 +386,9 @@ impl OnlineTrainer {
             if others.len() < OTHERS && i != item && known(i) && !others.contains(&i) {
                 others.push(i);
             }
+        }
+        if seq.items.is_empty() {
+            self.first_choices += 1;
         }
         self.examples.push_back(Example {
             history: seq.items.iter().copied().collect(),
