@@ -1,7 +1,8 @@
 //! The encoder learns online through the real binary: started with only a catalog, the
 //! service answers by popularity until events come, then ranks with a Transformer it
-//! trains from them, publishes newer versions as events keep coming, and takes items
-//! added at run time into the model without a restart.
+//! trains from them, publishes newer versions as events keep coming, takes items added
+//! at run time into the model without a restart, and resumes after one from its data
+//! directory.
 
 use std::time::{Duration, Instant};
 
@@ -79,12 +80,17 @@ async fn clicks(s: &Server, prefix: &str, users: usize) {
 #[tokio::test]
 async fn a_fresh_catalog_gets_a_transformer_trained_from_its_own_events() {
     let path = catalog(60);
-    let s = Server::start(&[
+    let data = std::env::temp_dir().join(format!("onrec-online-data-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let args = [
         "--catalog",
         path.to_str().unwrap(),
         "--encoder-online",
         "true",
-    ]);
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let mut s = Server::start(&args);
 
     let before = recommend(&s, json!({"user_id": "early", "n": 5})).await;
     assert_eq!(before["ranker"], "popularity", "{before}");
@@ -98,12 +104,13 @@ async fn a_fresh_catalog_gets_a_transformer_trained_from_its_own_events() {
     assert_eq!(first["ranker"], "transformer", "{first}");
     let v1 = online_version(&first).unwrap();
 
-    // More traffic, newer weights; a user with no history is ranked by their context.
+    // More traffic, newer weights. A user with no history gets popularity until the
+    // encoder has learned from 500 first choices (these are 60).
     clicks(&s, "b", 30).await;
     let later = wait_for_version(&s, "b1", v1).await;
     assert_eq!(later["ranker"], "transformer", "{later}");
     let newcomer = recommend(&s, json!({"user_id": "nobody-yet", "n": 5})).await;
-    assert_eq!(newcomer["ranker"], "transformer", "{newcomer}");
+    assert_eq!(newcomer["ranker"], "popularity", "{newcomer}");
 
     // An item added at run time joins the model: once it is clicked and trained on, a
     // history of it is one the encoder knows.
@@ -141,5 +148,37 @@ async fn a_fresh_catalog_gets_a_transformer_trained_from_its_own_events() {
         metrics.contains("onrec_encoder_online_steps_total"),
         "{metrics}"
     );
+
+    // A restart resumes the encoder: it ranks before any new event, at the version it had
+    // (the item added at run time is not in the catalog file, so it is gone now).
+    let stopped_at = online_version(&recommend(&s, json!({"user_id": "x", "n": 5})).await);
+    s.terminate();
+    let status = tokio::task::spawn_blocking(move || s.wait(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(status.is_some_and(|st| st.success()), "{status:?}");
+    let s = Server::start(&args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let body = recommend(
+            &s,
+            json!({"user_id": "back", "n": 5, "recent_items": ["p1"]}),
+        )
+        .await;
+        if let Some(v) = online_version(&body) {
+            assert!(
+                Some(v) >= stopped_at,
+                "resumed at {v}, stopped at {stopped_at:?}: {body}"
+            );
+            assert!(body.get("fallback").is_none(), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the encoder was not resumed: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     std::fs::remove_file(&path).unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
 }

@@ -4,10 +4,11 @@
 //! whenever it catches up. Publication swaps the engine's encoder; requests never wait
 //! for training.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use onrec_learn::{LearnError, Priority};
 use onrec_model::context::ContextIds;
@@ -34,6 +35,9 @@ pub struct OnlineSettings {
     pub encoder_queue: usize,
     /// How a published encoder batches requests.
     pub batching: Batching,
+    /// Where it is checkpointed (every minute and at shutdown) and resumed from at start;
+    /// `None` keeps it in memory only.
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for OnlineSettings {
@@ -49,6 +53,7 @@ impl Default for OnlineSettings {
                 max_batch: 64,
                 window: Duration::ZERO,
             },
+            dir: None,
         }
     }
 }
@@ -107,21 +112,16 @@ impl OnlineEncoder {
                 "onrec-encoder-train",
                 settings.priority,
                 move || {
-                    let device = device::select(settings.device);
-                    let trainer =
-                        OnlineTrainer::new(settings.config.clone(), &categories, device.clone())
-                            .map_err(|e| LearnError::Train(e.to_string()))?;
-                    let mut worker = Worker {
-                        trainer,
-                        vocabulary,
+                    let mut worker = Worker::start(
                         settings,
-                        device,
+                        vocabulary,
+                        &categories,
                         publish,
                         published,
                         steps,
-                        since_publish: 0,
-                    };
+                    )?;
                     worker.run(&rx);
+                    worker.save();
                     Ok(())
                 },
             )
@@ -167,7 +167,7 @@ impl OnlineEncoder {
     }
 
     /// Waits until everything handed over before this call is trained on and published,
-    /// at most `timeout`; returns the version published then (`None` on time-out).
+    /// at most `timeout`; returns the number of publications then (`None` on time-out).
     pub fn settle(&self, timeout: Duration) -> Option<u64> {
         let (reply, answer) = mpsc::channel();
         let sent = self
@@ -221,9 +221,79 @@ struct Worker {
     published: Arc<AtomicU64>,
     steps: Arc<AtomicU64>,
     since_publish: u64,
+    /// When it last checkpointed, and at how many steps.
+    saved_at: (Instant, u64),
 }
 
+/// Time between checkpoints while training goes on.
+const SAVE_EVERY: Duration = Duration::from_secs(60);
+
 impl Worker {
+    /// The trainer resumed from the settings' directory, or a fresh one.
+    fn start(
+        settings: OnlineSettings,
+        vocabulary: Vec<String>,
+        categories: &[String],
+        publish: Publish,
+        published: Arc<AtomicU64>,
+        steps: Arc<AtomicU64>,
+    ) -> Result<Self, LearnError> {
+        let device = device::select(settings.device);
+        let train_err = |e: onrec_model::ModelError| LearnError::Train(e.to_string());
+        let resumed = match &settings.dir {
+            Some(dir) => OnlineTrainer::resume(
+                settings.config.clone(),
+                dir,
+                &vocabulary,
+                categories,
+                device.clone(),
+            )
+            .map_err(train_err)?,
+            None => None,
+        };
+        if let Some(t) = &resumed {
+            tracing::info!(
+                steps = t.steps(),
+                users = t.users(),
+                examples = t.examples(),
+                "online encoder resumed"
+            );
+        }
+        // A resumed encoder is published at once.
+        let since_publish = u64::from(resumed.is_some());
+        let trainer = match resumed {
+            Some(t) => t,
+            None => OnlineTrainer::new(settings.config.clone(), categories, device.clone())
+                .map_err(train_err)?,
+        };
+        let saved_at = (Instant::now(), trainer.steps());
+        Ok(Self {
+            trainer,
+            vocabulary,
+            settings,
+            device,
+            publish,
+            published,
+            steps,
+            since_publish,
+            saved_at,
+        })
+    }
+
+    /// Checkpoints to the configured directory when it trained since the last time.
+    fn save(&mut self) {
+        let Some(dir) = &self.settings.dir else {
+            return;
+        };
+        if self.trainer.steps() == self.saved_at.1 {
+            return;
+        }
+        match self.trainer.save(dir, &self.vocabulary) {
+            Ok(()) => self.saved_at = (Instant::now(), self.trainer.steps()),
+            Err(e) => tracing::error!(error = %e, "the online encoder's checkpoint failed"),
+        }
+    }
+
     fn run(&mut self, rx: &Receiver<Msg>) {
         let mut waiters: Vec<Sender<u64>> = Vec::new();
         loop {
@@ -263,6 +333,9 @@ impl Worker {
             if self.since_publish >= self.settings.publish_every {
                 self.publish_if_trained();
             }
+            if self.saved_at.0.elapsed() >= SAVE_EVERY {
+                self.save();
+            }
         }
     }
 
@@ -291,7 +364,7 @@ impl Worker {
             return;
         }
         self.since_publish = 0;
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let model = match self.trainer.snapshot() {
             Ok(m) => m,
             Err(e) => {
@@ -311,21 +384,21 @@ impl Worker {
                 return;
             }
         };
-        let version = self.published.load(Ordering::Acquire) + 1;
+        // The version is the training steps the weights have had: it grows across restarts.
+        let version = self.trainer.steps();
         (self.publish)(
             encoder,
             &self.vocabulary,
             format!("sasrec-online-{version}"),
             self.trainer.first_choices() >= NEWCOMER_EXAMPLES,
         );
-        self.published.store(version, Ordering::Release);
+        let count = self.published.fetch_add(1, Ordering::AcqRel) + 1;
         metrics::gauge!("onrec_encoder_online_version").set(version as f64);
         metrics::gauge!("onrec_encoder_online_users").set(self.trainer.users() as f64);
-        let level_info = version == 1 || version.is_multiple_of(100);
-        if level_info {
+        if count == 1 || count.is_multiple_of(100) {
             tracing::info!(
                 version,
-                steps = self.trainer.steps(),
+                publications = count,
                 users = self.trainer.users(),
                 loss = self.trainer.last_loss(),
                 took_us = started.elapsed().as_micros() as u64,

@@ -24,12 +24,14 @@
 //! categories folded into its item table.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
+use crate::checkpoint::{io, read_json, write_json};
 use crate::context::ContextIds;
 use crate::rng::SplitMix64;
 use crate::sasrec::{self, Config, Noise, SasRec};
@@ -96,6 +98,32 @@ const CATEGORY_TABLE: &str = "categories.weight";
 const ITEM_TABLE: &str = "items.weight";
 /// Spread (sd) of the initial category embeddings; item embeddings start at 0.02.
 const CATEGORY_INIT_SD: f64 = 0.1;
+
+/// Weights file of a saved online encoder.
+pub const ONLINE_WEIGHTS: &str = "online.safetensors";
+/// State file of a saved online encoder: items, histories, examples.
+pub const ONLINE_STATE: &str = "online.json";
+
+/// What [`OnlineTrainer::save`] writes beside the weights, items named by id.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedState {
+    /// Item ids in row order (row 1 first).
+    items: Vec<String>,
+    /// Category names in row order (row 0, no category, is empty).
+    categories: Vec<String>,
+    users: Vec<(String, Vec<String>)>,
+    examples: Vec<SavedExample>,
+    steps: u64,
+    first_choices: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedExample {
+    history: Vec<String>,
+    context: ContextIds,
+    item: String,
+    others: Vec<String>,
+}
 
 /// One user's recent interactions, newest last.
 #[derive(Debug)]
@@ -509,6 +537,184 @@ impl OnlineTrainer {
         Ok(Some(self.last_loss))
     }
 
+    /// Writes the weights, the users' histories and the examples to `dir` (created if
+    /// missing), naming items by their ids in `vocabulary` (`vocabulary[0]` is padding),
+    /// so that a later run can resume with another catalog. The files are written beside
+    /// the old ones and renamed over them, the state file last.
+    pub fn save(&self, dir: &Path, vocabulary: &[String]) -> Result<(), ModelError> {
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let id = |i: u32| vocabulary.get(i as usize).cloned().unwrap_or_default();
+        let ids = |items: &[u32]| items.iter().map(|&i| id(i)).collect::<Vec<_>>();
+        let mut categories = vec![String::new(); self.category_index.len() + 1];
+        for (name, &c) in &self.category_index {
+            categories[c as usize] = name.clone();
+        }
+        let state = SavedState {
+            items: vocabulary[1..].to_vec(),
+            categories,
+            users: self
+                .users
+                .iter()
+                .map(|(user, &slot)| {
+                    let items: Vec<u32> = self.seqs[slot].items.iter().copied().collect();
+                    (user.clone(), ids(&items))
+                })
+                .collect(),
+            examples: self
+                .examples
+                .iter()
+                .map(|e| SavedExample {
+                    history: ids(&e.history),
+                    context: e.context,
+                    item: id(e.item),
+                    others: ids(&e.others),
+                })
+                .collect(),
+            steps: self.steps,
+            first_choices: self.first_choices,
+        };
+        let (weights, state_file) = (dir.join(ONLINE_WEIGHTS), dir.join(ONLINE_STATE));
+        let tmp = |p: &Path| {
+            let mut name = p.as_os_str().to_owned();
+            name.push(".tmp");
+            std::path::PathBuf::from(name)
+        };
+        self.varmap
+            .save(tmp(&weights))
+            .map_err(|e| io(&tmp(&weights), e))?;
+        write_json(&tmp(&state_file), &state)?;
+        std::fs::rename(tmp(&weights), &weights).map_err(|e| io(&weights, e))?;
+        std::fs::rename(tmp(&state_file), &state_file).map_err(|e| io(&state_file, e))
+    }
+
+    /// The encoder saved in `dir` by [`OnlineTrainer::save`], over today's items
+    /// (`categories` in item order; `vocabulary[0]` is padding), or `None` when nothing
+    /// is saved there. Items are matched by id: one still in the catalog keeps what was
+    /// learned of it wherever it is now, a new one starts from its category, and
+    /// histories and examples lose the items that are gone. A checkpoint of another
+    /// shape is refused with a message that names both.
+    pub fn resume(
+        cfg: OnlineConfig,
+        dir: &Path,
+        vocabulary: &[String],
+        categories: &[String],
+        device: Device,
+    ) -> Result<Option<Self>, ModelError> {
+        let (weights, state_file) = (dir.join(ONLINE_WEIGHTS), dir.join(ONLINE_STATE));
+        if !state_file.exists() {
+            return Ok(None);
+        }
+        let state: SavedState = read_json(&state_file)?;
+        let mut trainer = Self::new(cfg, categories, device.clone())?;
+        let saved =
+            candle_core::safetensors::load(&weights, &device).map_err(|e| io(&weights, e))?;
+        let index: HashMap<&str, u32> = vocabulary
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(i, id)| (id.as_str(), i as u32))
+            .collect();
+        // Row r of a saved table is item r (1-based) of the saved vocabulary, or category
+        // r of the saved categories; today's rows take theirs by id and by name.
+        let old_items: Vec<Option<u32>> = std::iter::once(Some(0))
+            .chain(state.items.iter().map(|id| index.get(id.as_str()).copied()))
+            .collect();
+        {
+            let vars = trainer
+                .varmap
+                .data()
+                .lock()
+                .map_err(|e| ModelError::Train(e.to_string()))?;
+            for (name, var) in vars.iter() {
+                let before = saved.get(name).ok_or_else(|| {
+                    io(&weights, format!("has no {name}: saved with another shape"))
+                })?;
+                let rows: Vec<(usize, usize)> = match name.as_str() {
+                    ITEM_TABLE => old_items
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(old, new)| new.map(|n| (old, n as usize)))
+                        .collect(),
+                    CATEGORY_TABLE => state
+                        .categories
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(old, name)| {
+                            let now = if name.is_empty() {
+                                Some(0)
+                            } else {
+                                trainer.category_index.get(name.as_str()).copied()
+                            };
+                            now.map(|n| (old, n as usize))
+                        })
+                        .collect(),
+                    _ => {
+                        if before.dims() != var.dims() {
+                            return Err(io(
+                                &weights,
+                                format!(
+                                    "{name} is {:?} there but {:?} here: saved with another shape",
+                                    before.dims(),
+                                    var.dims()
+                                ),
+                            ));
+                        }
+                        var.set(before)?;
+                        continue;
+                    }
+                };
+                if before.dim(1)? != var.dim(1)? {
+                    return Err(io(
+                        &weights,
+                        format!(
+                            "{name} is {} wide there but {} here: saved with another shape",
+                            before.dim(1)?,
+                            var.dim(1)?
+                        ),
+                    ));
+                }
+                let (mut table, width) = (var.as_tensor().to_vec2::<f32>()?, var.dim(1)?);
+                let old = before.to_vec2::<f32>()?;
+                for (o, n) in rows {
+                    if let (Some(src), Some(dst)) = (old.get(o), table.get_mut(n)) {
+                        dst.copy_from_slice(src);
+                    }
+                }
+                let flat: Vec<f32> = table.into_iter().flatten().collect();
+                var.set(&Tensor::from_vec(flat, (var.dim(0)?, width), &device)?)?;
+            }
+        }
+        let known = |ids: &[String]| -> Vec<u32> {
+            ids.iter()
+                .filter_map(|id| index.get(id.as_str()).copied())
+                .collect()
+        };
+        for (user, items) in &state.users {
+            let items = known(items);
+            if !items.is_empty() {
+                trainer.users.insert(user.clone(), trainer.seqs.len());
+                trainer.seqs.push(UserSeq {
+                    items: items.into_iter().collect(),
+                    touched: 0,
+                });
+            }
+        }
+        for e in &state.examples {
+            if let Some(&item) = index.get(e.item.as_str()) {
+                trainer.examples.push_back(Example {
+                    history: known(&e.history),
+                    context: e.context,
+                    item,
+                    others: known(&e.others),
+                });
+            }
+        }
+        trainer.steps = state.steps;
+        trainer.first_choices = state.first_choices;
+        trainer.opt = Self::optimizer(&trainer.varmap, &trainer.cfg)?;
+        Ok(Some(trainer))
+    }
+
     /// A copy of the encoder for serving: the same scores, categories folded into the
     /// item table, independent of further training.
     pub fn snapshot(&self) -> Result<SasRec, ModelError> {
@@ -601,6 +807,65 @@ mod tests {
             q(&served),
             "the snapshot ranks as the trainer does"
         );
+    }
+
+    #[test]
+    fn a_saved_encoder_resumes_by_item_id_with_a_changed_catalog() {
+        let mut t = trainer(12);
+        let vocabulary: Vec<String> = std::iter::once(String::new())
+            .chain((0..12).map(|i| format!("i{i}")))
+            .collect();
+        for u in 0..20u32 {
+            t.observe(
+                &format!("u{u}"),
+                u % 12 + 1,
+                ContextIds::default(),
+                &[1, 2, 3],
+            );
+            t.observe(
+                &format!("u{u}"),
+                (u + 5) % 12 + 1,
+                ContextIds::default(),
+                &[],
+            );
+        }
+        while t.step().unwrap().is_some() {}
+        let dir = std::env::temp_dir().join(format!("onrec-online-save-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = t.cfg.clone();
+        assert!(
+            OnlineTrainer::resume(
+                cfg.clone(),
+                &dir,
+                &vocabulary,
+                &categories(12, 3),
+                Device::Cpu
+            )
+            .unwrap()
+            .is_none(),
+            "nothing saved yet"
+        );
+        t.save(&dir, &vocabulary).unwrap();
+        // Today's catalog: i0 gone, the rest moved up one, one new item in a new category.
+        let today: Vec<String> = std::iter::once(String::new())
+            .chain((1..12).map(|i| format!("i{i}")))
+            .chain(std::iter::once("new".to_owned()))
+            .collect();
+        let mut cats: Vec<String> = (1..12).map(|i| format!("c{}", i % 3)).collect();
+        cats.push("fresh".to_owned());
+        let r = OnlineTrainer::resume(cfg, &dir, &today, &cats, Device::Cpu)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.steps(), r.users(), r.num_items()), (t.steps(), 20, 12));
+        assert!(r.examples() > 0 && r.examples() <= t.examples());
+        let (before, after) = (
+            t.snapshot().unwrap().folded_item_table().unwrap(),
+            r.snapshot().unwrap().folded_item_table().unwrap(),
+        );
+        // Item i5 was row 6 and is row 5 now; its vector is what it was.
+        let row = |m: &Tensor, i: usize| m.get(i).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(row(&before, 6), row(&after, 5));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -414,6 +414,13 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub learner_dir: Option<PathBuf>,
 
+    /// Directory for what the learners learned, to outlive a restart: the online encoder
+    /// (DIR/encoder) and, unless learner_dir is set, the Q-network (DIR/learner); none
+    /// keeps them in memory only
+    #[arg(long, env = "ONREC_DATA_DIR")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+
     /// Segment rules and per-segment policies (TOML file only: [[segments.rules]] and
     /// [segments.policies.NAME])
     #[arg(skip)]
@@ -545,6 +552,13 @@ impl Config {
             }
         }
         Ok(self)
+    }
+
+    /// Where the Q-network checkpoints: `learner_dir`, else `data_dir/learner`.
+    pub fn q_checkpoints(&self) -> Option<PathBuf> {
+        self.learner_dir
+            .clone()
+            .or_else(|| self.data_dir.as_ref().map(|d| d.join("learner")))
     }
 
     /// The engine's part of the settings.

@@ -88,6 +88,7 @@ pub fn start_online(engine: &Engine, config: &Config) -> anyhow::Result<()> {
         device: config.device,
         encoder_queue: config.encoder_queue,
         batching: batching(config),
+        dir: config.data_dir.as_ref().map(|d| d.join("encoder")),
         ..OnlineSettings::default()
     };
     let cfg = settings.config.clone();

@@ -245,7 +245,7 @@ fn bandit_store(config: &Config) -> anyhow::Result<Arc<dyn BanditStore>> {
     Ok(resilient)
 }
 
-/// Starts the online Q-network learner (resuming from `learner_dir`) and attaches it.
+/// Starts the online Q-network learner (resuming from its checkpoints) and attaches it.
 fn attach_learner(engine: &Engine, config: &Config) -> anyhow::Result<()> {
     let mode = match config.learner {
         LearnerMode::Off => return Ok(()),
@@ -267,8 +267,8 @@ fn attach_learner(engine: &Engine, config: &Config) -> anyhow::Result<()> {
         negatives: config.q_negatives,
     };
     let learner = engine
-        .start_learner(learn, config.learner_dir.as_deref(), settings)
-        .with_context(|| match &config.learner_dir {
+        .start_learner(learn, config.q_checkpoints().as_deref(), settings)
+        .with_context(|| match config.q_checkpoints() {
             Some(dir) => format!(
                 "starting the Q-network learner from {} (move it away to start afresh)",
                 dir.display()
