@@ -853,6 +853,35 @@ mod tests {
     }
 
     #[test]
+    fn purchases_bring_buyers_back_to_consumables_and_off_durables() {
+        let m = Moment { device: 1, hour: 9 };
+        for (repeats, owned_is_more) in [(Repeats::Consumable, true), (Repeats::Durable, false)] {
+            let w = World::new(WorldConfig {
+                repeats,
+                ..WorldConfig::fresh_shop(4)
+            })
+            .unwrap();
+            assert!(
+                w.catalog().iter().all(|i| i.popularity.is_none()),
+                "no sales history"
+            );
+            let mut oracle = Oracle::new(&w, Rewards::of(&EngineConfig::default()), 5);
+            let before = oracle.item_value(3, 7, m);
+            // Draws that examine, click, add to cart and buy whatever is in slot 0.
+            let r = oracle.respond(3, m, &[7], &[0.0, 0.0, 0.0, 0.0]);
+            assert_eq!(r.actions.last().map(|a| a.kind), Some(EventType::Purchase));
+            assert_eq!(oracle.owned(3), &[7]);
+            let after = oracle.item_value(3, 7, m);
+            assert_eq!(
+                after > before,
+                owned_is_more,
+                "{repeats:?}: {before} then {after}"
+            );
+            assert_eq!(oracle.owned(4), &[] as &[u32], "per user");
+        }
+    }
+
+    #[test]
     fn bad_shapes_are_refused() {
         let err = |c: WorldConfig| World::new(c).unwrap_err().to_string();
         assert_eq!(
