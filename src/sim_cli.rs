@@ -19,8 +19,8 @@ pub enum Scenario {
     /// by one (100,000 rounds, slates of 10)
     Classic,
     /// A fresh shop: a few hundred products in 8 categories, no sales history, the
-    /// service exactly as shipped (`onrec`) beside uniform random and the oracle (20,000
-    /// rounds, slates of 5)
+    /// service exactly as shipped (`onrec`) beside a uniformly random slate and the
+    /// oracle (20,000 rounds, slates of 5)
     Fresh,
 }
 
@@ -41,9 +41,10 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Policies to compare, comma-separated: onrec (the service as shipped), oracle,
-    /// popularity, random, epsilon_greedy, ucb1, thompson, encoder, encoder_<policy>, each
+    /// uniform (a random slate from the whole catalog), popularity, random (uniform among
+    /// the popularity candidates), epsilon_greedy, ucb1, thompson, encoder, encoder_<policy>, each
     /// but onrec and oracle optionally with +q (the Q-network) [classic: the rankers and
-    /// policies one by one, fresh: random,onrec,oracle]
+    /// policies one by one, fresh: uniform,onrec,oracle]
     #[arg(long)]
     policies: Option<String>,
     /// Users in the world [classic: 2000, fresh: 3000]
@@ -128,7 +129,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         given.unwrap_or(if fresh { fresh_shop } else { classic })
     };
     let default_policies = if fresh {
-        "random,onrec,oracle"
+        "uniform,onrec,oracle"
     } else {
         DEFAULT_POLICIES
     };

@@ -28,6 +28,7 @@ use onrec_engine::{
 use onrec_learn::{LearnConfig, Learner, Priority};
 use onrec_policy::segment::OneOrMany;
 use onrec_policy::{Explorer, MemoryStore, SegmentConfig, SegmentRule, StatsConfig};
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::SimError;
@@ -473,8 +474,9 @@ impl Simulation {
         let n = config.n as usize;
         let mut oracle = Oracle::new(world, Rewards::of(&config.engine), n);
         let mut outcomes = world.outcomes();
-        let mut hidden = vec![false; world.num_items()];
-        let mut hidden_list: Vec<u32> = Vec::new();
+        let nothing_hidden = vec![false; world.num_items()];
+        // The uniform policy's draws, the same for every run of this world.
+        let mut uniform = rand::rngs::SmallRng::seed_from_u64(world.config().seed ^ 0x0001_f0a1);
         let mut run = PolicyRun {
             summary: Summary {
                 policy: spec.name.clone(),
@@ -517,20 +519,19 @@ impl Simulation {
                 ));
             }
             let user_id = World::user_id(u);
-            // The oracle chooses from what the engine may serve this user now.
-            for &i in &hidden_list {
-                hidden[i as usize] = false;
-            }
-            hidden_list.clear();
-            if config.engine.hide_purchased {
-                for &i in oracle.owned(u) {
-                    hidden[i as usize] = true;
-                    hidden_list.push(i);
-                }
-            }
-            let (best, best_slate) = oracle.best(u, moment, &hidden, n);
+            // The oracle's slate is the best the truth allows, whatever the engine hides.
+            let (best, best_slate) = oracle.best(u, moment, &nothing_hidden, n);
             let (slate, request_id) = if spec.ranker == Ranker::Oracle {
                 (best_slate, None)
+            } else if spec.ranker == Ranker::Uniform {
+                let mut slate = Vec::with_capacity(n);
+                while slate.len() < n.min(world.num_items()) {
+                    let i = uniform.random_range(0..world.num_items() as u32);
+                    if !slate.contains(&i) {
+                        slate.push(i);
+                    }
+                }
+                (slate, None)
             } else {
                 let mut request = RecommendRequest::new(user_id.clone(), config.n);
                 request.context = Some(moment.context());
@@ -583,7 +584,7 @@ impl Simulation {
                     .iter()
                     .map(|a| event(a.slot, a.item, a.kind)),
             );
-            let events = if spec.ranker == Ranker::Oracle {
+            let events = if matches!(spec.ranker, Ranker::Oracle | Ranker::Uniform) {
                 Vec::new()
             } else {
                 events

@@ -10,6 +10,7 @@
 //! | `encoder_random`, `encoder_epsilon_greedy`, `encoder_ucb1`, `encoder_thompson` | SASRec encoder | that policy |
 //! | `onrec` | the service as shipped: its default configuration, only the catalog | its default policy |
 //! | `oracle` | the world's truth | the best slate |
+//! | `uniform` | none | a uniformly random slate from the whole catalog |
 //!
 //! A `+q` suffix attaches the online Q-network learner in live mode, which re-ranks the
 //! candidates once it has trained enough.
@@ -26,6 +27,8 @@ use crate::SimError;
 pub const SERVICE: &str = "onrec";
 /// The name of the oracle.
 pub const ORACLE: &str = "oracle";
+/// The name of the uniformly random slate.
+pub const UNIFORM: &str = "uniform";
 
 /// The policies `onrec simulate` compares when not told otherwise.
 pub const DEFAULT_POLICIES: &str =
@@ -44,6 +47,8 @@ pub enum Ranker {
     Service,
     /// The world's oracle: the best slate for every request, through no engine.
     Oracle,
+    /// A uniformly random slate from the whole catalog, through no engine.
+    Uniform,
 }
 
 /// Which bandit policy fills the slots from the candidates.
@@ -127,7 +132,7 @@ impl PolicySpec {
 
     /// Every name the parser accepts, without `+q`.
     pub fn known_names() -> Vec<String> {
-        let mut names = vec![SERVICE.to_owned(), ORACLE.to_owned()];
+        let mut names = vec![SERVICE.to_owned(), ORACLE.to_owned(), UNIFORM.to_owned()];
         for prefix in ["", "encoder_"] {
             for (e, name) in Exploration::ALL {
                 names.push(match (prefix, e) {
@@ -163,14 +168,16 @@ impl FromStr for PolicySpec {
             Some(base) => (base, true),
             None => (name, false),
         };
-        if (base == SERVICE || base == ORACLE) && !q_network {
+        let outside = match base {
+            SERVICE => Some(Ranker::Service),
+            ORACLE => Some(Ranker::Oracle),
+            UNIFORM => Some(Ranker::Uniform),
+            _ => None,
+        };
+        if let Some(ranker) = outside.filter(|_| !q_network) {
             return Ok(Self {
                 name: name.to_owned(),
-                ranker: if base == SERVICE {
-                    Ranker::Service
-                } else {
-                    Ranker::Oracle
-                },
+                ranker,
                 exploration: Exploration::Greedy,
                 q_network: false,
             });
@@ -255,7 +262,7 @@ mod tests {
     fn unknown_empty_and_repeated_names_are_errors() {
         let err = parse_list("ucb1,softmax").unwrap_err().to_string();
         assert!(
-            err.starts_with("unknown policy 'softmax' (known: onrec, oracle, popularity, random"),
+            err.starts_with("unknown policy 'softmax' (known: onrec, oracle, uniform, popularity, random"),
             "{err}"
         );
         assert!("greedy".parse::<PolicySpec>().is_err());
