@@ -121,27 +121,34 @@ impl Server {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, body).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::PUT, path, body).await
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
         let r = self
             .client
-            .post(self.url(path))
+            .request(method.clone(), self.url(path))
             .json(&body)
             .send()
             .await
-            .expect("POST");
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
-    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .client
-            .put(self.url(path))
-            .json(&body)
-            .send()
+    /// Stops the server with SIGTERM, checks that it exits 0, and starts it again with
+    /// `args`.
+    pub async fn restart(mut self, args: &[&str]) -> Server {
+        self.terminate();
+        let status = tokio::task::spawn_blocking(move || self.wait(Duration::from_secs(30)))
             .await
-            .expect("PUT");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+            .unwrap();
+        assert!(status.is_some_and(|st| st.success()), "{status:?}");
+        Server::start(args)
     }
 
     pub async fn recommend(&self, user: &str, n: u32) -> Vec<String> {

@@ -79,7 +79,7 @@ async fn rewarded_item_climbs_in_its_context_and_survives_a_restart() {
         "--weight-click",
         "0",
     ];
-    let mut s = Server::start(&args);
+    let s = Server::start(&args);
     let (_, first) = s
         .post(
             "/v1/recommend",
@@ -131,12 +131,7 @@ async fn rewarded_item_climbs_in_its_context_and_survives_a_restart() {
     let (_, metrics) = s.get_text("/metrics").await;
     assert!(metrics.contains("onrec_learn_updates_total"), "{metrics}");
 
-    s.terminate();
-    let status = tokio::task::spawn_blocking(move || s.wait(Duration::from_secs(30)))
-        .await
-        .unwrap();
-    assert!(status.is_some_and(|st| st.success()), "{status:?}");
-    let s = Server::start(&args);
+    let s = s.restart(&args).await;
     let (pos, body) = rank_of(&s, "after-restart", 9, &target).await;
     assert!(pos.is_some(), "the learned ranking was not resumed: {body}");
     assert!(version_of(&body).is_some_and(|v| v >= version), "{body}");

@@ -90,7 +90,7 @@ async fn a_fresh_catalog_gets_a_transformer_trained_from_its_own_events() {
         "--data-dir",
         data.to_str().unwrap(),
     ];
-    let mut s = Server::start(&args);
+    let s = Server::start(&args);
 
     let before = recommend(&s, json!({"user_id": "early", "n": 5})).await;
     assert_eq!(before["ranker"], "popularity", "{before}");
@@ -152,12 +152,7 @@ async fn a_fresh_catalog_gets_a_transformer_trained_from_its_own_events() {
     // A restart resumes the encoder: it ranks before any new event, at the version it had
     // (the item added at run time is not in the catalog file, so it is gone now).
     let stopped_at = online_version(&recommend(&s, json!({"user_id": "x", "n": 5})).await);
-    s.terminate();
-    let status = tokio::task::spawn_blocking(move || s.wait(Duration::from_secs(30)))
-        .await
-        .unwrap();
-    assert!(status.is_some_and(|st| st.success()), "{status:?}");
-    let s = Server::start(&args);
+    let s = s.restart(&args).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let body = recommend(

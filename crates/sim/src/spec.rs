@@ -262,7 +262,9 @@ mod tests {
     fn unknown_empty_and_repeated_names_are_errors() {
         let err = parse_list("ucb1,softmax").unwrap_err().to_string();
         assert!(
-            err.starts_with("unknown policy 'softmax' (known: onrec, oracle, uniform, popularity, random"),
+            err.starts_with(
+                "unknown policy 'softmax' (known: onrec, oracle, uniform, popularity, random"
+            ),
             "{err}"
         );
         assert!("greedy".parse::<PolicySpec>().is_err());
