@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use onrec_sim::report::{self, Report};
 use onrec_sim::{
-    DEFAULT_POLICIES, EncoderSettings, LogRecord, PolicyParams, QParams, Repeats, SimConfig,
-    SimError, Simulation, World, WorldConfig, spec,
+    DEFAULT_POLICIES, EncoderSettings, HttpShop, LogRecord, PolicyParams, QParams, Repeats,
+    SimConfig, SimError, Simulation, World, WorldConfig, spec,
 };
 
 /// Which shop to simulate.
@@ -96,6 +96,25 @@ pub struct SimulateArgs {
     /// Write each policy's decision log to DIR/<policy>.jsonl
     #[arg(long, value_name = "DIR")]
     log_dir: Option<PathBuf>,
+    /// Drive running servers instead of the service in process (the onrec policy),
+    /// round-robin over them: each request and each round's events go to the next. They
+    /// must serve the world's catalog (see --write-catalog)
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    url: Vec<String>,
+    /// Write the world's catalog as a JSON-lines file for `onrec serve --catalog`, and exit
+    #[arg(long, value_name = "FILE")]
+    write_catalog: Option<PathBuf>,
+}
+
+/// Writes `items` as a JSON-lines catalog file.
+fn write_catalog(items: &[onrec_engine::Item], path: &std::path::Path) -> Result<(), SimError> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for item in items {
+        serde_json::to_writer(&mut out, item)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// The service as shipped over a catalog: the server's default configuration with the
@@ -104,13 +123,7 @@ fn shipped_service(items: Vec<onrec_engine::Item>) -> Result<onrec_engine::Engin
     let dir = std::env::temp_dir().join(format!("onrec-sim-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("catalog.jsonl");
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
-    for item in &items {
-        serde_json::to_writer(&mut out, item).map_err(|e| SimError::Io(e.into()))?;
-        out.write_all(b"\n")?;
-    }
-    out.flush()?;
-    drop(out);
+    write_catalog(&items, &path)?;
     let command = <onrec_server::Config as clap::Args>::augment_args(clap::Command::new("onrec"));
     let matches = command
         .try_get_matches_from(["onrec", "--catalog", &path.display().to_string()])
@@ -153,6 +166,12 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         world_config.categories,
     );
     let world = World::new(world_config)?;
+    if let Some(path) = &args.write_catalog {
+        write_catalog(&world.catalog(), path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("{} items written to {}", world.num_items(), path.display());
+        return Ok(());
+    }
     let rounds = pick(args.rounds, 100_000, 20_000);
     let n = args.n.unwrap_or(if fresh { 5 } else { 10 });
     let mut config = SimConfig {
@@ -184,6 +203,11 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         config.segment_rules.clear();
     }
     let mut sim = Simulation::new(world, config)?.with_service(Box::new(shipped_service));
+    if !args.url.is_empty() {
+        let shop = HttpShop::new(args.url.clone())?;
+        eprintln!("onrec: driving {} over HTTP", shop.urls().join(", "));
+        sim = sim.with_http(shop);
+    }
     if let Some(dir) = &args.log_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the log directory {}", dir.display()))?;

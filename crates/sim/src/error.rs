@@ -51,6 +51,14 @@ pub enum SimError {
     /// The plot could not be drawn.
     #[error("plot: {0}")]
     Plot(String),
+    /// A server driven over HTTP did not answer as it should.
+    #[error("{url}: {message}")]
+    Http {
+        /// What was called.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl SimError {

@@ -21,6 +21,7 @@
 
 pub mod encoder;
 pub mod error;
+pub mod http;
 pub mod report;
 pub mod run;
 pub mod spec;
@@ -28,6 +29,7 @@ pub mod world;
 
 pub use crate::encoder::{EncoderReport, EncoderSettings, TrainedEncoder};
 pub use crate::error::SimError;
+pub use crate::http::HttpShop;
 pub use crate::run::{
     DecisionSink, LearnerCounts, PolicyRun, QParams, SimConfig, Simulation, Summary,
     device_segments,

@@ -33,6 +33,7 @@ use serde::Serialize;
 
 use crate::SimError;
 use crate::encoder::{EncoderSettings, TrainedEncoder};
+use crate::http::HttpShop;
 use crate::spec::{PolicyParams, PolicySpec, Ranker};
 use crate::world::{DEVICES, Oracle, Rewards, World};
 
@@ -298,6 +299,7 @@ pub struct Simulation {
     config: SimConfig,
     encoder: Option<TrainedEncoder>,
     service: Option<Box<ServiceFactory>>,
+    http: Option<HttpShop>,
 }
 
 impl std::fmt::Debug for Simulation {
@@ -323,7 +325,16 @@ impl Simulation {
             config,
             encoder: None,
             service: None,
+            http: None,
         })
+    }
+
+    /// Runs the `onrec` policy against running servers over HTTP instead (see
+    /// [`HttpShop`]): they must serve the world's catalog (write it with
+    /// [`World::catalog`]), and nothing waits for their learners.
+    pub fn with_http(mut self, shop: HttpShop) -> Self {
+        self.http = Some(shop);
+        self
     }
 
     /// Runs the `onrec` policy on engines `factory` builds over the world's catalog: the
@@ -369,11 +380,16 @@ impl Simulation {
             self.encoder()?;
         }
         let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
+            .enable_all()
             .build()?;
         let started = Instant::now();
+        if let (Ranker::Service, Some(shop)) = (spec.ranker, &self.http) {
+            let mut run = runtime.block_on(self.drive(Target::Http(shop), spec, None))?;
+            run.summary.wall_seconds = started.elapsed().as_secs_f64();
+            return Ok(run);
+        }
         let (engine, learner) = self.engine(spec, sink.is_some())?;
-        let result = runtime.block_on(self.drive(&engine, spec, sink));
+        let result = runtime.block_on(self.drive(Target::Engine(&engine), spec, sink));
         let encoder_versions = engine.online_encoder().map(|o| o.published());
         engine.shutdown_online_encoder()?;
         let learner = learner.or_else(|| engine.q_learner());
@@ -457,17 +473,21 @@ impl Simulation {
     /// The rounds of one run.
     async fn drive(
         &self,
-        engine: &Engine,
+        target: Target<'_>,
         spec: &PolicySpec,
         mut sink: Option<&mut DecisionSink<'_>>,
     ) -> Result<PolicyRun, SimError> {
-        let writer = {
+        let engine = match target {
+            Target::Engine(engine) => Some(engine),
+            Target::Http(_) => None,
+        };
+        let writer = engine.map(|engine| {
             let engine = engine.clone();
             tokio::spawn(async move { engine.run_stats_writer().await })
-        };
-        let mut log = match sink {
-            Some(_) => engine.decision_records(),
-            None => None,
+        });
+        let mut log = match (sink.as_ref(), engine) {
+            (Some(_), Some(engine)) => engine.decision_records(),
+            _ => None,
         };
         let world = &self.world;
         let config = &self.config;
@@ -506,7 +526,7 @@ impl Simulation {
         let tenth = config.rounds.div_ceil(10);
         let (mut tenth_clicks, mut tenth_impressions) = (0u64, 0u64);
         let mut preferred = 0u64;
-        let online = engine.online_encoder();
+        let online = engine.and_then(Engine::online_encoder);
         for (round, (u, moment)) in world.traffic().take(config.rounds).enumerate() {
             if round > 0
                 && round % SETTLE_EVERY == 0
@@ -535,7 +555,7 @@ impl Simulation {
             } else {
                 let mut request = RecommendRequest::new(user_id.clone(), config.n);
                 request.context = Some(moment.context());
-                let served = engine.recommend(&request).await?;
+                let served = target.recommend(&request).await?;
                 let slate: Vec<u32> = served
                     .items
                     .iter()
@@ -589,19 +609,7 @@ impl Simulation {
             } else {
                 events
             };
-            for e in &events {
-                match engine.record(e) {
-                    EventOutcome::Accepted => {}
-                    other => {
-                        return Err(SimError::EventRejected {
-                            event_id: e.event_id.clone(),
-                            outcome: other
-                                .error(&e.item_id)
-                                .unwrap_or_else(|| other.as_str().to_owned()),
-                        });
-                    }
-                }
-            }
+            target.record(&events).await?;
             run.summary.impressions += slate.len() as u64;
             run.summary.clicks += response.clicks;
             tenth_impressions += slate.len() as u64;
@@ -625,12 +633,14 @@ impl Simulation {
             }
             tokio::task::yield_now().await;
         }
-        engine.close_stats();
-        // The writer only ends once the queue is drained; its failure is a panic, reported.
-        writer
-            .await
-            .map_err(|e| SimError::Io(std::io::Error::other(e.to_string())))?;
-        engine.close_decision_log();
+        if let (Some(engine), Some(writer)) = (engine, writer) {
+            engine.close_stats();
+            // The writer only ends once the queue is drained; its failure is a panic, reported.
+            writer
+                .await
+                .map_err(|e| SimError::Io(std::io::Error::other(e.to_string())))?;
+            engine.close_decision_log();
+        }
         if let (Some(rx), Some(sink)) = (log.as_mut(), sink) {
             while let Some(record) = rx.recv().await {
                 sink(record)?;
@@ -643,6 +653,48 @@ impl Simulation {
         };
         finish(&mut run.summary, &run.expected, &run.oracle);
         Ok(run)
+    }
+}
+
+/// What a run serves from: an engine in process, or running servers over HTTP.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Engine(&'a Engine),
+    Http(&'a HttpShop),
+}
+
+impl Target<'_> {
+    async fn recommend(
+        self,
+        request: &RecommendRequest,
+    ) -> Result<onrec_engine::Recommendation, SimError> {
+        match self {
+            Target::Engine(engine) => Ok(engine.recommend(request).await?),
+            Target::Http(shop) => shop.recommend(request).await,
+        }
+    }
+
+    /// Records a round's events; every one must be accepted.
+    async fn record(self, events: &[Event]) -> Result<(), SimError> {
+        match self {
+            Target::Engine(engine) => {
+                for e in events {
+                    match engine.record(e) {
+                        EventOutcome::Accepted => {}
+                        other => {
+                            return Err(SimError::EventRejected {
+                                event_id: e.event_id.clone(),
+                                outcome: other
+                                    .error(&e.item_id)
+                                    .unwrap_or_else(|| other.as_str().to_owned()),
+                            });
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Target::Http(shop) => shop.record(events).await,
+        }
     }
 }
 
