@@ -94,6 +94,11 @@ pub struct LearnConfig {
     pub priority: Priority,
 }
 
+/// Longest the learner trains without publishing by time and checkpointing.
+const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+/// Most training steps the learner owes the traffic at once.
+const MAX_OWED_STEPS: f64 = 1000.0;
+
 impl Default for LearnConfig {
     /// The network of [`QConfig::default`]: γ 0.5, batches of 64 once 64 transitions are
     /// held, 100 000 replayed transitions, replay ratio 8, a queue of 1024, AdamW at 1e-3
@@ -525,13 +530,27 @@ impl Trainer {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            let training = Instant::now();
             while self.owed >= 1.0 && !stop.load(Ordering::Acquire) {
                 self.owed -= 1.0;
+                self.follow_vocabulary();
                 let started = Instant::now();
                 logged("training step", self.step());
                 self.rest(started.elapsed());
                 if self.since_publish >= self.cfg.publish_every {
                     logged("publication", self.publish());
+                }
+                // What arrived during the step is taken now: a long run of steps would
+                // otherwise leave the queue to overflow. Every second the loop lets the
+                // upkeep below run.
+                for _ in 0..self.cfg.queue {
+                    match rx.try_recv() {
+                        Ok(msg) => self.take(msg),
+                        Err(_) => break,
+                    }
+                }
+                if training.elapsed() >= UPKEEP_EVERY {
+                    break;
                 }
             }
             self.follow_vocabulary();
@@ -598,7 +617,10 @@ impl Trainer {
         push_bounded(&mut self.fresh, submitted, self.cfg.replay_capacity);
         metrics::gauge!("onrec_learn_replay_size").set(self.replay.len() as f64);
         if self.replay.len() >= self.cfg.min_replay.max(1) {
-            self.owed += self.cfg.replay_ratio / self.cfg.batch_size as f64;
+            // Under more traffic than it can train on, the backlog stays bounded: the
+            // newest transitions are in the replay, the oldest replays are skipped.
+            self.owed = (self.owed + self.cfg.replay_ratio / self.cfg.batch_size as f64)
+                .min(MAX_OWED_STEPS);
         }
     }
 

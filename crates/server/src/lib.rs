@@ -424,7 +424,7 @@ impl Starved {
                 tracing::warn!(
                     dropped = dropped - self.transitions,
                     taken_total = taken,
-                    "the Q-network learner is starved: transitions were dropped (onrec_learn_transitions_dropped_total); give it more CPU or q_priority normal"
+                    "the Q-network learner is starved: it dropped transitions it had no time to train on (onrec_learn_transitions_dropped_total)"
                 );
             }
             self.transitions = dropped;
