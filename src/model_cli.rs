@@ -18,7 +18,8 @@ pub struct TrainArgs {
     /// Interaction log to learn from
     #[arg(long)]
     interactions: PathBuf,
-    /// Its format: movielens (u.data, ratings.dat), recbole (.inter) or csv (user,item,timestamp)
+    /// Its format: movielens (u.data, ratings.dat), recbole (.inter), csv
+    /// (user,item,timestamp) or events (onrec's own event log, DATA_DIR/events.jsonl)
     #[arg(long)]
     format: Format,
     /// Directory to write the checkpoint to
@@ -71,7 +72,7 @@ pub struct EvalArgs {
     /// Interaction log to evaluate on (the last interaction of each user is the test case)
     #[arg(long)]
     interactions: PathBuf,
-    /// Its format: movielens, recbole or csv
+    /// Its format: movielens, recbole, csv or events
     #[arg(long)]
     format: Format,
     /// cpu, or cuda (falls back to cpu without a GPU)

@@ -2,7 +2,7 @@
 //! service answers by popularity until events come, then ranks with a Transformer it
 //! trains from them, publishes newer versions as events keep coming, takes items added
 //! at run time into the model without a restart, and resumes after one from its data
-//! directory.
+//! directory, where every accepted event is logged for offline training.
 
 use std::time::{Duration, Instant};
 
@@ -58,14 +58,14 @@ async fn wait_for_version(s: &Server, user: &str, after: u64) -> Value {
     }
 }
 
-/// Each of `users` users clicks 3 items of their category (user k likes category k % 3)
+/// Each of `users` users clicks 4 items of their category (user k likes category k % 3)
 /// on a response served to them.
 async fn clicks(s: &Server, prefix: &str, users: usize) {
     let mut events = Vec::new();
     for u in 0..users {
         let user = format!("{prefix}{u}");
         let body = recommend(s, json!({"user_id": user, "n": 5})).await;
-        for k in 0..3 {
+        for k in 0..4 {
             let item = format!("p{}", u % 3 + 3 * ((u * 7 + k * 5) % 20));
             let mut ev = click(&format!("{user}-{k}"), &user, &item);
             ev["request_id"] = body["request_id"].clone();
@@ -74,7 +74,7 @@ async fn clicks(s: &Server, prefix: &str, users: usize) {
     }
     let (status, summary) = s.post("/v1/events", Value::Array(events)).await;
     assert_eq!(status, 200, "{summary}");
-    assert_eq!(summary["accepted"], json!(users * 3), "{summary}");
+    assert_eq!(summary["accepted"], json!(users * 4), "{summary}");
 }
 
 #[tokio::test]
@@ -174,6 +174,26 @@ async fn a_fresh_catalog_gets_a_transformer_trained_from_its_own_events() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Every accepted event is in the event log, and onrec train learns from it.
+    let log = data.join("events.jsonl");
+    let lines = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert_eq!(lines, 30 * 4 + 30 * 4 + 1, "one line per accepted event");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_onrec"))
+        .args([
+            "train", "--format", "events", "--epochs", "1", "--hidden", "16",
+        ])
+        .args(["--max-len", "8", "--layers", "1", "--interactions"])
+        .arg(&log)
+        .arg("--out")
+        .arg(data.join("offline"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(data.join("offline").join("model.safetensors").exists());
     std::fs::remove_file(&path).unwrap();
     std::fs::remove_dir_all(&data).unwrap();
 }

@@ -57,6 +57,9 @@ pub enum EngineError {
         /// What went wrong, with the line number where there is one.
         message: String,
     },
+    /// The event log could not be opened.
+    #[error("event log {0}")]
+    EventLog(String),
 }
 
 impl From<FieldError> for EngineError {

@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod decisions;
 pub mod encoder;
 pub mod error;
+pub mod eventlog;
 pub mod learning;
 pub mod online;
 pub mod popularity;
@@ -368,6 +369,7 @@ struct Inner {
     stats_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<StatUpdate>>>,
     learner: RwLock<Option<Arc<learning::LearnerLink>>>,
     online: RwLock<Option<Arc<online::OnlineEncoder>>>,
+    events: RwLock<Option<eventlog::EventLog>>,
     decisions: DecisionLog,
 }
 
@@ -492,6 +494,7 @@ impl Engine {
                 stats_rx: parking_lot::Mutex::new(Some(stats_rx)),
                 learner: RwLock::new(None),
                 online: RwLock::new(None),
+                events: RwLock::new(None),
                 decisions: DecisionLog {
                     enabled: config.decision_log_recent > 0 || log_tx.is_some(),
                     recent: parking_lot::Mutex::new(Recent::new(config.decision_log_recent)),
@@ -588,6 +591,14 @@ impl Engine {
         }
         *self.inner.online.write() = Some(Arc::clone(&trainer));
         Ok(trainer)
+    }
+
+    /// Appends every accepted event to the event log at `path` from now on.
+    pub fn open_event_log(&self, path: &std::path::Path) -> Result<(), EngineError> {
+        let log = eventlog::EventLog::open(path)?;
+        tracing::info!(path = %log.path().display(), "event log opened");
+        *self.inner.events.write() = Some(log);
+        Ok(())
     }
 
     /// The online encoder, when one trains.
@@ -1040,6 +1051,12 @@ impl Engine {
         }
         ranking.popularity.add(idx, cfg.weights.of(event.kind), at);
         drop(ranking);
+        if let Some(log) = self.inner.events.read().as_ref()
+            && let Err(e) = log.append(event, at)
+        {
+            metrics::counter!("onrec_event_log_write_errors_total").increment(1);
+            tracing::error!(error = %e, path = %log.path().display(), "an accepted event is not in the event log");
+        }
 
         let attributed = self.attribute(event, idx, at);
         if event.kind.is_interaction()

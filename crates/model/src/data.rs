@@ -29,6 +29,10 @@ pub enum Format {
     RecBole,
     /// `user,item,timestamp`, with an optional header line.
     Csv,
+    /// onrec's event log (`data_dir/events.jsonl`): one event per line as JSON; clicks,
+    /// add-to-carts and purchases are interactions (timestamps in milliseconds), a cart
+    /// or purchase right after the same user's click on the same item is the same one.
+    Events,
 }
 
 impl std::str::FromStr for Format {
@@ -39,8 +43,9 @@ impl std::str::FromStr for Format {
             "movielens" => Ok(Self::MovieLens),
             "recbole" => Ok(Self::RecBole),
             "csv" => Ok(Self::Csv),
+            "events" => Ok(Self::Events),
             other => Err(format!(
-                "unknown format '{other}' (expected movielens, recbole or csv)"
+                "unknown format '{other}' (expected movielens, recbole, csv or events)"
             )),
         }
     }
@@ -88,6 +93,9 @@ pub fn read_from(
     reader: impl BufRead,
     format: Format,
 ) -> Result<Vec<Interaction>, ModelError> {
+    if format == Format::Events {
+        return read_events(path, reader);
+    }
     let mut out = Vec::new();
     // RecBole: column positions from the header.
     let mut columns: Option<(usize, usize, usize)> = None;
@@ -101,7 +109,7 @@ pub fn read_from(
             Format::MovieLens if line.contains("::") => line.split("::").collect(),
             Format::MovieLens => line.split('\t').collect(),
             Format::RecBole => line.split('\t').collect(),
-            Format::Csv => line.split(',').collect(),
+            Format::Csv | Format::Events => line.split(',').collect(),
         };
         let (u, it, ts) = match format {
             Format::MovieLens => {
@@ -151,7 +159,7 @@ pub fn read_from(
                     continue;
                 }
             },
-            Format::Csv => {
+            Format::Csv | Format::Events => {
                 if fields.len() != 3 {
                     return Err(line_error(
                         path,
@@ -176,6 +184,45 @@ pub fn read_from(
     }
     if format == Format::RecBole && columns.is_none() {
         return Err(line_error(path, 0, "the file has no header line"));
+    }
+    Ok(out)
+}
+
+/// The interactions of an event log (see [`Format::Events`]).
+fn read_events(path: &Path, reader: impl BufRead) -> Result<Vec<Interaction>, ModelError> {
+    let mut out = Vec::new();
+    let mut last: HashMap<String, String> = HashMap::new();
+    for (i, line) in reader.lines().enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| line_error(path, n, e.to_string()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let event: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| line_error(path, n, e.to_string()))?;
+        let text = |field: &str| -> Result<&str, ModelError> {
+            let v = event[field].as_str().ok_or_else(|| {
+                line_error(path, n, format!("{field} is missing or not a string"))
+            })?;
+            non_empty(path, n, field, v)
+        };
+        if !matches!(text("type")?, "click" | "add_to_cart" | "purchase") {
+            continue;
+        }
+        let (user, item) = (text("user_id")?, text("item_id")?);
+        let timestamp = event["timestamp"]
+            .as_f64()
+            .filter(|t| t.is_finite())
+            .ok_or_else(|| line_error(path, n, "timestamp is missing or not a number"))?;
+        if last.get(user).is_some_and(|prev| prev == item) {
+            continue;
+        }
+        last.insert(user.to_owned(), item.to_owned());
+        out.push(Interaction {
+            user: user.to_owned(),
+            item: item.to_owned(),
+            timestamp: timestamp / 1000.0,
+        });
     }
     Ok(out)
 }
@@ -337,6 +384,30 @@ impl Split {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_log_gives_its_clicks_carts_and_purchases_once_per_choice() {
+        let log = [
+            r#"{"event_id":"1","user_id":"u","item_id":"a","type":"click","timestamp":1000}"#,
+            r#"{"event_id":"2","user_id":"u","item_id":"a","type":"purchase","timestamp":2000}"#,
+            r#"{"event_id":"3","user_id":"u","item_id":"b","type":"impression","timestamp":3000}"#,
+            r#"{"event_id":"4","user_id":"v","item_id":"b","type":"add_to_cart","timestamp":4000}"#,
+            "",
+            r#"{"event_id":"5","user_id":"u","item_id":"c","type":"click","timestamp":5000}"#,
+        ]
+        .join("\n");
+        let got = read_from(Path::new("events.jsonl"), log.as_bytes(), Format::Events).unwrap();
+        let pairs: Vec<(&str, &str, f64)> = got
+            .iter()
+            .map(|i| (i.user.as_str(), i.item.as_str(), i.timestamp))
+            .collect();
+        assert_eq!(pairs, [("u", "a", 1.0), ("v", "b", 4.0), ("u", "c", 5.0)]);
+        let bad = r#"{"event_id":"1","user_id":"u","type":"click","timestamp":1}"#;
+        let err = read_from(Path::new("e.jsonl"), bad.as_bytes(), Format::Events)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "e.jsonl, line 1: item_id is missing or not a string");
+    }
 
     fn parse(text: &str, format: Format) -> Result<Vec<Interaction>, ModelError> {
         read_from(Path::new("test"), text.as_bytes(), format)

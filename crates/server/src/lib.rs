@@ -178,6 +178,9 @@ impl App {
     }
 }
 
+/// The event log's file name in `data_dir`.
+pub const EVENT_LOG: &str = "events.jsonl";
+
 /// Builds the engine from the configured catalog (or the demo catalog), and attaches the
 /// configured encoder: a checkpoint loaded now, or the demo encoder trained in the
 /// background.
@@ -208,6 +211,11 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         took_ms = started.elapsed().as_millis() as u64,
         "catalog loaded"
     );
+    if let Some(dir) = &config.data_dir {
+        engine
+            .open_event_log(&dir.join(EVENT_LOG))
+            .context("opening the event log")?;
+    }
     attach_learner(&engine, config)?;
     if let Some(dir) = &config.model {
         encoder::attach_checkpoint(&engine, config, dir)?;
