@@ -31,12 +31,8 @@ fn policies() -> Vec<PolicyConfig> {
             epsilon_min: 0.01,
             decay_impressions: Some(10_000.0),
         },
-        PolicyConfig::Ucb1 { c: 1.0 },
-        PolicyConfig::Thompson {
-            alpha: 1.0,
-            beta: 1.0,
-            draws: 200,
-        },
+        PolicyConfig::ucb1(1.0),
+        PolicyConfig::thompson(1.0, 1.0, 200),
     ]
 }
 

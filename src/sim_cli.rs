@@ -71,6 +71,9 @@ pub struct SimulateArgs {
     /// Monte Carlo draws of Thompson sampling's propensities
     #[arg(long, default_value_t = PolicyParams::default().thompson_draws)]
     thompson_draws: u32,
+    /// Weight of the personal ranking in ucb1 and thompson (0: the segment's bandit alone)
+    #[arg(long, default_value_t = PolicyParams::default().personal)]
+    personal: f64,
     /// Weight of the Q-network in the ranking of +q policies
     #[arg(long, default_value_t = QParams::default().weight)]
     q_weight: f64,
@@ -181,6 +184,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             epsilon: args.epsilon,
             ucb_c: args.ucb_c,
             thompson_draws: args.thompson_draws,
+            personal: args.personal,
         },
         q: QParams {
             weight: args.q_weight,

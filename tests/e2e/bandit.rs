@@ -74,8 +74,8 @@ async fn epsilon_greedy_explores_with_stated_propensities() {
 async fn two_servers_share_segment_statistics_in_redis() {
     let redis = RedisServer::start();
     let url = redis.url();
-    let a = Server::start(&["--redis-url", &url, "--policy", "ucb1"]);
-    let b = Server::start(&["--redis-url", &url, "--policy", "ucb1"]);
+    let a = Server::start(&["--redis-url", &url, "--policy", "ucb1", "--personal", "0"]);
+    let b = Server::start(&["--redis-url", &url, "--policy", "ucb1", "--personal", "0"]);
     let (_, served) = a
         .post(
             "/v1/recommend",
@@ -142,7 +142,14 @@ async fn two_servers_share_segment_statistics_in_redis() {
 #[tokio::test]
 async fn killing_redis_fails_no_request_and_loses_no_update() {
     let mut redis = RedisServer::start();
-    let s = Server::start(&["--redis-url", &redis.url(), "--policy", "ucb1"]);
+    let s = Server::start(&[
+        "--redis-url",
+        &redis.url(),
+        "--policy",
+        "ucb1",
+        "--personal",
+        "0",
+    ]);
     let (_, served) = s
         .post(
             "/v1/recommend",
@@ -235,7 +242,14 @@ async fn killing_redis_fails_no_request_and_loses_no_update() {
 async fn starts_without_redis_and_becomes_ready_when_it_answers() {
     let mut redis = RedisServer::start();
     redis.kill();
-    let s = Server::start(&["--redis-url", &redis.url(), "--policy", "ucb1"]);
+    let s = Server::start(&[
+        "--redis-url",
+        &redis.url(),
+        "--policy",
+        "ucb1",
+        "--personal",
+        "0",
+    ]);
     let (status, body) = s
         .post("/v1/recommend", json!({"user_id": "r", "n": 2}))
         .await;

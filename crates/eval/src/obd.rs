@@ -93,10 +93,12 @@ pub fn read_obd(path: &Path) -> Result<Vec<LogRecord>, EvalError> {
     let policy = if uniform {
         PolicyConfig::epsilon_greedy(1.0)
     } else {
+        // The OBD's behaviour policy is Thompson sampling on the statistics alone.
         PolicyConfig::Thompson {
             alpha: 1.0,
             beta: 1.0,
             draws: 200,
+            personal: 0.0,
         }
     };
     let item_ids: Vec<String> = (0..n_items).map(|i| i.to_string()).collect();

@@ -1022,7 +1022,11 @@ mod tests {
 
     #[test]
     fn replayed_statistics_make_ucb_follow_earlier_rewards() {
-        let target = TargetPolicy::new(PolicyConfig::Ucb1 { c: 1.0 });
+        // The segment's bandit alone, so that only the statistics decide.
+        let target = TargetPolicy::new(PolicyConfig::Ucb1 {
+            c: 1.0,
+            personal: 0.0,
+        });
         // d1: nothing shown yet, UCB takes the first untried, a (logged a: w = 2, r = 0).
         // d2: a was shown, b is untried → b (logged b: w = 2, r = 1).
         // d3: both shown once; with d2's reward in, b's bound is 1 + √ln2 > a's √ln2
@@ -1045,6 +1049,7 @@ mod tests {
             alpha: 1.0,
             beta: 1.0,
             draws: 50,
+            personal: 0.0,
         });
         let run = |seed| {
             let options = OpeOptions {
@@ -1200,7 +1205,7 @@ mod tests {
         target.policy = PolicyConfig::Greedy {};
         target
             .segments
-            .insert("mobile".into(), PolicyConfig::Ucb1 { c: -1.0 });
+            .insert("mobile".into(), PolicyConfig::ucb1(-1.0));
         assert_eq!(
             target.validate().unwrap_err().to_string(),
             "target policy: segments.mobile.c: is -1; must be >= 0"
@@ -1213,7 +1218,7 @@ mod tests {
             r#"{"policy": {"kind": "greedy"}, "segments": {"mobile": {"kind": "ucb1", "c": 0.5}}}"#,
         )
         .unwrap();
-        assert_eq!(target.segments["mobile"], PolicyConfig::Ucb1 { c: 0.5 });
+        assert_eq!(target.segments["mobile"], PolicyConfig::ucb1(0.5));
         let same = TargetPolicy::from_toml(
             "[policy]\nkind = \"greedy\"\n[segments.mobile]\nkind = \"ucb1\"\nc = 0.5\n",
         )

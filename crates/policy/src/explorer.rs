@@ -154,8 +154,14 @@ mod tests {
 
     fn config() -> SegmentConfig {
         let mut cfg = SegmentConfig::default();
-        cfg.policies
-            .insert("default".into(), PolicyConfig::Ucb1 { c: 1.0 });
+        // The segment's bandit alone, so its trying of untried items shows.
+        cfg.policies.insert(
+            "default".into(),
+            PolicyConfig::Ucb1 {
+                c: 1.0,
+                personal: 0.0,
+            },
+        );
         cfg.policies
             .insert("fixed".into(), PolicyConfig::epsilon_greedy(1.0));
         cfg
@@ -203,8 +209,7 @@ mod tests {
     #[test]
     fn invalid_policies_are_refused() {
         let mut cfg = config();
-        cfg.policies
-            .insert("bad".into(), PolicyConfig::Ucb1 { c: -2.0 });
+        cfg.policies.insert("bad".into(), PolicyConfig::ucb1(-2.0));
         let err = Explorer::new(cfg, Arc::new(Down)).unwrap_err();
         assert_eq!(err.field, "policies.bad.c");
     }

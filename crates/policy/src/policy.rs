@@ -12,18 +12,27 @@
 //!   Propensity, exact: (1 − ε)·[item is the best remaining] + ε/|remaining|. `explored`:
 //!   the item is not the best remaining. ε is fixed, or decays with the segment's traffic
 //!   N (its total impressions): ε_N = max(ε_min, ε / (1 + N/decay_impressions)).
-//! - `ucb1`: candidates never shown in the segment first, in ranking order; then the
-//!   others by mean reward + c·√(ln N / nᵢ), ties in ranking order. Deterministic:
-//!   propensity 1; `explored`: the item differs from the ranker's item at that slot.
-//! - `thompson`: per slot, a fresh draw θᵢ ~ Beta(α + sᵢ, β + nᵢ − sᵢ) for every remaining
-//!   candidate, with nᵢ its impressions and sᵢ its reward clamped to [0, nᵢ]; the largest
-//!   θ takes the slot. The propensity is a Monte Carlo estimate: `draws` further joint
+//! - `ucb1`: by the bound mean reward + c·√(ln N / nᵢ) over the segment's statistics,
+//!   mixed with the personal ranking (see below); an item never shown in the segment
+//!   counts as shown once with the segment's mean reward. With `personal` 0, candidates
+//!   never shown come first, in ranking order, then the others by bound. Ties keep
+//!   ranking order. Deterministic: propensity 1; `explored`: the item differs from the
+//!   ranker's item at that slot.
+//! - `thompson`: per slot, a fresh draw θᵢ ~ Beta(α + sᵢ, β + nᵢ − sᵢ) for every
+//!   candidate, with nᵢ its impressions and sᵢ its reward clamped to [0, nᵢ], mixed with
+//!   the personal ranking (see below); the largest remaining value takes the slot. The propensity is a Monte Carlo estimate: `draws` further joint
 //!   draws, shared by all slots, plus the draw that chose the item; the propensity is the
 //!   share of these `draws + 1` draws in which the item has the largest θ among the
 //!   remaining candidates. It is never 0; for a true probability p its bias is
 //!   (1 − p)/(draws + 1) and its standard error √(draws·p(1 − p))/(draws + 1), at most
 //!   1/(2√draws). It costs (draws + n) · candidates Beta samples per request.
 //!   `explored`: the item is not the best remaining in ranking order.
+//!
+//! UCB1 and Thompson explore on top of the personal ranking instead of replacing it:
+//! each candidate's value is `personal`·z(ranker score) + (1 − `personal`)·z(bandit
+//! value), both standardised over the candidates, so two users of one segment still get
+//! different slates, and the segment's statistics move items up and down within them.
+//! `personal` 0 is the segment bandit alone.
 //!
 //! All randomness comes from the caller's RNG, so a seeded RNG replays a slate exactly.
 
@@ -77,6 +86,15 @@ fn default_draws() -> u32 {
     200
 }
 
+fn default_personal() -> f64 {
+    DEFAULT_PERSONAL
+}
+
+/// Weight of the personal ranking in UCB1 and Thompson unless configured: in the
+/// simulator's fresh shop, Thompson with 0.7 did better than with 0.5 and than on the
+/// segment's statistics alone (0).
+pub const DEFAULT_PERSONAL: f64 = 0.7;
+
 /// A segment's policy, as configured (`kind` selects the variant).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -95,11 +113,15 @@ pub enum PolicyConfig {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         decay_impressions: Option<f64>,
     },
-    /// Upper confidence bound: mean reward + c·√(ln N / nᵢ).
+    /// Upper confidence bound: mean reward + c·√(ln N / nᵢ), mixed with the personal
+    /// ranking.
     Ucb1 {
         /// Weight of the confidence bonus, ≥ 0 (scale it with the reward's range).
         #[serde(default = "one")]
         c: f64,
+        /// Weight of the personal ranking against the bound: 0..=1.
+        #[serde(default = "default_personal")]
+        personal: f64,
     },
     /// Thompson sampling with a Beta posterior per item.
     Thompson {
@@ -112,6 +134,9 @@ pub enum PolicyConfig {
         /// Monte Carlo draws for the propensity estimate: 1..=100000.
         #[serde(default = "default_draws")]
         draws: u32,
+        /// Weight of the personal ranking against the draw: 0..=1.
+        #[serde(default = "default_personal")]
+        personal: f64,
     },
 }
 
@@ -122,6 +147,25 @@ impl PolicyConfig {
             epsilon,
             epsilon_min: 0.0,
             decay_impressions: None,
+        }
+    }
+
+    /// UCB1 with bonus weight `c`, mixed with the personal ranking by default.
+    pub fn ucb1(c: f64) -> Self {
+        Self::Ucb1 {
+            c,
+            personal: DEFAULT_PERSONAL,
+        }
+    }
+
+    /// Thompson sampling with prior (α, β) and `draws` propensity draws, mixed with the
+    /// personal ranking by default.
+    pub fn thompson(alpha: f64, beta: f64, draws: u32) -> Self {
+        Self::Thompson {
+            alpha,
+            beta,
+            draws,
+            personal: DEFAULT_PERSONAL,
         }
     }
 
@@ -142,6 +186,16 @@ impl PolicyConfig {
                 Ok(())
             } else {
                 Err(ConfigError::new(field, format!("is {v}; must be finite")))
+            }
+        };
+        let weight = |v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::new(
+                    "personal",
+                    format!("is {v}; must be 0..=1"),
+                ))
             }
         };
         match *self {
@@ -176,14 +230,20 @@ impl PolicyConfig {
                 }
                 Ok(())
             }
-            Self::Ucb1 { c } => {
+            Self::Ucb1 { c, personal } => {
                 finite("c", c)?;
                 if c < 0.0 {
                     return Err(ConfigError::new("c", format!("is {c}; must be >= 0")));
                 }
-                Ok(())
+                weight(personal)
             }
-            Self::Thompson { alpha, beta, draws } => {
+            Self::Thompson {
+                alpha,
+                beta,
+                draws,
+                personal,
+            } => {
+                weight(personal)?;
                 for (field, v) in [("alpha", alpha), ("beta", beta)] {
                     finite(field, v)?;
                     if v <= 0.0 {
@@ -290,8 +350,8 @@ impl Policy {
             PolicyConfig::EpsilonGreedy { .. } => {
                 epsilon_greedy(candidates, self.epsilon(stats), n, rng)
             }
-            PolicyConfig::Ucb1 { c } => {
-                let order = ucb_order(candidates, stats, c);
+            PolicyConfig::Ucb1 { c, personal } => {
+                let order = ucb_order(candidates, stats, c, personal);
                 order
                     .iter()
                     .take(n)
@@ -304,9 +364,15 @@ impl Policy {
                     })
                     .collect()
             }
-            PolicyConfig::Thompson { alpha, beta, draws } => {
+            PolicyConfig::Thompson {
+                alpha,
+                beta,
+                draws,
+                personal,
+            } => {
                 let posteriors = Posteriors::new(candidates, stats, alpha, beta);
-                thompson(candidates, &posteriors, draws as usize, n, rng)
+                let mix = Mix::new(candidates, personal);
+                thompson(candidates, &posteriors, &mix, draws as usize, n, rng)
             }
         }
     }
@@ -341,18 +407,27 @@ impl Policy {
                 }
                 p[best] += 1.0 - eps;
             }
-            PolicyConfig::Ucb1 { c } => {
-                if let Some(&next) = ucb_order(candidates, stats, c).iter().find(|&&i| !taken[i]) {
+            PolicyConfig::Ucb1 { c, personal } => {
+                if let Some(&next) = ucb_order(candidates, stats, c, personal)
+                    .iter()
+                    .find(|&&i| !taken[i])
+                {
                     p[next] = 1.0;
                 }
             }
-            PolicyConfig::Thompson { alpha, beta, draws } => {
+            PolicyConfig::Thompson {
+                alpha,
+                beta,
+                draws,
+                personal,
+            } => {
                 let posteriors = Posteriors::new(candidates, stats, alpha, beta);
+                let mix = Mix::new(candidates, personal);
                 let draws = draws as usize;
                 let theta = posteriors.sample_matrix(draws, rng);
                 let m = candidates.len();
                 for row in theta.chunks_exact(m) {
-                    p[argmax(row, &remaining)] += 1.0;
+                    p[argmax(&mix.apply(row), &remaining)] += 1.0;
                 }
                 p.iter_mut().for_each(|v| *v /= draws as f64);
             }
@@ -389,8 +464,68 @@ fn epsilon_greedy<R: Rng + ?Sized>(
     slots
 }
 
-/// Candidate indices in UCB1 order: untried first (ranking order), then by bound.
-fn ucb_order(candidates: &[Candidate], stats: &SegmentStats, c: f64) -> Vec<usize> {
+/// Standard scores of `values` (all 0 when they do not vary).
+fn z(values: &[f64]) -> Vec<f64> {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let sd = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+    values
+        .iter()
+        .map(|v| if sd > 1e-12 { (v - mean) / sd } else { 0.0 })
+        .collect()
+}
+
+/// Mixes bandit values with the personal ranking: w·z(score) + (1 − w)·z(value).
+struct Mix {
+    /// w·z(score) per candidate; `None` when w is 0 (the values are used as they are).
+    personal: Option<Vec<f64>>,
+    weight: f64,
+}
+
+impl Mix {
+    fn new(candidates: &[Candidate], weight: f64) -> Self {
+        let scores: Vec<f64> = candidates.iter().map(|c| c.score).collect();
+        Self {
+            personal: (weight > 0.0).then(|| z(&scores).into_iter().map(|v| weight * v).collect()),
+            weight,
+        }
+    }
+
+    fn apply(&self, values: &[f64]) -> Vec<f64> {
+        match &self.personal {
+            None => values.to_vec(),
+            Some(personal) => personal
+                .iter()
+                .zip(z(values))
+                .map(|(p, v)| p + (1.0 - self.weight) * v)
+                .collect(),
+        }
+    }
+}
+
+/// Candidate indices in UCB1 order (see the module documentation).
+fn ucb_order(candidates: &[Candidate], stats: &SegmentStats, c: f64, personal: f64) -> Vec<usize> {
+    if personal > 0.0 {
+        let n = stats.total_impressions.max(0.0);
+        let ln_n = (n + 1.0).ln();
+        let mean = if n > 0.0 { stats.total_reward / n } else { 0.0 };
+        let bounds: Vec<f64> = candidates
+            .iter()
+            .map(|cand| {
+                let arm = stats.arm(&cand.item_id);
+                let (shown, reward) = if arm.impressions > 0.0 {
+                    (arm.impressions, arm.reward)
+                } else {
+                    (1.0, mean)
+                };
+                reward / shown + c * (ln_n / shown).sqrt()
+            })
+            .collect();
+        let keys = Mix::new(candidates, personal).apply(&bounds);
+        let mut order: Vec<usize> = (0..candidates.len()).collect();
+        order.sort_by(|&a, &b| keys[b].total_cmp(&keys[a]));
+        return order;
+    }
     let ln_n = stats.total_impressions.max(1.0).ln();
     // None: never shown, goes first.
     let keys: Vec<Option<f64>> = candidates
@@ -476,6 +611,7 @@ fn argmax(theta: &[f64], among: &[usize]) -> usize {
 fn thompson<R: Rng + ?Sized>(
     candidates: &[Candidate],
     posteriors: &Posteriors,
+    mix: &Mix,
     draws: usize,
     n: usize,
     rng: &mut R,
@@ -485,15 +621,20 @@ fn thompson<R: Rng + ?Sized>(
     if slots_n == 0 {
         return Vec::new();
     }
-    let theta = posteriors.sample_matrix(draws, rng);
+    let theta: Vec<f64> = posteriors
+        .sample_matrix(draws, rng)
+        .chunks_exact(m)
+        .flat_map(|row| mix.apply(row))
+        .collect();
     let mut remaining: Vec<usize> = (0..m).collect();
     let mut fresh = vec![0.0; m];
     let mut slots = Vec::with_capacity(slots_n);
     for _ in 0..slots_n {
-        for &i in &remaining {
-            fresh[i] = posteriors.sample(i, rng);
+        // Every candidate is drawn, so that the mix standardises over the same set.
+        for (i, f) in fresh.iter_mut().enumerate() {
+            *f = posteriors.sample(i, rng);
         }
-        let chosen = argmax(&fresh, &remaining);
+        let chosen = argmax(&mix.apply(&fresh), &remaining);
         let wins = theta
             .chunks_exact(m)
             .filter(|row| argmax(row, &remaining) == chosen)
@@ -551,11 +692,13 @@ mod tests {
         .unwrap()
     }
 
+    /// Thompson on the segment's statistics alone.
     fn thompson_policy(draws: u32) -> Policy {
         Policy::from_config(&PolicyConfig::Thompson {
             alpha: 1.0,
             beta: 1.0,
             draws,
+            personal: 0.0,
         })
         .unwrap()
     }
@@ -593,12 +736,8 @@ mod tests {
                 epsilon_min: 0.0,
                 decay_impressions: None,
             },
-            PolicyConfig::Ucb1 { c: 1.0 },
-            PolicyConfig::Thompson {
-                alpha: 1.0,
-                beta: 1.0,
-                draws: 50,
-            },
+            PolicyConfig::ucb1(1.0),
+            PolicyConfig::thompson(1.0, 1.0, 50),
         ] {
             let p = Policy::from_config(&config).unwrap();
             let slots = p.select(&c, &s, 10, &mut rng);
@@ -720,7 +859,11 @@ mod tests {
     #[test]
     fn ucb_puts_untried_first_then_the_best_bound() {
         let c = candidates(5);
-        let p = Policy::from_config(&PolicyConfig::Ucb1 { c: 1.0 }).unwrap();
+        let p = Policy::from_config(&PolicyConfig::Ucb1 {
+            c: 1.0,
+            personal: 0.0,
+        })
+        .unwrap();
         // item-0 and item-2 never shown; item-1 strong; item-3 weak but barely tried.
         let s = stats(&[
             ("item-1", 100.0, 60.0),
@@ -738,6 +881,47 @@ mod tests {
         assert!(slots.iter().all(|s| s.propensity == 1.0));
         let probs = p.slot_probabilities(&c, &s, &[0, 2], &mut rng);
         assert_eq!(probs, [0.0, 0.0, 0.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn ucb_and_thompson_explore_on_top_of_the_personal_ranking() {
+        // item-2 earns most in the segment; two users rank the candidates oppositely.
+        let s = stats(&[
+            ("item-0", 100.0, 5.0),
+            ("item-1", 100.0, 5.0),
+            ("item-2", 100.0, 50.0),
+            ("item-3", 100.0, 5.0),
+            ("item-4", 100.0, 5.0),
+        ]);
+        let a = candidates(5);
+        let b: Vec<Candidate> = a
+            .iter()
+            .rev()
+            .enumerate()
+            .map(|(k, c)| Candidate::new(c.item_id.clone(), (5 - k) as f64))
+            .collect();
+        let mut rng = SmallRng::seed_from_u64(5);
+        let first = |p: &Policy, c: &[Candidate], rng: &mut SmallRng| {
+            p.select(c, &s, 3, rng)[0].item_id.clone()
+        };
+        let mixed = Policy::from_config(&PolicyConfig::ucb1(1.0)).unwrap();
+        assert_eq!(first(&mixed, &a, &mut rng), "item-0");
+        assert_eq!(first(&mixed, &b, &mut rng), "item-4");
+        let alone = Policy::from_config(&PolicyConfig::Ucb1 {
+            c: 1.0,
+            personal: 0.0,
+        })
+        .unwrap();
+        assert_eq!(first(&alone, &a, &mut rng), "item-2");
+        assert_eq!(first(&alone, &b, &mut rng), "item-2");
+        // Thompson: the user's own first choice is the likeliest first slot, and the
+        // propensities still sum to one.
+        let thompson = Policy::from_config(&PolicyConfig::thompson(1.0, 1.0, 400)).unwrap();
+        for (c, own) in [(&a, 0), (&b, 0)] {
+            let p = thompson.slot_probabilities(c, &s, &[], &mut rng);
+            assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+            assert!(p[own] > 0.5, "{p:?}");
+        }
     }
 
     #[test]
@@ -856,24 +1040,17 @@ mod tests {
                 },
                 "decay_impressions",
             ),
-            (PolicyConfig::Ucb1 { c: -1.0 }, "c"),
-            (PolicyConfig::Ucb1 { c: f64::NAN }, "c"),
+            (PolicyConfig::ucb1(-1.0), "c"),
+            (PolicyConfig::ucb1(f64::NAN), "c"),
             (
-                PolicyConfig::Thompson {
-                    alpha: 0.0,
-                    beta: 1.0,
-                    draws: 10,
+                PolicyConfig::Ucb1 {
+                    c: 1.0,
+                    personal: 1.5,
                 },
-                "alpha",
+                "personal",
             ),
-            (
-                PolicyConfig::Thompson {
-                    alpha: 1.0,
-                    beta: 1.0,
-                    draws: 0,
-                },
-                "draws",
-            ),
+            (PolicyConfig::thompson(0.0, 1.0, 10), "alpha"),
+            (PolicyConfig::thompson(1.0, 1.0, 0), "draws"),
         ];
         for (config, field) in bad {
             assert_eq!(Policy::from_config(&config).unwrap_err().field, field);

@@ -271,18 +271,14 @@ mod tests {
         let cfg = parse(EXAMPLE).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.rules.len(), 4);
-        assert_eq!(cfg.policy_for("default"), &PolicyConfig::Ucb1 { c: 1.0 });
+        assert_eq!(cfg.policy_for("default"), &PolicyConfig::ucb1(1.0));
         assert_eq!(
             cfg.policy_for("night"),
-            &PolicyConfig::Thompson {
-                alpha: 1.0,
-                beta: 1.0,
-                draws: 100
-            }
+            &PolicyConfig::thompson(1.0, 1.0, 100)
         );
         assert_eq!(cfg.policy_for("checkout"), &PolicyConfig::Greedy {});
         // A segment without an entry (here one that only a request names) gets `default`'s.
-        assert_eq!(cfg.policy_for("vip"), &PolicyConfig::Ucb1 { c: 1.0 });
+        assert_eq!(cfg.policy_for("vip"), &PolicyConfig::ucb1(1.0));
     }
 
     #[test]

@@ -55,7 +55,16 @@ fn share_of_best(shown: &[String]) -> f64 {
 
 #[tokio::test]
 async fn ucb_tries_every_candidate_once_then_concentrates_on_the_best() {
-    let shown = simulate(PolicyConfig::Ucb1 { c: 1.0 }, 3000, 1).await;
+    // The segment's bandit alone: the candidates' ranking says nothing here.
+    let shown = simulate(
+        PolicyConfig::Ucb1 {
+            c: 1.0,
+            personal: 0.0,
+        },
+        3000,
+        1,
+    )
+    .await;
     // Untried candidates come first, in ranking order, so no item repeats before all ran.
     let first: Vec<&str> = shown[..5].iter().map(String::as_str).collect();
     assert_eq!(first, ["item-0", "item-1", "item-2", "item-3", "item-4"]);
@@ -70,6 +79,7 @@ async fn thompson_converges_to_the_best_arm() {
         alpha: 1.0,
         beta: 1.0,
         draws: 50,
+        personal: 0.0,
     };
     let shown = simulate(config, 3000, 2).await;
     let late = share_of_best(&shown[2000..]);
@@ -106,6 +116,7 @@ async fn explorer_serves_segments_with_their_own_policies_and_statistics() {
 
         [policies.default]
         kind = "ucb1"
+        personal = 0.0
 
         [policies.mobile]
         kind = "greedy"

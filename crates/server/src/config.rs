@@ -291,6 +291,11 @@ pub struct Config {
     #[arg(long, env = "ONREC_UCB_C", default_value_t = 1.0)]
     pub ucb_c: f64,
 
+    /// Weight of the user's own ranking in ucb1 and thompson against the segment's
+    /// statistics, 0..=1 (0: every user of a segment gets the segment's best items)
+    #[arg(long, env = "ONREC_PERSONAL", default_value_t = onrec_policy::policy::DEFAULT_PERSONAL)]
+    pub personal: f64,
+
     /// Candidates the ranker proposes to the exploration policy per request (at least n)
     #[arg(long, env = "ONREC_CANDIDATES", default_value_t = 50)]
     pub candidates: usize,
@@ -531,6 +536,9 @@ impl Config {
         if !(0.0..=1.0).contains(&self.q_weight) || !(0.0..=1.0).contains(&self.q_gamma) {
             bail!("q_weight and q_gamma must be within 0..=1");
         }
+        if !(0.0..=1.0).contains(&self.personal) {
+            bail!("personal must be within 0..=1");
+        }
         if !(self.ucb_c.is_finite() && self.ucb_c >= 0.0) {
             bail!("ucb_c must be a finite, non-negative number");
         }
@@ -612,11 +620,15 @@ impl Config {
             .or_insert(match self.policy {
                 PolicyKind::Greedy => PolicyConfig::Greedy {},
                 PolicyKind::EpsilonGreedy => PolicyConfig::epsilon_greedy(self.epsilon),
-                PolicyKind::Ucb1 => PolicyConfig::Ucb1 { c: self.ucb_c },
+                PolicyKind::Ucb1 => PolicyConfig::Ucb1 {
+                    c: self.ucb_c,
+                    personal: self.personal,
+                },
                 PolicyKind::Thompson => PolicyConfig::Thompson {
                     alpha: 1.0,
                     beta: 1.0,
                     draws: 200,
+                    personal: self.personal,
                 },
             });
         segments
@@ -770,7 +782,7 @@ mod tests {
         );
         let c = load(&["--config", path.to_str().unwrap(), "--policy", "greedy"]).unwrap();
         let s = c.segments_with_default();
-        assert_eq!(s.policy_for("mobile"), &PolicyConfig::Ucb1 { c: 2.0 });
+        assert_eq!(s.policy_for("mobile"), &PolicyConfig::ucb1(2.0));
         assert_eq!(s.policy_for("default"), &PolicyConfig::Greedy {});
         let path = temp_toml(
             "bad-segments",

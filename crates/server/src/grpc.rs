@@ -224,13 +224,20 @@ fn policy_from(
                 ("decay_impressions", p.decay_impressions.map(Into::into)),
             ],
         ),
-        Kind::Ucb1(p) => ("ucb1", vec![("c", p.c.map(Into::into))]),
+        Kind::Ucb1(p) => (
+            "ucb1",
+            vec![
+                ("c", p.c.map(Into::into)),
+                ("personal", p.personal.map(Into::into)),
+            ],
+        ),
         Kind::Thompson(p) => (
             "thompson",
             vec![
                 ("alpha", p.alpha.map(Into::into)),
                 ("beta", p.beta.map(Into::into)),
                 ("draws", p.draws.map(Into::into)),
+                ("personal", p.personal.map(Into::into)),
             ],
         ),
     };

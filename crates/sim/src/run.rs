@@ -178,6 +178,12 @@ impl SimConfig {
                 format!("is {}; must be a finite number >= 0", p.ucb_c),
             ));
         }
+        if !(0.0..=1.0).contains(&p.personal) {
+            return Err(SimError::config(
+                "personal",
+                format!("is {}; must be 0..=1", p.personal),
+            ));
+        }
         if !(1..=onrec_policy::policy::MAX_DRAWS).contains(&p.thompson_draws) {
             return Err(SimError::config(
                 "thompson_draws",

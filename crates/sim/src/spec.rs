@@ -86,6 +86,10 @@ pub struct PolicyParams {
     pub ucb_c: f64,
     /// Monte Carlo draws of Thompson sampling's propensity estimate.
     pub thompson_draws: u32,
+    /// Weight of the personal ranking in UCB1 and Thompson: 0 here, so that the
+    /// policies compared are the segment's bandits themselves (the service's default
+    /// mixes them with the personal ranking; `onrec` runs it).
+    pub personal: f64,
 }
 
 impl Default for PolicyParams {
@@ -97,6 +101,7 @@ impl Default for PolicyParams {
             epsilon: 0.1,
             ucb_c: 0.3,
             thompson_draws: 50,
+            personal: 0.0,
         }
     }
 }
@@ -121,11 +126,15 @@ impl PolicySpec {
             Exploration::Greedy => PolicyConfig::Greedy {},
             Exploration::Random => PolicyConfig::epsilon_greedy(1.0),
             Exploration::EpsilonGreedy => PolicyConfig::epsilon_greedy(params.epsilon),
-            Exploration::Ucb1 => PolicyConfig::Ucb1 { c: params.ucb_c },
+            Exploration::Ucb1 => PolicyConfig::Ucb1 {
+                c: params.ucb_c,
+                personal: params.personal,
+            },
             Exploration::Thompson => PolicyConfig::Thompson {
                 alpha: 1.0,
                 beta: 1.0,
                 draws: params.thompson_draws,
+                personal: params.personal,
             },
         }
     }
