@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use onrec_learn::{Learner, State, Transition};
 use onrec_model::context::ContextIds;
+use onrec_policy::policy::z;
 
 /// Whether Q-values change responses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,17 +47,6 @@ pub struct Decision {
 pub struct LearnerLink {
     learner: Arc<Learner>,
     settings: QSettings,
-}
-
-/// Mean and standard deviation normalisation, so that scores of different scales mix.
-fn z(values: &[f64]) -> Vec<f64> {
-    let n = values.len().max(1) as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let sd = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
-    values
-        .iter()
-        .map(|v| if sd > 1e-12 { (v - mean) / sd } else { 0.0 })
-        .collect()
 }
 
 /// The Q-network's index of a catalog item: catalog index + 1, or 0 (unknown) for an
@@ -263,12 +253,5 @@ mod tests {
         link.feedback(&mut decision, 1, 1.0);
         assert_eq!(learner.accepted(), 2);
         learner.shutdown().unwrap();
-    }
-
-    #[test]
-    fn z_scores_mix_scales() {
-        let z1 = z(&[1.0, 2.0, 3.0]);
-        assert!((z1[0] + z1[2]).abs() < 1e-12 && z1[1].abs() < 1e-12);
-        assert_eq!(z(&[5.0, 5.0]), vec![0.0, 0.0]);
     }
 }

@@ -464,8 +464,9 @@ fn epsilon_greedy<R: Rng + ?Sized>(
     slots
 }
 
-/// Standard scores of `values` (all 0 when they do not vary).
-fn z(values: &[f64]) -> Vec<f64> {
+/// Standard scores of `values` (all 0 when they do not vary), so that scores of
+/// different scales mix.
+pub fn z(values: &[f64]) -> Vec<f64> {
     let n = values.len().max(1) as f64;
     let mean = values.iter().sum::<f64>() / n;
     let sd = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
@@ -881,6 +882,13 @@ mod tests {
         assert!(slots.iter().all(|s| s.propensity == 1.0));
         let probs = p.slot_probabilities(&c, &s, &[0, 2], &mut rng);
         assert_eq!(probs, [0.0, 0.0, 0.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn z_scores_mix_scales() {
+        let z1 = z(&[1.0, 2.0, 3.0]);
+        assert!((z1[0] + z1[2]).abs() < 1e-12 && z1[1].abs() < 1e-12);
+        assert_eq!(z(&[5.0, 5.0]), vec![0.0, 0.0]);
     }
 
     #[test]
