@@ -34,6 +34,7 @@ pub use crate::error::{EngineError, FieldError};
 use crate::popularity::Popularity;
 pub use crate::types::*;
 use onrec_model::context::ContextIds;
+use onrec_model::rng::SplitMix64;
 use onrec_model::serve::ServeError;
 
 /// How much each event type moves an item's popularity.
@@ -319,7 +320,8 @@ impl Ranking {
             }
             heap.push(Ranked {
                 key: self.popularity.rank_key(idx),
-                tie: mix(u64::from(idx) ^ salt),
+                // SplitMix64's first output: nearby inputs give unrelated values.
+                tie: SplitMix64::new(u64::from(idx) ^ salt).next_u64(),
                 idx,
             });
             if heap.len() > n {
@@ -426,14 +428,6 @@ struct Ranked {
     /// Breaks ties of `key`.
     tie: u64,
     idx: u32,
-}
-
-/// A 64-bit finaliser (SplitMix64's): nearby inputs give unrelated outputs.
-fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 impl Eq for Ranked {}
