@@ -38,7 +38,8 @@ impl Server {
         if !args.contains(&"--demo-encoder") {
             defaults.extend(["--demo-encoder", "false"]);
         }
-        if !args.contains(&"--encoder-online") {
+        // The demo sessions train the online encoder: asking for them asks for it.
+        if !args.contains(&"--encoder-online") && !args.contains(&"--demo-encoder") {
             defaults.extend(["--encoder-online", "false"]);
         }
         if !args.contains(&"--policy") {

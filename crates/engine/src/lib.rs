@@ -595,6 +595,27 @@ impl Engine {
         Ok(())
     }
 
+    /// Hands the online encoder interactions that happened outside the service (user,
+    /// item id, context), as initial events: the demo catalog's synthetic sessions, say.
+    /// Items the catalog does not know are skipped; returns how many were handed over.
+    pub fn seed_online_encoder<'a>(
+        &self,
+        interactions: impl IntoIterator<Item = (&'a str, &'a str, ContextIds)>,
+    ) -> usize {
+        let Some(online) = self.online_encoder() else {
+            return 0;
+        };
+        let ranking = self.inner.ranking.read();
+        let mut handed = 0;
+        for (user, item, context) in interactions {
+            if let Some(idx) = ranking.catalog.index_of(item) {
+                online.observe(user, idx, context, &[]);
+                handed += 1;
+            }
+        }
+        handed
+    }
+
     /// The online encoder, when one trains.
     pub fn online_encoder(&self) -> Option<Arc<online::OnlineEncoder>> {
         self.inner.online.read().clone()

@@ -125,13 +125,13 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<PathBuf>,
 
-    /// With the demo catalog and no model: train a small encoder on synthetic sessions in
-    /// the background at start (popularity serves until it is ready)
+    /// With the demo catalog and no model: hand the online encoder synthetic sessions as
+    /// its first events at start (popularity serves until it publishes)
     #[arg(long, env = "ONREC_DEMO_ENCODER", default_value_t = true, action = clap::ArgAction::Set)]
     pub demo_encoder: bool,
 
-    /// Without a model (and without the demo encoder): train an encoder from nothing on
-    /// the interactions of accepted events, while serving, and rank with it as it learns
+    /// Without a model: train an encoder from nothing on the interactions of accepted
+    /// events, while serving, and rank with it as it learns
     #[arg(long, env = "ONREC_ENCODER_ONLINE", default_value_t = true, action = clap::ArgAction::Set)]
     pub encoder_online: bool,
 

@@ -182,8 +182,8 @@ impl App {
 pub const EVENT_LOG: &str = "events.jsonl";
 
 /// Builds the engine from the configured catalog (or the demo catalog), and attaches the
-/// configured encoder: a checkpoint loaded now, or the demo encoder trained in the
-/// background.
+/// configured encoder: a checkpoint loaded now, or one trained online from events (with
+/// the demo catalog, its synthetic sessions first).
 pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
     let started = Instant::now();
     let (items, source) = match &config.catalog {
@@ -196,7 +196,7 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
             "built-in demo".to_owned(),
         ),
     };
-    let demo_pairs: Vec<(String, String)> = items
+    let pairs: Vec<(String, String)> = items
         .iter()
         .map(|i| (i.item_id.clone(), i.category.clone()))
         .collect();
@@ -219,10 +219,8 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
     attach_learner(&engine, config)?;
     if let Some(dir) = &config.model {
         encoder::attach_checkpoint(&engine, config, dir)?;
-    } else if encoder::demo_encoder(config) {
-        encoder::spawn_demo(&engine, config, demo_pairs)?;
     }
-    encoder::start_online(&engine, config)?;
+    encoder::start_online(&engine, config, &pairs)?;
     Ok(engine)
 }
 
