@@ -41,10 +41,11 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Policies to compare, comma-separated: onrec (the service as shipped), oracle,
+    /// oracle_average (the best slate for the average user: no personalisation),
     /// uniform (a random slate from the whole catalog), popularity, random (uniform among
     /// the popularity candidates), epsilon_greedy, ucb1, thompson, encoder, encoder_<policy>, each
-    /// but onrec and oracle optionally with +q (the Q-network) [classic: the rankers and
-    /// policies one by one, fresh: uniform,onrec,oracle]
+    /// but onrec and the oracles optionally with +q (the Q-network) [classic: the rankers and
+    /// policies one by one, fresh: uniform,onrec,oracle_average,oracle]
     #[arg(long)]
     policies: Option<String>,
     /// Users in the world [classic: 2000, fresh: 3000]
@@ -145,7 +146,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         given.unwrap_or(if fresh { fresh_shop } else { classic })
     };
     let default_policies = if fresh {
-        "uniform,onrec,oracle"
+        "uniform,onrec,oracle_average,oracle"
     } else {
         DEFAULT_POLICIES
     };

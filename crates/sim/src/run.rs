@@ -549,6 +549,8 @@ impl Simulation {
             let (best, best_slate) = oracle.best(u, moment, &nothing_hidden, n);
             let (slate, request_id) = if spec.ranker == Ranker::Oracle {
                 (best_slate, None)
+            } else if spec.ranker == Ranker::OracleAverage {
+                (oracle.best_for_anyone(moment, n), None)
             } else if spec.ranker == Ranker::Uniform {
                 let mut slate = Vec::with_capacity(n);
                 while slate.len() < n.min(world.num_items()) {
@@ -610,7 +612,10 @@ impl Simulation {
                     .iter()
                     .map(|a| event(a.slot, a.item, a.kind)),
             );
-            let events = if matches!(spec.ranker, Ranker::Oracle | Ranker::Uniform) {
+            let events = if matches!(
+                spec.ranker,
+                Ranker::Oracle | Ranker::OracleAverage | Ranker::Uniform
+            ) {
                 Vec::new()
             } else {
                 events

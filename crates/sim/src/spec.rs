@@ -10,6 +10,7 @@
 //! | `encoder_random`, `encoder_epsilon_greedy`, `encoder_ucb1`, `encoder_thompson` | SASRec encoder | that policy |
 //! | `onrec` | the service as shipped: its default configuration, only the catalog | its default policy |
 //! | `oracle` | the world's truth | the best slate |
+//! | `oracle_average` | the world's truth, except who the user is | the best slate for the average user in the moment: the most any policy gets without personalising |
 //! | `uniform` | none | a uniformly random slate from the whole catalog |
 //!
 //! A `+q` suffix attaches the online Q-network learner in live mode, which re-ranks the
@@ -27,6 +28,8 @@ use crate::SimError;
 pub const SERVICE: &str = "onrec";
 /// The name of the oracle.
 pub const ORACLE: &str = "oracle";
+/// The name of the oracle that does not know the user.
+pub const ORACLE_AVERAGE: &str = "oracle_average";
 /// The name of the uniformly random slate.
 pub const UNIFORM: &str = "uniform";
 
@@ -47,6 +50,9 @@ pub enum Ranker {
     Service,
     /// The world's oracle: the best slate for every request, through no engine.
     Oracle,
+    /// The oracle without the user: the best slate for the average user in the
+    /// request's moment, through no engine.
+    OracleAverage,
     /// A uniformly random slate from the whole catalog, through no engine.
     Uniform,
 }
@@ -141,7 +147,12 @@ impl PolicySpec {
 
     /// Every name the parser accepts, without `+q`.
     pub fn known_names() -> Vec<String> {
-        let mut names = vec![SERVICE.to_owned(), ORACLE.to_owned(), UNIFORM.to_owned()];
+        let mut names = vec![
+            SERVICE.to_owned(),
+            ORACLE.to_owned(),
+            ORACLE_AVERAGE.to_owned(),
+            UNIFORM.to_owned(),
+        ];
         for prefix in ["", "encoder_"] {
             for (e, name) in Exploration::ALL {
                 names.push(match (prefix, e) {
@@ -180,6 +191,7 @@ impl FromStr for PolicySpec {
         let outside = match base {
             SERVICE => Some(Ranker::Service),
             ORACLE => Some(Ranker::Oracle),
+            ORACLE_AVERAGE => Some(Ranker::OracleAverage),
             UNIFORM => Some(Ranker::Uniform),
             _ => None,
         };

@@ -644,6 +644,8 @@ pub struct Oracle<'w> {
     examine: Vec<f64>,
     /// Scratch space: each item's expected reward when examined.
     scratch: Vec<(f64, u32)>,
+    /// The best slate for the average user, per device and hour band.
+    for_anyone: HashMap<(usize, usize), Vec<u32>>,
 }
 
 impl<'w> Oracle<'w> {
@@ -658,6 +660,7 @@ impl<'w> Oracle<'w> {
             rewards,
             owned: HashMap::new(),
             scratch: Vec::with_capacity(world.num_items()),
+            for_anyone: HashMap::new(),
         }
     }
 
@@ -715,6 +718,30 @@ impl<'w> Oracle<'w> {
         top.sort_by(by_value);
         let value = top.iter().zip(&self.examine).map(|(v, e)| v.0 * e).sum();
         (value, top.iter().map(|v| v.1).collect())
+    }
+
+    /// The best slate of `n` slots for a user the policy knows nothing about in moment
+    /// `m`: the items whose expected reward, averaged over every user before any
+    /// purchase, is largest. No policy that treats all users alike does better.
+    pub fn best_for_anyone(&mut self, m: Moment, n: usize) -> Vec<u32> {
+        let world = self.world;
+        let click_value = &self.click_value;
+        let n = n.min(self.examine.len()).min(world.num_items());
+        self.for_anyone
+            .entry((m.device, m.band()))
+            .or_insert_with(|| {
+                let mut mean: Vec<(f64, u32)> = (0..world.num_items() as u32)
+                    .map(|i| {
+                        let total: f64 = (0..world.num_users())
+                            .map(|u| world.attraction(u, i, m))
+                            .sum();
+                        (total * click_value[i as usize], i)
+                    })
+                    .collect();
+                mean.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                mean.into_iter().take(n).map(|(_, i)| i).collect()
+            })
+            .clone()
     }
 
     /// How user `u` in moment `m` responds to `slate`, decided by `draws` (from
@@ -850,6 +877,38 @@ mod tests {
             (mean - best).abs() < 0.05 * best.max(0.1),
             "{mean} vs {best}"
         );
+    }
+
+    #[test]
+    fn the_slate_for_anyone_is_best_on_average_and_worse_than_each_users_own() {
+        let w = small(5);
+        let mut oracle = Oracle::new(&w, Rewards::of(&EngineConfig::default()), 5);
+        let m = Moment { device: 1, hour: 9 };
+        let anyone = oracle.best_for_anyone(m, 5);
+        assert_eq!(anyone.len(), 5);
+        assert_eq!(oracle.best_for_anyone(m, 5), anyone, "cached per moment");
+        let mean = |oracle: &Oracle, slate: &[u32]| -> f64 {
+            (0..w.num_users())
+                .map(|u| oracle.slate_value(u, m, slate))
+                .sum::<f64>()
+                / w.num_users() as f64
+        };
+        let nothing_hidden = vec![false; w.num_items()];
+        let own: f64 = (0..w.num_users())
+            .map(|u| oracle.best(u, m, &nothing_hidden, 5).0)
+            .sum::<f64>()
+            / w.num_users() as f64;
+        let for_anyone = mean(&oracle, &anyone);
+        assert!(for_anyone < own, "{for_anyone} vs {own}");
+        // No other slate is better for the average user.
+        for other in 0..w.num_items() as u32 {
+            if anyone.contains(&other) {
+                continue;
+            }
+            let mut replaced = anyone.clone();
+            replaced[4] = other;
+            assert!(mean(&oracle, &replaced) <= for_anyone + 1e-12);
+        }
     }
 
     #[test]
