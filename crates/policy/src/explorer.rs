@@ -127,7 +127,7 @@ mod tests {
     use super::*;
     use crate::error::StoreError;
     use crate::policy::PolicyConfig;
-    use crate::stats::{SegmentSummary, StatsConfig};
+    use crate::stats::{BatchId, SegmentSummary, StatsConfig};
     use crate::store::StoreFuture;
     use crate::store::memory::MemoryStore;
 
@@ -138,7 +138,7 @@ mod tests {
         fn fetch<'a>(&'a self, _: &'a str, _: &'a [&'a str]) -> StoreFuture<'a, SegmentStats> {
             Box::pin(async { Err(StoreError::Timeout(Duration::from_millis(20))) })
         }
-        fn record<'a>(&'a self, _: &'a [StatUpdate]) -> StoreFuture<'a, ()> {
+        fn record_batch<'a>(&'a self, _: BatchId, _: &'a [StatUpdate]) -> StoreFuture<'a, ()> {
             Box::pin(async { Err(StoreError::Unavailable("down".into())) })
         }
         fn segment_summary<'a>(&'a self, _: &'a str, _: usize) -> StoreFuture<'a, SegmentSummary> {

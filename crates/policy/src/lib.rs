@@ -39,7 +39,7 @@ pub use crate::explorer::{Explorer, Reranked};
 pub use crate::policy::{Candidate, Policy, PolicyConfig, Slot, exploit};
 pub use crate::segment::{DEFAULT_SEGMENT, SegmentConfig, SegmentRule, UserFacts};
 pub use crate::stats::{
-    ArmStats, ArmSummary, Clock, ManualClock, SegmentStats, SegmentSummary, StatUpdate,
+    ArmStats, ArmSummary, BatchId, Clock, ManualClock, SegmentStats, SegmentSummary, StatUpdate,
     StatsConfig, SystemClock,
 };
 pub use crate::store::memory::MemoryStore;

@@ -56,6 +56,26 @@ impl SegmentStats {
     }
 }
 
+/// The identity of a batch of updates: a store applies a batch id at most once, so a
+/// writer that re-sends a batch whose answer it never got cannot count it twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BatchId(u128);
+
+impl BatchId {
+    /// A new random id (a version-4 UUID: 122 random bits), so two writers never draw
+    /// the same one.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        Self(uuid::Uuid::new_v4().as_u128())
+    }
+}
+
+impl fmt::LowerHex for BatchId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
 /// An increment to one (segment, item): impressions shown and reward earned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatUpdate {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use onrec_policy::{
-    BanditStore, ManualClock, MemoryStore, RedisConfig, RedisStore, ResilientConfig,
+    BanditStore, BatchId, ManualClock, MemoryStore, RedisConfig, RedisStore, ResilientConfig,
     ResilientStore, SegmentStats, StatUpdate, StatsConfig, StoreError,
 };
 
@@ -327,7 +327,7 @@ fn resilient(
         Arc::new(store),
         ResilientConfig {
             timeout,
-            flush_timeout: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(2),
             flush_interval,
             ..ResilientConfig::default()
         },
@@ -373,9 +373,9 @@ async fn killing_redis_fails_fetches_fast_buffers_writes_and_loses_none_after_re
         store.record(&updates).await.unwrap();
         expected[round % 3] += 1.0;
     }
-    assert_eq!(store.buffered(), 3);
+    assert_eq!(store.buffered(), 60);
     assert!(store.flush().await.is_err());
-    assert_eq!(store.buffered(), 3);
+    assert_eq!(store.buffered(), 60);
 
     // The new server starts empty: what it holds afterwards is exactly the buffer.
     server.restart();
@@ -398,6 +398,63 @@ async fn killing_redis_fails_fetches_fast_buffers_writes_and_loses_none_after_re
     assert_eq!(s.total_impressions, 31.0);
     assert_eq!(s.total_reward, 15.0);
     assert_eq!(store.dropped(), 0);
+}
+
+#[tokio::test]
+async fn a_batch_is_applied_once_per_id() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(server.config(None)).unwrap();
+    let id = BatchId::new();
+    let batch = [
+        StatUpdate::impression("s", "a"),
+        StatUpdate::reward("s", "a", 1.0),
+    ];
+    store.record_batch(id, &batch).await.unwrap();
+    store.record_batch(id, &batch).await.unwrap();
+    store.record(&batch).await.unwrap();
+    let s = store.fetch("s", &["a"]).await.unwrap();
+    assert_eq!(s.arm("a").impressions, 2.0);
+    assert_eq!(s.total_reward, 2.0);
+    let ttl: i64 = server.cmd(&["PTTL", &store.batch_key(id)]).await;
+    assert!(ttl > 0 && ttl <= 3_600_000, "{ttl}");
+}
+
+#[tokio::test]
+async fn a_write_whose_answer_was_lost_is_re_sent_and_counts_once() {
+    let server = RedisServer::start();
+    let store = Arc::new(ResilientStore::new(
+        Arc::new(RedisStore::new(server.config(None)).unwrap()),
+        ResilientConfig {
+            write_timeout: Duration::from_millis(200),
+            flush_interval: Duration::from_secs(3600),
+            ..ResilientConfig::default()
+        },
+    ));
+    // A first write loads the script, so the frozen one below is applied when thawed.
+    store
+        .record(&[StatUpdate::impression("warm-up", "a")])
+        .await
+        .unwrap();
+    // Frozen, Redis takes the write on its socket but answers nothing: the write times
+    // out and is kept. Thawed, Redis applies it; the re-sent batch must not count again.
+    server.signal("STOP");
+    let batch = [
+        StatUpdate::impression("s", "a"),
+        StatUpdate::reward("s", "a", 1.0),
+    ];
+    store.record(&batch).await.unwrap();
+    assert_eq!(store.buffered(), 2);
+    server.signal("CONT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.flush().await.is_err() {
+        assert!(Instant::now() < deadline, "no flush after CONT");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.buffered(), 0);
+    let s = store.fetch("s", &["a"]).await.unwrap();
+    assert_eq!(s.arm("a").impressions, 1.0);
+    assert_eq!(s.arm("a").reward, 1.0);
+    assert_eq!(s.total_impressions, 1.0);
 }
 
 #[tokio::test]

@@ -279,6 +279,12 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
 
+    /// Budget of one write of bandit statistics (off the request path); a write past it
+    /// is kept and re-sent under its batch id, which Redis applies once
+    #[arg(long, env = "ONREC_REDIS_WRITE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub redis_write_timeout: Duration,
+
     /// Exploration policy of segments without their own: greedy, epsilon_greedy, ucb1 or thompson
     #[arg(long, env = "ONREC_POLICY", default_value = "epsilon_greedy")]
     pub policy: PolicyKind,

@@ -244,6 +244,7 @@ fn bandit_store(config: &Config) -> anyhow::Result<Arc<dyn BanditStore>> {
         Arc::new(redis),
         ResilientConfig {
             timeout: config.redis_timeout,
+            write_timeout: config.redis_write_timeout,
             ..ResilientConfig::default()
         },
     ));

@@ -3,17 +3,17 @@
 //! It applies the same forward decay and the same limits as the Redis store (see
 //! [`crate::stats`]), except that it counts items where Redis counts hash fields.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
-use super::{BanditStore, StoreFuture};
+use super::{BATCH_MEMORY, BanditStore, StoreFuture};
 use crate::error::StoreError;
 use crate::stats::{
-    ArmStats, Clock, Decay, FORGET_BELOW, SegmentStats, SegmentSummary, StatUpdate, StatsConfig,
-    SystemClock, check_all, summarize,
+    ArmStats, BatchId, Clock, Decay, FORGET_BELOW, SegmentStats, SegmentSummary, StatUpdate,
+    StatsConfig, SystemClock, check_all, summarize,
 };
 
 /// One segment, in stored (landmark-scaled) units.
@@ -64,10 +64,40 @@ impl Segment {
     }
 }
 
+/// Most batch ids remembered, whatever their age.
+const MAX_REMEMBERED_BATCHES: usize = 1 << 20;
+
+/// The ids of the batches applied within [`BATCH_MEMORY`], oldest first.
+#[derive(Debug, Default)]
+struct AppliedBatches {
+    ids: HashSet<BatchId>,
+    order: VecDeque<(i64, BatchId)>,
+}
+
+impl AppliedBatches {
+    /// Records `id` as applied at `now_ms`; false when it already was.
+    fn insert(&mut self, id: BatchId, now_ms: i64) -> bool {
+        let memory = i64::try_from(BATCH_MEMORY.as_millis()).unwrap_or(i64::MAX);
+        while let Some(&(at, old)) = self.order.front() {
+            if now_ms.saturating_sub(at) < memory && self.order.len() < MAX_REMEMBERED_BATCHES {
+                break;
+            }
+            self.order.pop_front();
+            self.ids.remove(&old);
+        }
+        if !self.ids.insert(id) {
+            return false;
+        }
+        self.order.push_back((now_ms, id));
+        true
+    }
+}
+
 /// Statistics in this process's memory.
 #[derive(Debug)]
 pub struct MemoryStore {
     segments: RwLock<HashMap<String, Segment>>,
+    applied: Mutex<AppliedBatches>,
     config: StatsConfig,
     decay: Decay,
     clock: Arc<dyn Clock>,
@@ -84,6 +114,7 @@ impl MemoryStore {
         config.validate()?;
         Ok(Self {
             segments: RwLock::new(HashMap::new()),
+            applied: Mutex::new(AppliedBatches::default()),
             decay: Decay::new(config.half_life),
             config,
             clock,
@@ -110,9 +141,13 @@ impl MemoryStore {
         }
     }
 
-    fn record_now(&self, updates: &[StatUpdate]) -> Result<(), StoreError> {
+    fn record_now(&self, id: BatchId, updates: &[StatUpdate]) -> Result<(), StoreError> {
         check_all(updates)?;
         let now = self.clock.now_ms();
+        let mut applied = self.applied.lock();
+        if !applied.insert(id, now) {
+            return Ok(());
+        }
         let mut segments = self.segments.write();
         for u in updates {
             if u.impressions == 0.0 && u.reward == 0.0 {
@@ -208,8 +243,8 @@ impl BanditStore for MemoryStore {
         Box::pin(async move { Ok(stats) })
     }
 
-    fn record<'a>(&'a self, updates: &'a [StatUpdate]) -> StoreFuture<'a, ()> {
-        let result = self.record_now(updates);
+    fn record_batch<'a>(&'a self, id: BatchId, updates: &'a [StatUpdate]) -> StoreFuture<'a, ()> {
+        let result = self.record_now(id, updates);
         Box::pin(async move { result })
     }
 

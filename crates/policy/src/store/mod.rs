@@ -13,7 +13,11 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use crate::error::StoreError;
-use crate::stats::{SegmentStats, SegmentSummary, StatUpdate};
+use crate::stats::{BatchId, SegmentStats, SegmentSummary, StatUpdate};
+
+/// How long a store remembers the ids of the batches it applied: a batch re-sent within
+/// this time is acknowledged without counting it again.
+pub const BATCH_MEMORY: Duration = Duration::from_secs(3600);
 
 /// The future a store method returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -28,9 +32,16 @@ pub trait BanditStore: Send + Sync + fmt::Debug {
         item_ids: &'a [&'a str],
     ) -> StoreFuture<'a, SegmentStats>;
 
-    /// Adds the updates to their items and segments, all or nothing. A batch with a bad
-    /// update ([`StatUpdate::check`]) is refused whole.
-    fn record<'a>(&'a self, updates: &'a [StatUpdate]) -> StoreFuture<'a, ()>;
+    /// Adds the updates to their items and segments, all or nothing, and at most once per
+    /// batch `id`: a batch whose id was applied within [`BATCH_MEMORY`] is acknowledged
+    /// and not applied again, so a batch re-sent after its answer was lost counts once. A
+    /// batch with a bad update ([`StatUpdate::check`]) is refused whole.
+    fn record_batch<'a>(&'a self, id: BatchId, updates: &'a [StatUpdate]) -> StoreFuture<'a, ()>;
+
+    /// [`BanditStore::record_batch`] under a new batch id.
+    fn record<'a>(&'a self, updates: &'a [StatUpdate]) -> StoreFuture<'a, ()> {
+        self.record_batch(BatchId::new(), updates)
+    }
 
     /// The segment's totals and its `top` items by mean reward.
     fn segment_summary<'a>(

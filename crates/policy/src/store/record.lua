@@ -2,8 +2,9 @@
 --
 -- KEYS[1]          sorted set of segments, scored by last write (ms)
 -- KEYS[2s], [2s+1] arms hash and totals hash of the s-th segment of the batch
--- ARGV[1..7]       now_ms, half_life_ms (0: no decay), ttl_ms (0: none), max_arms,
---                  max_segments, key prefix, rebase_half_lives
+-- KEYS[#KEYS]      the batch's key: set once the batch is applied
+-- ARGV[1..8]       now_ms, half_life_ms (0: no decay), ttl_ms (0: none), max_arms,
+--                  max_segments, key prefix, rebase_half_lives, batch key lifetime (ms)
 -- then per segment: name, update count k, and k times: item, impressions, reward, at_ms
 -- (the client leaves out updates that change nothing, and segments without updates)
 --
@@ -17,6 +18,7 @@ local max_arms = tonumber(ARGV[4])
 local max_segments = tonumber(ARGV[5])
 local prefix = ARGV[6]
 local rebase_after = tonumber(ARGV[7])
+local batch_ttl = tonumber(ARGV[8])
 local forget_below = 1e-6
 
 -- %.17g round-trips doubles; Lua's tostring (%.14g) would not.
@@ -75,8 +77,14 @@ local function prune(arms, keep)
   end
 end
 
-local pos = 8
-for s = 1, (#KEYS - 1) / 2 do
+-- A batch is applied once: a batch that finds its key set was applied before, and this
+-- is a retry after its answer was lost.
+if not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', batch_ttl) then
+  return 0
+end
+
+local pos = 9
+for s = 1, (#KEYS - 2) / 2 do
   local arms, total = KEYS[2 * s], KEYS[2 * s + 1]
   local segment = ARGV[pos]
   local k = tonumber(ARGV[pos + 1])

@@ -7,6 +7,7 @@
 //! | `P:S:arms` | hash | `i:{item}` → impressions, `r:{item}` → reward sum (fields only once non-zero) |
 //! | `P:S:total` | hash | `i` → impressions, `r` → reward over all items; `l` → decay landmark (ms), with decay only |
 //! | `P:segments` | sorted set | segment names, scored by their last write (ms) |
+//! | `P:batch:{id}` | string | set when the batch `id` was applied; expires after [`BATCH_MEMORY`] |
 //!
 //! Values are floats written with `HINCRBYFLOAT`; with a half-life they are stored
 //! against the landmark as [`crate::stats`] describes. Every write refreshes a TTL
@@ -17,8 +18,10 @@
 //! deleted.
 //!
 //! [`BanditStore::fetch`] is one `MULTI`/`EXEC` pipeline of two `HMGET`s;
-//! [`BanditStore::record`] is one Lua script (`EVALSHA`) that applies the whole batch
-//! atomically: decay bookkeeping, increments, TTLs, limits. The script derives the keys
+//! [`BanditStore::record_batch`] is one Lua script (`EVALSHA`) that applies the whole
+//! batch atomically and at most once: it sets the batch's key first and does nothing
+//! when the key was already set, so a batch re-sent after its answer was lost (a timeout,
+//! a dropped connection) counts once. Then decay bookkeeping, increments, TTLs, limits. The script derives the keys
 //! of evicted segments from the prefix, so this layout targets a standalone Redis (or
 //! a primary with replicas), not Redis Cluster.
 //!
@@ -32,10 +35,10 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, RedisError, Script};
 
-use super::{BanditStore, StoreFuture};
+use super::{BATCH_MEMORY, BanditStore, StoreFuture};
 use crate::error::StoreError;
 use crate::stats::{
-    ArmStats, Clock, Decay, REBASE_HALF_LIVES, SegmentStats, SegmentSummary, StatUpdate,
+    ArmStats, BatchId, Clock, Decay, REBASE_HALF_LIVES, SegmentStats, SegmentSummary, StatUpdate,
     StatsConfig, SystemClock, check_all, summarize,
 };
 
@@ -158,6 +161,11 @@ impl RedisStore {
         format!("{}:segments", self.config.key_prefix)
     }
 
+    /// The key that marks batch `id` as applied.
+    pub fn batch_key(&self, id: BatchId) -> String {
+        format!("{}:batch:{id:032x}", self.config.key_prefix)
+    }
+
     /// Decayed (impressions, reward) from stored values and the segment's landmark.
     fn read(&self, stored: ArmStats, landmark: Option<f64>, now: i64) -> ArmStats {
         let f = match landmark {
@@ -224,7 +232,7 @@ impl RedisStore {
         })
     }
 
-    async fn record_inner(&self, updates: &[StatUpdate]) -> Result<(), StoreError> {
+    async fn record_inner(&self, id: BatchId, updates: &[StatUpdate]) -> Result<(), StoreError> {
         check_all(updates)?;
         let now = self.clock.now_ms();
         // Group by segment, in order of first appearance.
@@ -248,6 +256,7 @@ impl RedisStore {
         for (segment, _) in &groups {
             inv.key(self.arms_key(segment)).key(self.total_key(segment));
         }
+        inv.key(self.batch_key(id));
         let stats = &self.config.stats;
         inv.arg(now)
             .arg(self.decay.half_life_ms())
@@ -255,7 +264,8 @@ impl RedisStore {
             .arg(stats.max_arms_per_segment)
             .arg(stats.max_segments)
             .arg(&self.config.key_prefix)
-            .arg(REBASE_HALF_LIVES);
+            .arg(REBASE_HALF_LIVES)
+            .arg(millis(BATCH_MEMORY));
         for (segment, group) in &groups {
             inv.arg(*segment).arg(group.len());
             for u in group {
@@ -343,8 +353,8 @@ impl BanditStore for RedisStore {
         Box::pin(self.fetch_inner(segment, item_ids))
     }
 
-    fn record<'a>(&'a self, updates: &'a [StatUpdate]) -> StoreFuture<'a, ()> {
-        Box::pin(self.record_inner(updates))
+    fn record_batch<'a>(&'a self, id: BatchId, updates: &'a [StatUpdate]) -> StoreFuture<'a, ()> {
+        Box::pin(self.record_inner(id, updates))
     }
 
     fn segment_summary<'a>(

@@ -1,29 +1,29 @@
 //! A fault-tolerant wrapper: latency budget, retry buffer, health, logs and metrics.
 //!
-//! Every call to the wrapped store runs under a timeout (the latency budget). When a call
-//! fails or times out:
+//! Every read runs under a timeout (the latency budget); every write under its own,
+//! longer one (`write_timeout`), because writes run off the request path and a write cut
+//! short is a write in doubt. When a call fails or times out:
 //!
 //! - `fetch`, `segment_summary`, `segments`, `ping` return the error at once; the caller
 //!   of `fetch` falls back to exploit-only ranking ([`crate::Explorer`] does).
-//! - `record` keeps the updates in a buffer, merged by (segment, item) so it stays as
-//!   small as the set of items touched, and bounded: updates for new keys beyond
-//!   `max_buffered` are dropped and counted. The buffer is written back by
+//! - `record` keeps the batch, whole and under its batch id, in a bounded buffer: a batch
+//!   that does not fit beside `max_buffered` buffered updates is dropped and counted. The
+//!   buffer is written back, batch by batch under the same ids, by
 //!   [`ResilientStore::flush`]: after the next successful `record`, and from the task of
 //!   [`ResilientStore::spawn_maintenance`], which every `flush_interval` flushes the
 //!   buffer or, when it is empty, pings the store.
 //!
-//! Delivery: an update is applied once when the store refuses the connection (Redis down).
-//! When a call times out after Redis received it, Redis may still apply it, and the
-//! retry applies it again: at least once. `flush_timeout`, longer than the per-call
-//! budget, keeps that rare for the flushes.
+//! Delivery: exactly once. A batch whose answer was lost (a timeout after Redis applied
+//! it, a connection dropped before the reply) is re-sent under its id, and the store
+//! applies an id at most once (see [`BanditStore::record_batch`]).
 //!
 //! Failures are logged at most once per `log_interval` (with the count suppressed in
 //! between) and counted in the metrics `onrec_bandit_store_errors_total{op}`,
 //! `onrec_bandit_store_latency_seconds{op}` (histogram of every call, failures included),
-//! `onrec_bandit_store_buffered_updates` (gauge: buffered keys) and
+//! `onrec_bandit_store_buffered_updates` (gauge) and
 //! `onrec_bandit_store_dropped_updates_total`.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -33,21 +33,19 @@ use parking_lot::Mutex;
 use super::{BanditStore, StoreFuture};
 use crate::error::StoreError;
 use crate::stats::{
-    Clock, Decay, SegmentStats, SegmentSummary, StatUpdate, SystemClock, check_all,
+    BatchId, Clock, SegmentStats, SegmentSummary, StatUpdate, SystemClock, check_all,
 };
 
 /// Settings of the wrapper.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResilientConfig {
-    /// Latency budget of one call.
+    /// Latency budget of one read.
     pub timeout: Duration,
-    /// Budget of one flush call (of at most `flush_batch` updates).
-    pub flush_timeout: Duration,
+    /// Budget of one write (a batch, or a buffered batch written back).
+    pub write_timeout: Duration,
     /// Period of the maintenance task.
     pub flush_interval: Duration,
-    /// Updates per flush call.
-    pub flush_batch: usize,
-    /// Most (segment, item) keys buffered.
+    /// Most updates buffered.
     pub max_buffered: usize,
     /// Least time between two failure log lines.
     pub log_interval: Duration,
@@ -57,24 +55,20 @@ impl Default for ResilientConfig {
     fn default() -> Self {
         Self {
             timeout: Duration::from_millis(20),
-            flush_timeout: Duration::from_secs(1),
+            write_timeout: Duration::from_secs(2),
             flush_interval: Duration::from_secs(1),
-            flush_batch: 1000,
             max_buffered: 100_000,
             log_interval: Duration::from_secs(10),
         }
     }
 }
 
-/// A buffered update, with its time resolved.
-#[derive(Debug, Clone, Copy)]
-struct Pending {
-    impressions: f64,
-    reward: f64,
-    at_ms: i64,
+/// Batches waiting to be written, oldest first, with their update count.
+#[derive(Debug, Default)]
+struct Buffer {
+    batches: VecDeque<(BatchId, Vec<StatUpdate>)>,
+    updates: usize,
 }
-
-type Key = (String, String);
 
 /// Allows one event per interval and counts the others.
 #[derive(Debug)]
@@ -116,9 +110,8 @@ impl RateLimit {
 pub struct ResilientStore {
     inner: Arc<dyn BanditStore>,
     config: ResilientConfig,
-    decay: Decay,
     clock: Arc<dyn Clock>,
-    buffer: Mutex<HashMap<Key, Pending>>,
+    buffer: Mutex<Buffer>,
     dropped: AtomicU64,
     healthy: AtomicBool,
     failure_log: RateLimit,
@@ -137,12 +130,11 @@ impl ResilientStore {
         clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
-            decay: Decay::new(inner.half_life()),
             failure_log: RateLimit::new(config.log_interval),
             inner,
             config,
             clock,
-            buffer: Mutex::new(HashMap::new()),
+            buffer: Mutex::new(Buffer::default()),
             dropped: AtomicU64::new(0),
             healthy: AtomicBool::new(false),
         }
@@ -153,9 +145,9 @@ impl ResilientStore {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// (segment, item) keys waiting in the retry buffer.
+    /// Updates waiting in the retry buffer.
     pub fn buffered(&self) -> usize {
-        self.buffer.lock().len()
+        self.buffer.lock().updates
     }
 
     /// Updates dropped because the buffer was full, since the start.
@@ -169,30 +161,29 @@ impl ResilientStore {
         self.call("ping", budget, self.inner.ping()).await.is_ok()
     }
 
-    /// Writes the buffer to the store, in batches; returns the updates written. On a
-    /// failure the unwritten rest goes back into the buffer.
+    /// Writes the buffered batches to the store, oldest first, each under its own id;
+    /// returns the updates written. On a failure the batch and those after it stay
+    /// buffered.
     pub async fn flush(&self) -> Result<usize, StoreError> {
-        let taken = std::mem::take(&mut *self.buffer.lock());
-        let mut pending: Vec<StatUpdate> = taken
-            .into_iter()
-            .map(|((segment, item_id), p)| StatUpdate {
-                segment,
-                item_id,
-                impressions: p.impressions,
-                reward: p.reward,
-                at_ms: Some(p.at_ms),
-            })
-            .collect();
         let mut written = 0;
-        while !pending.is_empty() {
-            let at = pending.len().saturating_sub(self.config.flush_batch.max(1));
-            let batch = pending.split_off(at);
-            let budget = self.config.flush_timeout;
-            if let Err(e) = self.call("flush", budget, self.inner.record(&batch)).await {
-                pending.extend(batch);
-                self.buffer_updates(&pending);
-                return Err(e);
+        loop {
+            let Some((id, batch)) = self.buffer.lock().batches.front().cloned() else {
+                break;
+            };
+            let budget = self.config.write_timeout;
+            self.call("flush", budget, self.inner.record_batch(id, &batch))
+                .await?;
+            let mut buffer = self.buffer.lock();
+            // Only this task's flush or a concurrent one removes batches, front first.
+            if buffer
+                .batches
+                .front()
+                .is_some_and(|(front, _)| *front == id)
+            {
+                buffer.batches.pop_front();
+                buffer.updates -= batch.len();
             }
+            drop(buffer);
             written += batch.len();
         }
         self.publish_buffered();
@@ -262,36 +253,19 @@ impl ResilientStore {
         result
     }
 
-    /// Merges updates into the buffer; returns how many were dropped for lack of room.
-    fn buffer_updates(&self, updates: &[StatUpdate]) -> usize {
-        let now = self.clock.now_ms();
-        let mut dropped = 0;
-        {
+    /// Buffers a batch under its id; returns how many updates were dropped (the whole
+    /// batch, when it does not fit).
+    fn buffer_batch(&self, id: BatchId, updates: Vec<StatUpdate>) -> usize {
+        let dropped = {
             let mut buffer = self.buffer.lock();
-            for u in updates {
-                let at = u.at_ms.unwrap_or(now).min(now);
-                let key = (u.segment.clone(), u.item_id.clone());
-                if let Some(p) = buffer.get_mut(&key) {
-                    // Both as of the later time, so the merged update decays like the two.
-                    let t = p.at_ms.max(at);
-                    let (old, new) = (self.decay.weight(p.at_ms, t), self.decay.weight(at, t));
-                    p.impressions = p.impressions * old + u.impressions * new;
-                    p.reward = p.reward * old + u.reward * new;
-                    p.at_ms = t;
-                } else if buffer.len() < self.config.max_buffered {
-                    buffer.insert(
-                        key,
-                        Pending {
-                            impressions: u.impressions,
-                            reward: u.reward,
-                            at_ms: at,
-                        },
-                    );
-                } else {
-                    dropped += 1;
-                }
+            if buffer.updates + updates.len() > self.config.max_buffered {
+                updates.len()
+            } else {
+                buffer.updates += updates.len();
+                buffer.batches.push_back((id, updates));
+                0
             }
-        }
+        };
         if dropped > 0 {
             self.dropped.fetch_add(dropped as u64, Ordering::Relaxed);
             metrics::counter!("onrec_bandit_store_dropped_updates_total").increment(dropped as u64);
@@ -304,7 +278,7 @@ impl ResilientStore {
         metrics::gauge!("onrec_bandit_store_buffered_updates").set(self.buffered() as f64);
     }
 
-    async fn record_inner(&self, updates: &[StatUpdate]) -> Result<(), StoreError> {
+    async fn record_inner(&self, id: BatchId, updates: &[StatUpdate]) -> Result<(), StoreError> {
         check_all(updates)?;
         let now = self.clock.now_ms();
         // Stamped now, so a retry later lands where the update belongs in time.
@@ -315,9 +289,9 @@ impl ResilientStore {
                 ..u.clone()
             })
             .collect();
-        let budget = self.config.timeout;
+        let budget = self.config.write_timeout;
         match self
-            .call("record", budget, self.inner.record(&stamped))
+            .call("record", budget, self.inner.record_batch(id, &stamped))
             .await
         {
             Ok(()) => {
@@ -328,7 +302,7 @@ impl ResilientStore {
                 Ok(())
             }
             Err(e @ StoreError::InvalidUpdate(_)) => Err(e),
-            Err(_) => match self.buffer_updates(&stamped) {
+            Err(_) => match self.buffer_batch(id, stamped) {
                 0 => Ok(()),
                 n => Err(StoreError::BufferFull(n)),
             },
@@ -350,8 +324,8 @@ impl BanditStore for ResilientStore {
     }
 
     /// Writes through, or buffers on failure (then `Ok`, or [`StoreError::BufferFull`]).
-    fn record<'a>(&'a self, updates: &'a [StatUpdate]) -> StoreFuture<'a, ()> {
-        Box::pin(self.record_inner(updates))
+    fn record_batch<'a>(&'a self, id: BatchId, updates: &'a [StatUpdate]) -> StoreFuture<'a, ()> {
+        Box::pin(self.record_inner(id, updates))
     }
 
     fn segment_summary<'a>(
@@ -385,7 +359,8 @@ mod tests {
     use crate::stats::{ManualClock, StatsConfig};
     use crate::store::memory::MemoryStore;
 
-    /// A memory store that can be switched to failing (fast) or hanging.
+    /// A memory store that can be switched to failing (fast), hanging, or applying a
+    /// batch and then hanging (its answer lost).
     #[derive(Debug)]
     struct Flaky {
         store: MemoryStore,
@@ -398,6 +373,7 @@ mod tests {
         Up,
         Down,
         Hung,
+        Lost,
     }
 
     impl Flaky {
@@ -425,6 +401,10 @@ mod tests {
                     Mode::Up => f.await,
                     Mode::Down => Err(StoreError::Unavailable("connection refused".into())),
                     Mode::Hung => std::future::pending().await,
+                    Mode::Lost => {
+                        f.await?;
+                        std::future::pending().await
+                    }
                 }
             })
         }
@@ -438,12 +418,16 @@ mod tests {
         ) -> StoreFuture<'a, SegmentStats> {
             self.gate(self.store.fetch(segment, item_ids))
         }
-        fn record<'a>(&'a self, updates: &'a [StatUpdate]) -> StoreFuture<'a, ()> {
-            // Only a store that is up may apply the batch.
-            if *self.mode.lock() == Mode::Up {
-                self.gate(self.store.record(updates))
-            } else {
-                self.gate(Box::pin(async { Ok(()) }))
+        fn record_batch<'a>(
+            &'a self,
+            id: BatchId,
+            updates: &'a [StatUpdate],
+        ) -> StoreFuture<'a, ()> {
+            // Only a store that is up (or loses answers) applies the batch.
+            let mode = *self.mode.lock();
+            match mode {
+                Mode::Up | Mode::Lost => self.gate(self.store.record_batch(id, updates)),
+                Mode::Down | Mode::Hung => self.gate(Box::pin(async { Ok(()) })),
             }
         }
         fn segment_summary<'a>(
@@ -469,6 +453,7 @@ mod tests {
             inner.clone(),
             ResilientConfig {
                 max_buffered,
+                write_timeout: Duration::from_millis(100),
                 ..ResilientConfig::default()
             },
             clock.clone(),
@@ -479,7 +464,7 @@ mod tests {
     async fn buffers_while_down_and_flushes_exactly_once_back() {
         let clock = Arc::new(ManualClock::new(0));
         let inner = Flaky::new(None, clock.clone());
-        let store = wrap(&inner, &clock, 100);
+        let store = wrap(&inner, &clock, 200);
         assert!(!store.is_healthy());
         store
             .record(&[StatUpdate::impression("s", "a")])
@@ -501,10 +486,9 @@ mod tests {
             ];
             store.record(&batch).await.unwrap();
         }
-        // Merged by key: two keys, however many updates.
-        assert_eq!(store.buffered(), 2);
+        assert_eq!(store.buffered(), 150);
         assert!(store.flush().await.is_err());
-        assert_eq!(store.buffered(), 2);
+        assert_eq!(store.buffered(), 150);
 
         inner.set(Mode::Up);
         // The next successful write flushes the buffer too.
@@ -538,7 +522,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_buffer_drops_and_counts_new_keys_but_merges_known_ones() {
+    async fn a_batch_that_does_not_fit_is_dropped_whole_and_counted() {
         let clock = Arc::new(ManualClock::new(0));
         let inner = Flaky::new(None, clock.clone());
         let store = wrap(&inner, &clock, 3);
@@ -546,19 +530,48 @@ mod tests {
         let batch: Vec<_> = (0..5)
             .map(|i| StatUpdate::impression("s", format!("i{i}")))
             .collect();
-        assert_eq!(store.record(&batch).await, Err(StoreError::BufferFull(2)));
-        assert_eq!(store.buffered(), 3);
-        store
-            .record(&[StatUpdate::impression("s", "i0")])
-            .await
-            .unwrap();
-        assert_eq!(store.dropped(), 2);
+        assert_eq!(store.record(&batch).await, Err(StoreError::BufferFull(5)));
+        assert_eq!(store.buffered(), 0);
+        for item in ["i0", "i1"] {
+            store
+                .record(&[StatUpdate::impression("s", item)])
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            store.record(&batch[..2]).await,
+            Err(StoreError::BufferFull(2))
+        );
+        assert_eq!(store.buffered(), 2);
+        assert_eq!(store.dropped(), 7);
         inner.set(Mode::Up);
-        assert_eq!(store.flush().await, Ok(3));
+        assert_eq!(store.flush().await, Ok(2));
         let s = store.fetch("s", &["i0", "i1", "i4"]).await.unwrap();
-        assert_eq!(s.arm("i0").impressions, 2.0);
+        assert_eq!(s.arm("i0").impressions, 1.0);
         assert_eq!(s.arm("i1").impressions, 1.0);
         assert!(!s.arms.contains_key("i4"));
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_answer_was_lost_counts_once() {
+        let clock = Arc::new(ManualClock::new(0));
+        let inner = Flaky::new(None, clock.clone());
+        let store = wrap(&inner, &clock, 100);
+        inner.set(Mode::Lost);
+        let batch = [
+            StatUpdate::impression("s", "a"),
+            StatUpdate::reward("s", "a", 1.0),
+        ];
+        // The store applied it; the wrapper saw a timeout and keeps the batch.
+        store.record(&batch).await.unwrap();
+        assert_eq!(store.buffered(), 2);
+        inner.set(Mode::Up);
+        assert_eq!(store.flush().await, Ok(2));
+        assert_eq!(store.buffered(), 0);
+        let s = store.fetch("s", &["a"]).await.unwrap();
+        assert_eq!(s.arm("a").impressions, 1.0);
+        assert_eq!(s.arm("a").reward, 1.0);
+        assert_eq!(s.total_impressions, 1.0);
     }
 
     #[tokio::test]
