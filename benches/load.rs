@@ -8,6 +8,9 @@
 //! ONREC_BIN picks another onrec binary, ONREC_LOAD_SERVER_ARGS adds server settings.
 //! `--feedback F` posts a click for a share F of the responses (the learner then trains
 //! during the run); `--ingest` instead posts event batches as fast as they are taken.
+//! `--redis` keeps the bandit statistics in a `redis-server` of its own (`--redis aof`:
+//! one that logs every write to an append-only file) and, at the end, compares the
+//! impressions and rewards Redis holds with what the server served and attributed.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -27,6 +30,7 @@ struct Args {
     warm: f64,
     feedback: f64,
     ingest: bool,
+    redis: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -38,6 +42,7 @@ fn parse_args() -> Args {
         warm: 0.1,
         feedback: 0.0,
         ingest: false,
+        redis: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -50,6 +55,14 @@ fn parse_args() -> Args {
             "--warm" => args.warm = value().parse().expect("--warm: a fraction"),
             "--feedback" => args.feedback = value().parse().expect("--feedback: a fraction"),
             "--ingest" => args.ingest = true,
+            "--redis" => {
+                let kind = value();
+                assert!(
+                    kind == "plain" || kind == "aof",
+                    "--redis: plain or aof, not {kind}"
+                );
+                args.redis = Some(kind);
+            }
             "--bench" => {}
             other => panic!("unknown argument {other}; see the file's header"),
         }
@@ -126,6 +139,70 @@ async fn ingest(server: &common::Server, args: &Args) {
     );
 }
 
+/// The sum of a metric's samples over all its label sets.
+fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Impressions and reward over every segment in Redis.
+async fn redis_totals(url: &str) -> (f64, f64) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("onrec:bandit:*:total")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (mut impressions, mut reward) = (0.0, 0.0);
+    for key in keys {
+        let (i, r): (Option<f64>, Option<f64>) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg("i")
+            .arg("r")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        impressions += i.unwrap_or(0.0);
+        reward += r.unwrap_or(0.0);
+    }
+    (impressions, reward)
+}
+
+/// Waits until the statistics in Redis stop changing, then prints them beside what the
+/// server served (slots) and attributed (rewards), and what it dropped on the way.
+async fn bandit_counts(server: &common::Server, url: &str) {
+    let mut last = redis_totals(url).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = redis_totals(url).await;
+        if now == last || Instant::now() > deadline {
+            break;
+        }
+        last = now;
+    }
+    let (_, metrics) = server.get_text("/metrics").await;
+    let served = metric_sum(&metrics, "onrec_bandit_decisions_total");
+    let rewarded = metric_sum(&metrics, "onrec_bandit_reward_sum");
+    let dropped = 0.0
+        + metric_sum(&metrics, "onrec_bandit_updates_dropped_total")
+        + metric_sum(&metrics, "onrec_bandit_store_dropped_updates_total");
+    let (impressions, reward) = last;
+    let verdict = |a: f64, b: f64| if a == b { "exact" } else { "DIFFERENT" };
+    println!(
+        "bandit counts in Redis: impressions {impressions} for {served} served ({}), reward {reward} for {rewarded} attributed ({}); updates dropped {dropped}",
+        verdict(impressions, served),
+        verdict(reward, rewarded),
+    );
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -139,7 +216,15 @@ async fn main() {
     let args = parse_args();
     // ONREC_LOAD_SERVER_ARGS adds server settings, e.g. "--device cuda --demo-items 100000".
     let extra = std::env::var("ONREC_LOAD_SERVER_ARGS").unwrap_or_default();
-    let extra: Vec<&str> = extra.split_whitespace().collect();
+    let mut extra: Vec<&str> = extra.split_whitespace().collect();
+    let redis = args.redis.as_deref().map(|kind| match kind {
+        "aof" => common::RedisServer::start_appendonly(),
+        _ => common::RedisServer::start(),
+    });
+    let redis_url = redis.as_ref().map(common::RedisServer::url);
+    if let Some(url) = &redis_url {
+        extra.extend(["--redis-url", url.as_str()]);
+    }
     let server = common::Server::start(&extra);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
@@ -261,6 +346,9 @@ async fn main() {
         bound(0.5),
         bound(0.99)
     );
+    if let Some(url) = &redis_url {
+        bandit_counts(&server, url).await;
+    }
     let learner: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("onrec_learn_") && !l.contains('{'))

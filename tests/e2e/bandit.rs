@@ -261,3 +261,58 @@ async fn starts_without_redis_and_becomes_ready_when_it_answers() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn counts_in_an_append_only_redis_equal_what_was_served_and_clicked() {
+    let redis = RedisServer::start_appendonly();
+    let s = Server::start(&["--redis-url", &redis.url()]);
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (client, url, events) = (
+            s.client.clone(),
+            s.url("/v1/recommend"),
+            s.url("/v1/events"),
+        );
+        tasks.push(tokio::spawn(async move {
+            let user = format!("aof-{}", i % 40);
+            let served: Value = client
+                .post(&url)
+                .json(&json!({"user_id": user, "n": 5}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if i % 4 == 0 {
+                let item = served["items"][0]["item_id"].as_str().unwrap();
+                let mut ev = click(&format!("aof-click-{i}"), &user, item);
+                ev["request_id"] = served["request_id"].clone();
+                // Sent twice: the second is a duplicate and counts nothing.
+                for _ in 0..2 {
+                    client
+                        .post(&events)
+                        .json(&json!([ev]))
+                        .send()
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    eventually("every impression and click is in Redis", async || {
+        let seg = segment(&s, "default").await;
+        seg["impressions"] == 1000.0 && seg["reward"] == 50.0
+    })
+    .await;
+    // Nothing more arrives later: the counts stay exact.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let seg = segment(&s, "default").await;
+    assert_eq!(
+        (seg["impressions"].clone(), seg["reward"].clone()),
+        (json!(1000.0), json!(50.0))
+    );
+}

@@ -225,6 +225,10 @@ pub fn click(event_id: &str, user: &str, item: &str) -> Value {
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
+    /// Whether it logs every write to an append-only file (fsync every second).
+    appendonly: bool,
+    /// Where the append-only file goes; removed on drop.
+    dir: Option<std::path::PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -250,6 +254,23 @@ impl RedisServer {
         let mut r = RedisServer {
             child: None,
             port: free_port(),
+            appendonly: false,
+            dir: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// Starts one on a free port that logs every write to an append-only file.
+    pub fn start_appendonly() -> RedisServer {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("onrec-redis-aof-{port}"));
+        std::fs::create_dir_all(&dir).expect("a directory for the append-only file");
+        let mut r = RedisServer {
+            child: None,
+            port,
+            appendonly: true,
+            dir: Some(dir),
         };
         r.restart();
         r
@@ -270,8 +291,13 @@ impl RedisServer {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                if self.appendonly { "yes" } else { "no" },
             ])
+            .args(
+                self.dir
+                    .iter()
+                    .flat_map(|d| ["--dir".into(), d.display().to_string()]),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -300,5 +326,8 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
