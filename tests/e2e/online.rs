@@ -197,3 +197,65 @@ async fn a_fresh_catalog_gets_a_transformer_trained_from_its_own_events() {
     std::fs::remove_file(&path).unwrap();
     std::fs::remove_dir_all(&data).unwrap();
 }
+
+#[tokio::test]
+async fn a_graceful_restart_with_a_data_dir_keeps_users_dedupe_popularity_and_statistics() {
+    let path = catalog(25);
+    let data = std::env::temp_dir().join(format!("onrec-state-data-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let args = [
+        "--catalog",
+        path.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let s = Server::start(&args);
+    let served = recommend(&s, json!({"user_id": "u1", "n": 10})).await;
+    let mut clicked = click("keep-1", "u1", "p7");
+    clicked["request_id"] = served["request_id"].clone();
+    let mut bought = click("keep-2", "u1", "p3");
+    bought["type"] = json!("purchase");
+    let (status, summary) = s.post("/v1/events", json!([clicked, bought])).await;
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(summary["accepted"], 2, "{summary}");
+    let stats = |s: &Server| {
+        let url = s.url("/v1/segments/default");
+        let client = s.client.clone();
+        async move {
+            let body: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+            (body["impressions"].clone(), body["reward"].clone())
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats(&s).await.0 != json!(10.0) {
+        assert!(Instant::now() < deadline, "impressions never recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = stats(&s).await;
+
+    let s = s.restart(&args).await;
+    // The statistics, as they were.
+    assert_eq!(stats(&s).await, before);
+    // The same event again is a duplicate.
+    let (_, summary) = s
+        .post("/v1/events", json!([click("keep-1", "u1", "p7")]))
+        .await;
+    assert_eq!(summary["duplicates"], 1, "{summary}");
+    assert_eq!(summary["accepted"], 0, "{summary}");
+    // The purchase is remembered: hidden from its buyer, and the most popular item for
+    // everyone else (a purchase weighs 3, a click 1).
+    let mine = recommend(&s, json!({"user_id": "u1", "n": 25})).await;
+    assert!(
+        mine["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["item_id"] != "p3"),
+        "{mine}"
+    );
+    let theirs = recommend(&s, json!({"user_id": "u2", "n": 2})).await;
+    assert_eq!(theirs["items"][0]["item_id"], "p3", "{theirs}");
+    assert_eq!(theirs["items"][1]["item_id"], "p7", "{theirs}");
+    assert!(data.join("state.json").exists());
+    let _ = std::fs::remove_dir_all(&data);
+}

@@ -48,6 +48,11 @@ impl<K: Hash + Eq, V> Bounded<K, V> {
         self.current.get(key).or_else(|| self.previous.get(key))
     }
 
+    /// Every entry, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.previous.iter().chain(self.current.iter())
+    }
+
     /// The value for `key` if held; the entry becomes most recent.
     pub fn get_mut(&mut self, key: &K) -> Option<&mut V>
     where
@@ -114,6 +119,15 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Calls `f` on every entry, one shard locked at a time.
+    pub fn for_each(&self, mut f: impl FnMut(&K, &V)) {
+        for shard in &self.shards {
+            for (k, v) in shard.lock().iter() {
+                f(k, v);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -149,5 +163,11 @@ mod tests {
         }
         assert!(m.len() <= 64 + SHARDS, "{}", m.len());
         assert!(!m.is_empty());
+        let mut seen = 0;
+        m.for_each(|k, ()| {
+            assert!(*k < 10_000);
+            seen += 1;
+        });
+        assert_eq!(seen, m.len());
     }
 }

@@ -60,6 +60,9 @@ pub enum EngineError {
     /// The event log could not be opened.
     #[error("event log {0}")]
     EventLog(String),
+    /// The engine's state could not be saved or loaded.
+    #[error("engine state {0}")]
+    State(String),
 }
 
 impl From<FieldError> for EngineError {

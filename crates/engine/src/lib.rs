@@ -13,6 +13,7 @@ pub mod eventlog;
 pub mod learning;
 pub mod online;
 pub mod popularity;
+pub mod state;
 pub mod types;
 
 use std::collections::{BinaryHeap, HashSet, VecDeque};

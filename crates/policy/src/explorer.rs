@@ -127,7 +127,7 @@ mod tests {
     use super::*;
     use crate::error::StoreError;
     use crate::policy::PolicyConfig;
-    use crate::stats::{BatchId, SegmentSummary, StatsConfig};
+    use crate::stats::{ArmStats, BatchId, SegmentSummary, StatsConfig};
     use crate::store::StoreFuture;
     use crate::store::memory::MemoryStore;
 
@@ -142,6 +142,9 @@ mod tests {
             Box::pin(async { Err(StoreError::Unavailable("down".into())) })
         }
         fn segment_summary<'a>(&'a self, _: &'a str, _: usize) -> StoreFuture<'a, SegmentSummary> {
+            Box::pin(async { Err(StoreError::Unavailable("down".into())) })
+        }
+        fn arms<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Vec<(String, ArmStats)>> {
             Box::pin(async { Err(StoreError::Unavailable("down".into())) })
         }
         fn segments(&self) -> StoreFuture<'_, Vec<String>> {

@@ -207,6 +207,21 @@ async fn compare_with_memory(half_life: Option<Duration>) {
         s.top.iter().map(|a| a.item_id.clone()).collect::<Vec<_>>()
     };
     assert_eq!(top(&r), top(&m));
+    for segment in ["default", "mobile-de", "nobody"] {
+        let sorted = |mut arms: Vec<(String, onrec_policy::ArmStats)>| {
+            arms.sort_by(|a, b| a.0.cmp(&b.0));
+            arms
+        };
+        let (ra, ma) = (
+            sorted(redis.arms(segment).await.unwrap()),
+            sorted(memory.arms(segment).await.unwrap()),
+        );
+        assert_eq!(ra.len(), ma.len());
+        for ((rid, r), (mid, m)) in ra.iter().zip(&ma) {
+            assert_eq!(rid, mid);
+            assert!(close(r.impressions, m.impressions) && close(r.reward, m.reward));
+        }
+    }
     assert_eq!(
         redis.segments().await.unwrap(),
         memory.segments().await.unwrap()

@@ -50,7 +50,9 @@ impl From<EngineError> for ApiError {
             EngineError::InvalidArgument(f) => Self::InvalidArgument(f),
             EngineError::Overloaded(m) => Self::Busy(m),
             EngineError::Unavailable(m) => Self::Unavailable(m),
-            EngineError::Catalog { .. } | EngineError::EventLog(_) => Self::Internal(e.to_string()),
+            EngineError::Catalog { .. } | EngineError::EventLog(_) | EngineError::State(_) => {
+                Self::Internal(e.to_string())
+            }
         }
     }
 }

@@ -180,6 +180,8 @@ impl App {
 
 /// The event log's file name in `data_dir`.
 pub const EVENT_LOG: &str = "events.jsonl";
+/// The engine state's file name in `data_dir`: written at shutdown, read at start.
+pub const ENGINE_STATE: &str = "state.json";
 
 /// Builds the engine from the configured catalog (or the demo catalog), and attaches the
 /// configured encoder: a checkpoint loaded now, or one trained online from events (with
@@ -326,6 +328,23 @@ pub async fn run(
     let http_addr = listeners.http.local_addr()?;
     let grpc_addr = listeners.grpc.local_addr()?;
     metrics::handle();
+    if let Some(dir) = &app.config.data_dir {
+        let path = dir.join(ENGINE_STATE);
+        if let Some(c) = app
+            .engine
+            .load_state(&path)
+            .await
+            .context("resuming the engine state")?
+        {
+            tracing::info!(
+                users = c.users,
+                items = c.items,
+                events = c.events,
+                bandit_arms = c.arms,
+                "engine state resumed"
+            );
+        }
+    }
     app.refresh_gauges();
 
     let log_writer = app
@@ -372,6 +391,24 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("bandit statistics still queued after 5 s; exiting without them");
+    }
+    if let Some(dir) = &app.config.data_dir {
+        // Statistics in Redis stay there; in memory they are part of the state.
+        let in_memory = app.config.redis_url.is_none();
+        match app
+            .engine
+            .save_state(&dir.join(ENGINE_STATE), in_memory)
+            .await
+        {
+            Ok(c) => tracing::info!(
+                users = c.users,
+                items = c.items,
+                events = c.events,
+                bandit_arms = c.arms,
+                "engine state saved"
+            ),
+            Err(e) => tracing::error!(error = %e, "saving the engine state failed"),
+        }
     }
     app.engine.close_decision_log();
     if let Some(log_writer) = log_writer

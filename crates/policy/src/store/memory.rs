@@ -203,6 +203,17 @@ impl MemoryStore {
         )
     }
 
+    fn arms_now(&self, segment: &str) -> Vec<(String, ArmStats)> {
+        let now = self.clock.now_ms();
+        let segments = self.segments.read();
+        segments.get(segment).map_or_else(Vec::new, |seg| {
+            seg.arms
+                .iter()
+                .map(|(id, a)| (id.clone(), seg.read(&self.decay, *a, now)))
+                .collect()
+        })
+    }
+
     /// Segments held (for tests and metrics).
     pub fn segment_count(&self) -> usize {
         self.segments.read().len()
@@ -255,6 +266,11 @@ impl BanditStore for MemoryStore {
     ) -> StoreFuture<'a, SegmentSummary> {
         let summary = self.summary_now(segment, top);
         Box::pin(async move { Ok(summary) })
+    }
+
+    fn arms<'a>(&'a self, segment: &'a str) -> StoreFuture<'a, Vec<(String, ArmStats)>> {
+        let arms = self.arms_now(segment);
+        Box::pin(async move { Ok(arms) })
     }
 
     fn segments(&self) -> StoreFuture<'_, Vec<String>> {

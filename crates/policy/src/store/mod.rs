@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use crate::error::StoreError;
-use crate::stats::{BatchId, SegmentStats, SegmentSummary, StatUpdate};
+use crate::stats::{ArmStats, BatchId, SegmentStats, SegmentSummary, StatUpdate};
 
 /// How long a store remembers the ids of the batches it applied: a batch re-sent within
 /// this time is acknowledged without counting it again.
@@ -49,6 +49,10 @@ pub trait BanditStore: Send + Sync + fmt::Debug {
         segment: &'a str,
         top: usize,
     ) -> StoreFuture<'a, SegmentSummary>;
+
+    /// Every item's statistics in the segment, decayed to now, in no particular order:
+    /// the whole segment, for a snapshot.
+    fn arms<'a>(&'a self, segment: &'a str) -> StoreFuture<'a, Vec<(String, ArmStats)>>;
 
     /// The segments with statistics, sorted by name.
     fn segments(&self) -> StoreFuture<'_, Vec<String>>;

@@ -279,7 +279,11 @@ impl RedisStore {
         inv.invoke_async::<()>(&mut conn).await.map_err(store_error)
     }
 
-    async fn summary_inner(&self, segment: &str, top: usize) -> Result<SegmentSummary, StoreError> {
+    /// The segment's decayed totals and every item's decayed statistics.
+    async fn read_segment(
+        &self,
+        segment: &str,
+    ) -> Result<(ArmStats, HashMap<String, ArmStats>), StoreError> {
         let mut pipe = ::redis::pipe();
         pipe.atomic();
         pipe.cmd("HMGET")
@@ -308,13 +312,20 @@ impl RedisStore {
             impressions: value(0).unwrap_or(0.0),
             reward: value(1).unwrap_or(0.0),
         };
-        Ok(summarize(
-            segment,
-            self.read(totals, landmark, now),
-            arms.into_iter()
-                .map(|(id, a)| (id, self.read(a, landmark, now))),
-            top,
-        ))
+        let arms = arms
+            .into_iter()
+            .map(|(id, a)| (id, self.read(a, landmark, now)))
+            .collect();
+        Ok((self.read(totals, landmark, now), arms))
+    }
+
+    async fn summary_inner(&self, segment: &str, top: usize) -> Result<SegmentSummary, StoreError> {
+        let (totals, arms) = self.read_segment(segment).await?;
+        Ok(summarize(segment, totals, arms, top))
+    }
+
+    async fn arms_inner(&self, segment: &str) -> Result<Vec<(String, ArmStats)>, StoreError> {
+        Ok(self.read_segment(segment).await?.1.into_iter().collect())
     }
 
     async fn segments_inner(&self) -> Result<Vec<String>, StoreError> {
@@ -363,6 +374,10 @@ impl BanditStore for RedisStore {
         top: usize,
     ) -> StoreFuture<'a, SegmentSummary> {
         Box::pin(self.summary_inner(segment, top))
+    }
+
+    fn arms<'a>(&'a self, segment: &'a str) -> StoreFuture<'a, Vec<(String, ArmStats)>> {
+        Box::pin(self.arms_inner(segment))
     }
 
     fn segments(&self) -> StoreFuture<'_, Vec<String>> {

@@ -33,7 +33,7 @@ use parking_lot::Mutex;
 use super::{BanditStore, StoreFuture};
 use crate::error::StoreError;
 use crate::stats::{
-    BatchId, Clock, SegmentStats, SegmentSummary, StatUpdate, SystemClock, check_all,
+    ArmStats, BatchId, Clock, SegmentStats, SegmentSummary, StatUpdate, SystemClock, check_all,
 };
 
 /// Settings of the wrapper.
@@ -340,6 +340,10 @@ impl BanditStore for ResilientStore {
         ))
     }
 
+    fn arms<'a>(&'a self, segment: &'a str) -> StoreFuture<'a, Vec<(String, ArmStats)>> {
+        Box::pin(self.call("arms", self.config.write_timeout, self.inner.arms(segment)))
+    }
+
     fn segments(&self) -> StoreFuture<'_, Vec<String>> {
         Box::pin(self.call("segments", self.config.timeout, self.inner.segments()))
     }
@@ -436,6 +440,9 @@ mod tests {
             top: usize,
         ) -> StoreFuture<'a, SegmentSummary> {
             self.gate(self.store.segment_summary(segment, top))
+        }
+        fn arms<'a>(&'a self, segment: &'a str) -> StoreFuture<'a, Vec<(String, ArmStats)>> {
+            self.gate(self.store.arms(segment))
         }
         fn segments(&self) -> StoreFuture<'_, Vec<String>> {
             self.gate(self.store.segments())
