@@ -168,6 +168,12 @@ impl Server {
         (r.status().as_u16(), r.text().await.unwrap_or_default())
     }
 
+    /// Kills it (SIGKILL): no shutdown work at all.
+    pub fn sigkill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let ok = Command::new("kill")

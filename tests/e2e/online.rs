@@ -259,3 +259,43 @@ async fn a_graceful_restart_with_a_data_dir_keeps_users_dedupe_popularity_and_st
     assert!(data.join("state.json").exists());
     let _ = std::fs::remove_dir_all(&data);
 }
+
+#[tokio::test]
+async fn a_killed_process_resumes_from_its_last_periodic_state() {
+    let path = catalog(26);
+    let data = std::env::temp_dir().join(format!("onrec-kill-data-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let args = [
+        "--catalog",
+        path.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--state-interval",
+        "1s",
+    ];
+    let s = Server::start(&args);
+    let (_, summary) = s
+        .post("/v1/events", json!([click("kill-1", "k1", "p5")]))
+        .await;
+    assert_eq!(summary["accepted"], 1, "{summary}");
+    // Waits for a periodic save that holds the event (not a timing requirement).
+    let state = data.join("state.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let saved: Option<Value> = std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if saved.is_some_and(|v| v["seen_events"].as_array().is_some_and(|e| !e.is_empty())) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no periodic state was written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.sigkill();
+    let s = Server::start(&args);
+    let (_, summary) = s
+        .post("/v1/events", json!([click("kill-1", "k1", "p5")]))
+        .await;
+    assert_eq!(summary["duplicates"], 1, "{summary}");
+    let _ = std::fs::remove_dir_all(&data);
+}

@@ -425,12 +425,17 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub learner_dir: Option<PathBuf>,
 
-    /// Directory for what the learners learned, to outlive a restart: the online encoder
-    /// (DIR/encoder) and, unless learner_dir is set, the Q-network (DIR/learner); none
-    /// keeps them in memory only
+    /// Directory for what outlives a restart: the event log (DIR/events.jsonl), the online
+    /// encoder (DIR/encoder), unless learner_dir is set the Q-network (DIR/learner), and
+    /// the engine's state (DIR/state.json); none keeps them in memory only
     #[arg(long, env = "ONREC_DATA_DIR")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+
+    /// How often the engine's state is written to data_dir/state.json besides at shutdown
+    #[arg(long, env = "ONREC_STATE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub state_interval: Duration,
 
     /// Segment rules and per-segment policies (TOML file only: [[segments.rules]] and
     /// [segments.policies.NAME])

@@ -357,6 +357,11 @@ pub async fn run(
     let http = tokio::spawn(http::serve(app.clone(), listeners.http));
     let grpc = tokio::spawn(grpc::serve(grpc_server, listeners.grpc, token.clone()));
     let upkeep = tokio::spawn(metrics_upkeep(app.engine.clone(), token.clone()));
+    let keeper = app
+        .config
+        .data_dir
+        .as_ref()
+        .map(|dir| tokio::spawn(keep_state(app.clone(), dir.clone(), token.clone())));
     let writer = {
         let engine = app.engine.clone();
         tokio::spawn(async move { engine.run_stats_writer().await })
@@ -392,23 +397,12 @@ pub async fn run(
     {
         tracing::warn!("bandit statistics still queued after 5 s; exiting without them");
     }
+    if let Some(keeper) = keeper {
+        // It stops at the cancellation; a save it started completes first.
+        let _ = keeper.await;
+    }
     if let Some(dir) = &app.config.data_dir {
-        // Statistics in Redis stay there; in memory they are part of the state.
-        let in_memory = app.config.redis_url.is_none();
-        match app
-            .engine
-            .save_state(&dir.join(ENGINE_STATE), in_memory)
-            .await
-        {
-            Ok(c) => tracing::info!(
-                users = c.users,
-                items = c.items,
-                events = c.events,
-                bandit_arms = c.arms,
-                "engine state saved"
-            ),
-            Err(e) => tracing::error!(error = %e, "saving the engine state failed"),
-        }
+        save_state(&app, dir, true).await;
     }
     app.engine.close_decision_log();
     if let Some(log_writer) = log_writer
@@ -441,6 +435,41 @@ pub async fn run(
         ),
     }
     Ok(())
+}
+
+/// Writes the engine's state to `dir` (see [`ENGINE_STATE`]), logging the outcome.
+async fn save_state(app: &App, dir: &std::path::Path, at_shutdown: bool) {
+    // Statistics in Redis stay there; in memory they are part of the state.
+    let in_memory = app.config.redis_url.is_none();
+    match app
+        .engine
+        .save_state(&dir.join(ENGINE_STATE), in_memory)
+        .await
+    {
+        Ok(c) if at_shutdown => tracing::info!(
+            users = c.users,
+            items = c.items,
+            events = c.events,
+            bandit_arms = c.arms,
+            "engine state saved"
+        ),
+        Ok(c) => tracing::debug!(users = c.users, events = c.events, "engine state saved"),
+        Err(e) => tracing::error!(error = %e, "saving the engine state failed"),
+    }
+}
+
+/// Saves the engine's state every `state_interval` until cancelled, so that a process
+/// that is killed rather than stopped loses at most that much.
+async fn keep_state(app: App, dir: std::path::PathBuf, token: CancellationToken) {
+    let period = app
+        .config
+        .state_interval
+        .max(std::time::Duration::from_secs(1));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while token.run_until_cancelled(tick.tick()).await.is_some() {
+        save_state(&app, &dir, false).await;
+    }
 }
 
 async fn metrics_upkeep(engine: Engine, token: CancellationToken) {
