@@ -284,7 +284,7 @@ mod tests {
         let err = parse_list("ucb1,softmax").unwrap_err().to_string();
         assert!(
             err.starts_with(
-                "unknown policy 'softmax' (known: onrec, oracle, uniform, popularity, random"
+                "unknown policy 'softmax' (known: onrec, oracle, oracle_average, uniform, popularity, random"
             ),
             "{err}"
         );
