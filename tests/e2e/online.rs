@@ -23,6 +23,13 @@ fn catalog(items: usize) -> std::path::PathBuf {
     path
 }
 
+/// A data directory of this test process's own, empty.
+fn empty_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("onrec-{name}-data-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 async fn recommend(s: &Server, body: Value) -> Value {
     let (status, body) = s.post("/v1/recommend", body).await;
     assert_eq!(status, 200, "{body}");
@@ -80,8 +87,7 @@ async fn clicks(s: &Server, prefix: &str, users: usize) {
 #[tokio::test]
 async fn a_fresh_catalog_gets_a_transformer_trained_from_its_own_events() {
     let path = catalog(60);
-    let data = std::env::temp_dir().join(format!("onrec-online-data-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
+    let data = empty_dir("online");
     let args = [
         "--catalog",
         path.to_str().unwrap(),
@@ -201,8 +207,7 @@ async fn a_fresh_catalog_gets_a_transformer_trained_from_its_own_events() {
 #[tokio::test]
 async fn a_graceful_restart_with_a_data_dir_keeps_users_dedupe_popularity_and_statistics() {
     let path = catalog(25);
-    let data = std::env::temp_dir().join(format!("onrec-state-data-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
+    let data = empty_dir("state");
     let args = [
         "--catalog",
         path.to_str().unwrap(),
@@ -263,8 +268,7 @@ async fn a_graceful_restart_with_a_data_dir_keeps_users_dedupe_popularity_and_st
 #[tokio::test]
 async fn a_killed_process_resumes_from_its_last_periodic_state() {
     let path = catalog(26);
-    let data = std::env::temp_dir().join(format!("onrec-kill-data-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
+    let data = empty_dir("kill");
     let args = [
         "--catalog",
         path.to_str().unwrap(),
