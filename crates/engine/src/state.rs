@@ -73,30 +73,36 @@ impl Engine {
     /// (when they live in this process: a shared store keeps its own).
     pub async fn save_state(&self, path: &Path, bandit: bool) -> Result<StateCounts, EngineError> {
         let now = now_ms();
-        let (users, popularity) = {
+        // The catalog's ids and popularity are copied under a short read lock; users are
+        // then read one shard at a time, so saving never holds up events for long.
+        // Catalog indices are stable (items are only added), so the copied ids name them.
+        let (item_ids, popularity) = {
             let ranking = self.inner.ranking.read();
             let catalog = &ranking.catalog;
-            let ids = |q: &VecDeque<u32>| -> Vec<String> {
-                q.iter().map(|&i| catalog.get(i).item_id.clone()).collect()
-            };
-            let mut users = Vec::new();
-            self.inner.users.for_each(|id, u: &UserState| {
-                users.push(UserSnapshot {
-                    user_id: id.clone(),
-                    history: ids(&u.history),
-                    disliked: ids(&u.disliked),
-                    purchased: ids(&u.purchased),
-                    shown: ids(&u.shown),
-                    last_segment: u.last_segment.clone(),
-                });
-            });
+            let item_ids: Vec<String> = catalog.items().iter().map(|i| i.item_id.clone()).collect();
             let popularity: Vec<(String, f64)> = (0..catalog.len() as u32)
                 .map(|i| (i, ranking.popularity.score_at(i, now)))
                 .filter(|&(_, score)| score != 0.0)
                 .map(|(i, score)| (catalog.get(i).item_id.clone(), score))
                 .collect();
-            (users, popularity)
+            (item_ids, popularity)
         };
+        let ids = |q: &VecDeque<u32>| -> Vec<String> {
+            q.iter()
+                .filter_map(|&i| item_ids.get(i as usize).cloned())
+                .collect()
+        };
+        let mut users = Vec::new();
+        self.inner.users.for_each(|id, u: &UserState| {
+            users.push(UserSnapshot {
+                user_id: id.clone(),
+                history: ids(&u.history),
+                disliked: ids(&u.disliked),
+                purchased: ids(&u.purchased),
+                shown: ids(&u.shown),
+                last_segment: u.last_segment.clone(),
+            });
+        });
         let mut seen_events = Vec::new();
         self.inner
             .seen_events
