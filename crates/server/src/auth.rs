@@ -47,12 +47,11 @@ impl ApiKeys {
             Access::Read => [&self.read, &self.write],
             Access::Write => [&self.write, &self.write],
         };
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let token = authorization
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .map(str::trim)
+            .and_then(|h| h.trim_start().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .ok_or(ApiError::Unauthenticated)?;
         // Every key is compared, so the time taken does not tell which key nearly matched.
         let matched = required
@@ -84,6 +83,10 @@ mod tests {
     fn write_keys_guard_writes_and_may_read() {
         let keys = ApiKeys::new(&["r".into()], &["w".into()]);
         assert!(keys.check(Access::Write, Some("Bearer w")).is_ok());
+        assert!(keys.check(Access::Write, Some("BEARER w")).is_ok());
+        assert!(keys.check(Access::Write, Some("bearer  w ")).is_ok());
+        assert!(keys.check(Access::Write, Some("Basic w")).is_err());
+        assert!(keys.check(Access::Write, Some("Bearerw")).is_err());
         assert!(keys.check(Access::Write, Some("Bearer r")).is_err());
         assert!(keys.check(Access::Write, None).is_err());
         assert!(keys.check(Access::Write, Some("w")).is_err());

@@ -159,6 +159,13 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("Bearer"),
             );
         }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // Capacity frees within the second: in-flight requests take milliseconds.
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
         response
     }
 }
@@ -166,5 +173,27 @@ impl IntoResponse for ApiError {
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
         tonic::Status::new(e.grpc_code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overload_answers_say_when_to_retry_and_auth_failures_name_the_scheme() {
+        let busy = ApiError::Overloaded(8).into_response();
+        assert_eq!(busy.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(busy.headers()[axum::http::header::RETRY_AFTER], "1");
+        let denied = ApiError::Unauthenticated.into_response();
+        assert_eq!(
+            denied.headers()[axum::http::header::WWW_AUTHENTICATE],
+            "Bearer"
+        );
+        assert!(
+            !denied
+                .headers()
+                .contains_key(axum::http::header::RETRY_AFTER)
+        );
     }
 }
