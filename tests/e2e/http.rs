@@ -243,6 +243,20 @@ async fn bad_input_gets_400_naming_the_field() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<Value>().await.unwrap()["field"], "[0].price");
+    // A popularity that would pin the item first with a score of infinity.
+    let r = s
+        .client
+        .put(s.url("/v1/items"))
+        .json(&json!([{"item_id": "p", "popularity": 1.7976931348623157e308}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["field"], "[0].popularity");
+    let early = json!([{"event_id": "t0", "user_id": "u", "item_id": "sku-00001", "type": "click", "timestamp": 0}]);
+    let (status, err) = s.post("/v1/events", early).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["field"], "[0].timestamp", "{err}");
     let (status, _) = s.get_text("/v1/nothing-here").await;
     assert_eq!(status, 404);
     let (_, metrics) = s.get_text("/metrics").await;

@@ -298,6 +298,14 @@ pub struct Event {
     pub timestamp: Option<i64>,
 }
 
+/// Largest magnitude of an event's `value` and an item's `price` and `popularity`: far
+/// beyond any real amount, and small enough that sums and scores stay finite.
+pub const MAX_AMOUNT: f64 = 1e12;
+
+/// Earliest event timestamp accepted: 2000-01-01T00:00:00Z in milliseconds. Anything
+/// earlier is a unit mistake (seconds for milliseconds) or a placeholder such as 0.
+pub const MIN_TIMESTAMP_MS: i64 = 946_684_800_000;
+
 impl Event {
     /// Checks every field; `now_ms` and `max_future_skew_ms` bound the timestamp.
     pub fn validate(&self, now_ms: i64, max_future_skew_ms: i64) -> Result<(), FieldError> {
@@ -308,15 +316,20 @@ impl Event {
             check_id("request_id", request_id)?;
         }
         if let Some(value) = self.value
-            && !value.is_finite()
+            && !(value.is_finite() && value.abs() <= MAX_AMOUNT)
         {
-            return Err(FieldError::new("value", "must be a finite number"));
+            return Err(FieldError::new(
+                "value",
+                format!("is {value}; must be a finite number within ±{MAX_AMOUNT:e}"),
+            ));
         }
         if let Some(ts) = self.timestamp {
-            if ts < 0 {
+            if ts < MIN_TIMESTAMP_MS {
                 return Err(FieldError::new(
                     "timestamp",
-                    format!("is {ts}; must be milliseconds since the Unix epoch"),
+                    format!(
+                        "is {ts}; must be milliseconds since the Unix epoch, from 2000-01-01 ({MIN_TIMESTAMP_MS})"
+                    ),
                 ));
             }
             if ts > now_ms.saturating_add(max_future_skew_ms) {
@@ -473,11 +486,11 @@ impl Item {
         check_text("category", &self.category, MAX_LABEL_BYTES)?;
         for (name, value) in [("price", self.price), ("popularity", self.popularity)] {
             if let Some(v) = value
-                && !(v.is_finite() && v >= 0.0)
+                && !(v.is_finite() && (0.0..=MAX_AMOUNT).contains(&v))
             {
                 return Err(FieldError::new(
                     name,
-                    "must be a finite, non-negative number",
+                    format!("is {v}; must be a finite number from 0 to {MAX_AMOUNT:e}"),
                 ));
             }
         }
@@ -611,14 +624,27 @@ mod tests {
             value: Some(f64::NAN),
             timestamp: None,
         };
-        assert_eq!(e.validate(1000, 10).unwrap_err().field, "value");
+        let now = 1_800_000_000_000;
+        assert_eq!(e.validate(now, 10).unwrap_err().field, "value");
         let e = Event {
-            value: None,
-            timestamp: Some(1011),
+            value: Some(-1e308),
             ..e
         };
-        assert_eq!(e.validate(1000, 10).unwrap_err().field, "timestamp");
-        assert!(e.validate(1001, 10).is_ok());
+        assert_eq!(e.validate(now, 10).unwrap_err().field, "value");
+        let e = Event {
+            value: Some(-25.5),
+            timestamp: Some(now + 11),
+            ..e
+        };
+        assert_eq!(e.validate(now, 10).unwrap_err().field, "timestamp");
+        assert!(e.validate(now + 1, 10).is_ok());
+        for early in [0, 1_700_000_000, MIN_TIMESTAMP_MS - 1] {
+            let e = Event {
+                timestamp: Some(early),
+                ..e.clone()
+            };
+            assert_eq!(e.validate(now, 10).unwrap_err().field, "timestamp");
+        }
     }
 
     #[test]
