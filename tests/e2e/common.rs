@@ -337,3 +337,27 @@ impl Drop for RedisServer {
         }
     }
 }
+
+/// A segment's report (`GET /v1/segments/{name}`).
+pub async fn segment(s: &Server, name: &str) -> Value {
+    let r = s
+        .client
+        .get(s.url(&format!("/v1/segments/{name}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// Polls `check` until it holds; a guard against hanging, not a timing requirement.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never happened: {what}");
+}

@@ -11,3 +11,4 @@ mod learning;
 mod lifecycle;
 mod model;
 mod online;
+mod replicas;

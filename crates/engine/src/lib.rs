@@ -10,15 +10,17 @@ pub mod decisions;
 pub mod encoder;
 pub mod error;
 pub mod eventlog;
+mod feedback;
 pub mod learning;
 pub mod online;
 pub mod popularity;
+pub mod shared;
 pub mod state;
 pub mod types;
 
 use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use onrec_policy::{Explorer, StatUpdate, UserFacts};
@@ -27,12 +29,11 @@ use rand::SeedableRng;
 
 use crate::bounded::Sharded;
 use crate::catalog::{Catalog, Inserted};
-use crate::decisions::{
-    DecisionRecord, LogRecord, LoggedCandidate, LoggedSlot, Recent, RewardRecord,
-};
+use crate::decisions::{DecisionRecord, LogRecord, LoggedCandidate, LoggedSlot, Recent};
 use crate::encoder::EncoderLink;
 pub use crate::error::{EngineError, FieldError};
 use crate::popularity::Popularity;
+use crate::shared::{PeerChange, RedisShared, Served, SharedImpression, SharedUser};
 pub use crate::types::*;
 use onrec_model::context::ContextIds;
 use onrec_model::rng::SplitMix64;
@@ -188,6 +189,20 @@ struct UserState {
 }
 
 impl UserState {
+    /// The state the shared store keeps, on this process's catalog (items it does not
+    /// know yet are left out).
+    fn from_shared(user: SharedUser, catalog: &Catalog) -> Self {
+        let indices = |ids: &[String]| ids.iter().filter_map(|id| catalog.index_of(id)).collect();
+        Self {
+            history: indices(&user.history),
+            disliked: indices(&user.disliked),
+            purchased: indices(&user.purchased),
+            shown: indices(&user.shown),
+            last_segment: user.last_segment,
+            recent_requests: user.recent_requests.into(),
+        }
+    }
+
     /// Adds what this user is not to be shown to `hidden`: what they disliked, what they
     /// bought (with `hide_purchased`), and what rests (see `rest_after`).
     fn hide(&self, cfg: &EngineConfig, hidden: &mut HashSet<u32>) {
@@ -374,6 +389,8 @@ struct Inner {
     online: RwLock<Option<Arc<online::OnlineEncoder>>>,
     events: RwLock<Option<eventlog::EventLog>>,
     decisions: DecisionLog,
+    /// The state shared with other processes through Redis, when configured.
+    shared: OnceLock<Arc<RedisShared>>,
 }
 
 /// Where decision log records go: the in-memory window and the writer's queue.
@@ -496,6 +513,7 @@ impl Engine {
                     tx: RwLock::new(log_tx),
                     rx: parking_lot::Mutex::new(log_rx),
                 },
+                shared: OnceLock::new(),
                 config,
             }),
         })
@@ -504,6 +522,90 @@ impl Engine {
     /// The engine's settings.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// The limits users' lists are kept to, for a shared store.
+    pub fn user_limits(&self) -> shared::UserLimits {
+        shared::UserLimits {
+            history: self.inner.config.history_len,
+            disliked: MAX_DISLIKED,
+            purchased: MAX_PURCHASED,
+            shown: SHOWN_WINDOW,
+            recent_requests: MAX_RECENT_REQUESTS,
+        }
+    }
+
+    /// Shares users, event dedupe, attribution and catalog changes with the other
+    /// processes on `shared` from now on; run [`Engine::follow_peers`] as a task to take
+    /// in what they change. Once: a second call returns `false` and changes nothing.
+    pub fn share(&self, shared: Arc<RedisShared>) -> bool {
+        self.inner.shared.set(shared).is_ok()
+    }
+
+    /// The shared state, when there is one.
+    pub fn shared(&self) -> Option<&Arc<RedisShared>> {
+        self.inner.shared.get()
+    }
+
+    /// Applies what other processes changed: catalog changes and the popularity of the
+    /// events they accepted.
+    pub fn apply_peer_changes(&self, changes: Vec<PeerChange>) {
+        for change in changes {
+            match change {
+                PeerChange::Popularity {
+                    item_id,
+                    weight,
+                    at_ms,
+                } => {
+                    let mut ranking = self.inner.ranking.write();
+                    if let Some(idx) = ranking.catalog.index_of(&item_id) {
+                        ranking.popularity.add(idx, weight, at_ms);
+                    }
+                }
+                PeerChange::Items(items) => {
+                    let valid: Vec<Item> =
+                        items.into_iter().filter(|i| i.validate().is_ok()).collect();
+                    if !valid.is_empty() {
+                        self.apply_items(valid);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes in the catalog changes made through other processes so far, then follows
+    /// the shared streams and applies what other processes change, until the task is
+    /// dropped. Returns at once without a shared state. Redis being away is retried.
+    pub async fn follow_peers(&self) {
+        let Some(shared) = self.shared().cloned() else {
+            return;
+        };
+        let mut cursor = loop {
+            match shared.snapshot().await {
+                Ok((items, cursor)) => {
+                    let count = items.len();
+                    self.apply_peer_changes(vec![PeerChange::Items(items)]);
+                    tracing::info!(
+                        items = count,
+                        "catalog changes taken in from the shared state"
+                    );
+                    break cursor;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the shared catalog is unavailable; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        loop {
+            match shared.changes(&mut cursor).await {
+                Ok(changes) => self.apply_peer_changes(changes),
+                Err(e) => {
+                    tracing::warn!(error = %e, "following the shared state failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
     }
 
     fn insert_item(ranking: &mut Ranking, item: Item, now: i64) -> Inserted {
@@ -688,7 +790,20 @@ impl Engine {
         let context = req.context.as_ref().map_or_else(ContextIds::default, |c| {
             ContextIds::from_parts(c.hour.map(|h| h as u8), c.device.as_deref())
         });
-        let (mut hidden, plan, segment, history) = {
+        // With a shared state the user is read from it: another process may have served
+        // them or taken their feedback. Without an answer, this process's copy serves.
+        let remote = match self.shared() {
+            Some(shared) => match shared.user(&req.user_id).await {
+                Ok(user) => Some(user),
+                Err(e) => {
+                    metrics::counter!("onrec_shared_read_errors_total").increment(1);
+                    tracing::debug!(error = %e, "serving from this process's copy of the user");
+                    None
+                }
+            },
+            None => None,
+        };
+        let (mut hidden, plan, segment, history, base_version) = {
             let ranking = self.inner.ranking.read();
             let catalog = &ranking.catalog;
             let mut hidden: HashSet<u32> = req
@@ -697,7 +812,19 @@ impl Engine {
                 .filter_map(|id| catalog.index_of(id))
                 .collect();
             let history = {
-                let users = self.inner.users.shard(&req.user_id);
+                let mut users = self.inner.users.shard(&req.user_id);
+                match remote {
+                    Some(Some(user)) => {
+                        *users.get_or_insert_with(req.user_id.clone(), UserState::default) =
+                            UserState::from_shared(user, catalog);
+                    }
+                    Some(None) => {
+                        if let Some(user) = users.get_mut(&req.user_id) {
+                            *user = UserState::default();
+                        }
+                    }
+                    None => {}
+                }
                 let user = users.peek(&req.user_id);
                 let history: Vec<u32> = if req.recent_items.is_empty() {
                     user.iter()
@@ -734,7 +861,8 @@ impl Engine {
                     None => Plan::Popularity(Some("the user has no history the encoder knows")),
                 },
             };
-            (hidden, plan, segment, history)
+            // The version of what ranks this request, read with the plan.
+            (hidden, plan, segment, history, ranking.model_version())
         };
 
         let (encoded, user, mut fallback) = match plan {
@@ -827,12 +955,9 @@ impl Engine {
         }
         let request_id = request_id.to_string();
         let now = now_ms();
-        let model_version = {
-            let base = self.inner.ranking.read().model_version();
-            match q_version {
-                Some(v) => format!("{base}+q{v}"),
-                None => base,
-            }
+        let model_version = match q_version {
+            Some(v) => format!("{base_version}+q{v}"),
+            None => base_version,
         };
         if self.inner.decisions.enabled {
             self.log_decision(LogRecord::Decision(Box::new(DecisionRecord {
@@ -882,6 +1007,18 @@ impl Engine {
                     .as_ref()
                     .map(|l| l.decision(q_state.clone(), candidate_idx.clone(), slate_idx.clone())),
             });
+        if let Some(shared) = self.shared() {
+            shared.served(Served {
+                user_id: req.user_id.clone(),
+                request_id: request_id.clone(),
+                impression: SharedImpression {
+                    segment: segment.clone(),
+                    items: slate.slots.iter().map(|s| s.item_id.clone()).collect(),
+                    at_ms: now,
+                    context,
+                },
+            });
+        }
         {
             let mut users = self.inner.users.shard(&req.user_id);
             let user = users.get_or_insert_with(req.user_id.clone(), UserState::default);
@@ -1042,171 +1179,21 @@ impl Engine {
         ))
     }
 
-    /// Validates and applies one event. Safe to call again with the same event: the
-    /// second time it is a [`EventOutcome::Duplicate`].
-    pub fn record(&self, event: &Event) -> EventOutcome {
-        let cfg = &self.inner.config;
-        let now = now_ms();
-        if let Err(e) = event.validate(now, duration_ms(cfg.max_future_skew)) {
-            return EventOutcome::Invalid(e);
-        }
-        let at = event.timestamp.unwrap_or(now);
-        // The write lock is taken before the dedupe check so that an event is marked seen
-        // only together with its effect: a concurrent duplicate waits and then sees it.
-        let mut ranking = self.inner.ranking.write();
-        let Some(idx) = ranking.catalog.index_of(&event.item_id) else {
-            return EventOutcome::UnknownItem;
-        };
-        let digest = event_digest(&event.event_id);
-        {
-            let mut seen = self.inner.seen_events.shard(&digest);
-            if seen.contains(&digest) {
-                return EventOutcome::Duplicate;
-            }
-            seen.get_or_insert_with(digest, || ());
-        }
-        ranking.popularity.add(idx, cfg.weights.of(event.kind), at);
-        drop(ranking);
-        if let Some(log) = self.inner.events.read().as_ref()
-            && let Err(e) = log.append(event, at)
-        {
-            metrics::counter!("onrec_event_log_write_errors_total").increment(1);
-            tracing::error!(error = %e, path = %log.path().display(), "an accepted event is not in the event log");
-        }
-
-        let attributed = self.attribute(event, idx, at);
-        if event.kind.is_interaction()
-            && let Some(online) = self.inner.online.read().as_ref()
-        {
-            match &attributed {
-                Some(shown) => online.observe(&event.user_id, idx, shown.context, &shown.slate),
-                None => {
-                    let hour = onrec_model::data::hour_of(at as f64 / 1000.0);
-                    online.observe(
-                        &event.user_id,
-                        idx,
-                        ContextIds::from_parts(Some(hour), None),
-                        &[],
-                    );
-                }
-            }
-        }
-        let segment = attributed.map(|a| a.segment);
-        let mut users = self.inner.users.shard(&event.user_id);
-        let user = users.get_or_insert_with(event.user_id.clone(), UserState::default);
-        let segment = segment
-            .or_else(|| user.last_segment.clone())
-            .unwrap_or_else(|| onrec_policy::DEFAULT_SEGMENT.to_owned());
-        user.apply(event.kind, idx, cfg.history_len);
-        drop(users);
-
-        let mut updates = Vec::with_capacity(2);
-        if event.kind == EventType::Impression && cfg.impressions_from == ImpressionSource::Events {
-            updates.push(StatUpdate::impression(segment.clone(), event.item_id.clone()).at(at));
-        }
-        let reward = self.reward(event.kind);
-        if reward > 0.0 {
-            let label = self.segment_label(&segment);
-            metrics::counter!("onrec_bandit_reward_total", "segment" => label.clone()).increment(1);
-            metrics::histogram!("onrec_bandit_reward", "segment" => label).record(reward);
-            updates.push(StatUpdate::reward(segment, event.item_id.clone(), reward).at(at));
-        }
-        self.queue_stats(updates);
-        EventOutcome::Accepted
-    }
-
-    /// The bandit reward of an event type: the click is the immediate reward r_i; later
-    /// steps of the funnel (add-to-cart, purchase) are r_l, discounted by γ. Impressions
-    /// and dislikes carry none (rewards are non-negative).
-    fn reward(&self, kind: EventType) -> f64 {
-        let cfg = &self.inner.config;
-        let weight = cfg.rewards.of(kind).max(0.0);
-        match kind {
-            EventType::Click => weight,
-            EventType::AddToCart | EventType::Purchase => cfg.reward_gamma * weight,
-            EventType::Impression | EventType::Dislike => 0.0,
-        }
-    }
-
-    /// The segment, context and slate of the response that showed the event's item within
-    /// the attribution window: the one its `request_id` names, or without one the user's
-    /// newest response that showed the item. Also hands the learner the transitions of a
-    /// rewarded event (`item` is its catalog index).
-    fn attribute(&self, event: &Event, item: u32, at: i64) -> Option<Shown> {
-        let candidates: Vec<String> = match &event.request_id {
-            Some(id) => vec![id.clone()],
-            None => {
-                let users = self.inner.users.shard(&event.user_id);
-                let user = users.peek(&event.user_id)?;
-                user.recent_requests.iter().rev().cloned().collect()
-            }
-        };
-        let window = duration_ms(self.inner.config.attribution_window);
-        candidates
-            .iter()
-            .find_map(|request_id| self.attribute_to(request_id, event, item, at, window))
-    }
-
-    /// Attributes `event` to the response `request_id` if it showed the item within the
-    /// window.
-    fn attribute_to(
-        &self,
-        request_id: &String,
-        event: &Event,
-        item: u32,
-        at: i64,
-        window: i64,
-    ) -> Option<Shown> {
-        let mut log = self.inner.impressions.shard(request_id);
-        let shown = log.get_mut(request_id)?;
-        if at.saturating_sub(shown.at_ms) > window || !shown.items.contains(&event.item_id) {
-            return None;
-        }
-        let reward = self.reward(event.kind);
-        if reward > 0.0
-            && self.inner.decisions.enabled
-            && let Some(position) = shown.items.iter().position(|i| *i == event.item_id)
-        {
-            self.log_decision(LogRecord::Reward(RewardRecord {
-                request_id: request_id.clone(),
-                timestamp: at,
-                item_id: event.item_id.clone(),
-                position,
-                event: event.kind,
-                reward,
-            }));
-        }
-        if reward > 0.0
-            && let (Some(decision), Some(link)) =
-                (shown.decision.as_mut(), self.inner.learner.read().as_ref())
-        {
-            link.feedback(decision, item, reward);
-        }
-        Some(Shown {
-            segment: shown.segment.clone(),
-            context: shown.context,
-            slate: shown.slate.clone(),
-        })
-    }
-
-    /// Checks a batch before any of it is applied: the error names the first malformed
-    /// event (`[3].type`), so a batch is applied whole or not at all as far as validity goes.
-    pub fn validate_batch(&self, events: &[Event]) -> Result<(), EngineError> {
-        let now = now_ms();
-        let skew = duration_ms(self.inner.config.max_future_skew);
-        for (i, e) in events.iter().enumerate() {
-            e.validate(now, skew)
-                .map_err(|err| err.under(&format!("[{i}]")))?;
-        }
-        Ok(())
-    }
-
     /// Inserts or replaces items, all-or-nothing: if any item is malformed nothing changes
-    /// and the error names it (`[2].price`).
-    pub fn upsert_items(&self, items: Vec<Item>) -> Result<UpsertSummary, EngineError> {
+    /// and the error names it (`[2].price`). With a shared state the change is published
+    /// first, for every process; when it cannot be, nothing changes.
+    pub async fn upsert_items(&self, items: Vec<Item>) -> Result<UpsertSummary, EngineError> {
         for (i, item) in items.iter().enumerate() {
             item.validate().map_err(|e| e.under(&format!("[{i}]")))?;
         }
+        if let Some(shared) = self.shared() {
+            shared.publish_items(&items).await?;
+        }
+        Ok(self.apply_items(items))
+    }
+
+    /// Inserts or replaces valid items in this process's catalog.
+    fn apply_items(&self, items: Vec<Item>) -> UpsertSummary {
         let now = now_ms();
         let mut ranking = self.inner.ranking.write();
         let (mut created, mut updated) = (Vec::new(), 0);
@@ -1237,11 +1224,11 @@ impl Engine {
         if let Some(link) = self.inner.learner.read().as_ref() {
             Self::grow_learner(catalog, link.learner());
         }
-        Ok(UpsertSummary {
+        UpsertSummary {
             created: created.len() as u64,
             updated,
             catalog_size: ranking.catalog.len() as u64,
-        })
+        }
     }
 
     /// The items a user interacted with, oldest first, as the engine recorded them.
@@ -1304,6 +1291,11 @@ mod tests {
         block_on(e.recommend(req))
     }
 
+    /// Records one event in an engine without a shared state, which cannot fail.
+    fn put(e: &Engine, event: &Event) -> EventOutcome {
+        block_on(e.record(event)).expect("an engine without a shared state takes every event")
+    }
+
     /// Runs a future to completion on this thread (the engine's futures only wait on the
     /// encoder thread, which these tests do not start).
     fn block_on<T>(f: impl Future<Output = T>) -> T {
@@ -1347,7 +1339,7 @@ mod tests {
                 &target,
                 EventType::Click,
             );
-            assert_eq!(e.record(&ev), EventOutcome::Accepted);
+            assert_eq!(put(&e, &ev), EventOutcome::Accepted);
         }
         let after = rec(&e, &RecommendRequest::new("someone-else", 5)).unwrap();
         assert_eq!(after.items[0].item_id, target);
@@ -1360,9 +1352,9 @@ mod tests {
             .item_id
             .clone();
         let ev = event("dup", "u1", &target, EventType::Purchase);
-        assert_eq!(e.record(&ev), EventOutcome::Accepted);
+        assert_eq!(put(&e, &ev), EventOutcome::Accepted);
         let once = rec(&e, &RecommendRequest::new("x", 50)).unwrap();
-        assert_eq!(e.record(&ev), EventOutcome::Duplicate);
+        assert_eq!(put(&e, &ev), EventOutcome::Duplicate);
         let twice = rec(&e, &RecommendRequest::new("x", 50)).unwrap();
         let score =
             |r: &Recommendation| r.items.iter().find(|i| i.item_id == target).unwrap().score;
@@ -1375,10 +1367,10 @@ mod tests {
         let all = rec(&e, &RecommendRequest::new("u", 30)).unwrap();
         let id = |k: usize| all.items[k].item_id.clone();
         let (a, b, c, d) = (id(0), id(1), id(2), id(3));
-        e.record(&event("1", "u", &a, EventType::Click));
-        e.record(&event("2", "u", &b, EventType::Dislike));
-        e.record(&event("3", "u", &d, EventType::Click));
-        e.record(&event("4", "u", &d, EventType::Purchase));
+        put(&e, &event("1", "u", &a, EventType::Click));
+        put(&e, &event("2", "u", &b, EventType::Dislike));
+        put(&e, &event("3", "u", &d, EventType::Click));
+        put(&e, &event("4", "u", &d, EventType::Purchase));
         let mut req = RecommendRequest::new("u", 30);
         req.exclude = vec![c.clone(), "not-in-catalog".into()];
         let r = rec(&e, &req).unwrap();
@@ -1415,7 +1407,10 @@ mod tests {
             ids(&first),
             ids(&fourth)
         );
-        e.record(&event("c", "v", &first.items[0].item_id, EventType::Click));
+        put(
+            &e,
+            &event("c", "v", &first.items[0].item_id, EventType::Click),
+        );
         let after = rec(&e, &RecommendRequest::new("v", 5)).unwrap();
         assert!(ids(&after).contains(&first.items[0].item_id.as_str()));
         assert!(
@@ -1434,7 +1429,7 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(
-            e.record(&event("e", "u", "nope", EventType::Click)),
+            put(&e, &event("e", "u", "nope", EventType::Click)),
             EventOutcome::UnknownItem
         );
         let e = engine(3);
@@ -1469,16 +1464,15 @@ mod tests {
             .clone();
         let mut item = Item::new(hidden.clone(), "x");
         item.available = false;
-        let s = e.upsert_items(vec![item, Item::new("new-1", "y")]).unwrap();
+        let s = block_on(e.upsert_items(vec![item, Item::new("new-1", "y")])).unwrap();
         assert_eq!((s.created, s.updated, s.catalog_size), (1, 1, 6));
         assert_ne!(e.stats().model_version, v1);
         assert_eq!(e.stats().available_items, 5);
         let r = rec(&e, &RecommendRequest::new("u", 10)).unwrap();
         assert!(!ids(&r).contains(&hidden.as_str()));
         hidden.clear();
-        let err = e
-            .upsert_items(vec![Item::new("ok", ""), Item::new(hidden, "")])
-            .unwrap_err();
+        let err =
+            block_on(e.upsert_items(vec![Item::new("ok", ""), Item::new(hidden, "")])).unwrap_err();
         assert_eq!(err.to_string(), "[1].item_id: must not be empty");
         assert_eq!(e.stats().catalog_items, 6);
     }
@@ -1499,17 +1493,19 @@ mod tests {
             let item = served.items[1].item_id.clone();
             let mut click = event("r1", "u", &item, EventType::Click);
             click.request_id = Some(served.request_id.clone());
-            assert_eq!(e.record(&click), EventOutcome::Accepted);
+            assert_eq!(e.record(&click).await.unwrap(), EventOutcome::Accepted);
             // Without a request id, the user's last segment is used; the purchase is a later
             // reward, discounted by gamma = 0.9 with weight 3.
             assert_eq!(
-                e.record(&event("r2", "u", &item, EventType::Purchase)),
+                e.record(&event("r2", "u", &item, EventType::Purchase))
+                    .await
+                    .unwrap(),
                 EventOutcome::Accepted
             );
             // A request id of another response does not attribute to it.
             let mut stray = event("r3", "other", &item, EventType::Click);
             stray.request_id = Some("not-a-known-request".into());
-            e.record(&stray);
+            e.record(&stray).await.unwrap();
             let mut report = None;
             for _ in 0..200 {
                 tokio::task::yield_now().await;
@@ -1547,7 +1543,9 @@ mod tests {
             second.exclude = vec![shown.clone()];
             e.recommend(&second).await.unwrap();
             assert_eq!(
-                e.record(&event("nr1", "w", &shown, EventType::Click)),
+                e.record(&event("nr1", "w", &shown, EventType::Click))
+                    .await
+                    .unwrap(),
                 EventOutcome::Accepted
             );
             let mut rewarded = 0.0;
@@ -1577,8 +1575,7 @@ mod tests {
             .start_learner(onrec_learn::LearnConfig::default(), None, settings)
             .unwrap();
         assert_eq!(learner.items(), 20);
-        e.upsert_items(vec![Item::new("new-1", "x"), Item::new("new-2", "x")])
-            .unwrap();
+        block_on(e.upsert_items(vec![Item::new("new-1", "x"), Item::new("new-2", "x")])).unwrap();
         assert_eq!(learner.items(), 22, "the learner grows with the catalog");
         // Whether or not the published weights know the new items yet, every candidate
         // is re-scored: the response carries the Q weights' version.
@@ -1593,7 +1590,7 @@ mod tests {
         assert!(ids(&served).contains(&"new-2"));
         let mut click = event("c1", "u", "new-2", EventType::Click);
         click.request_id = Some(served.request_id.clone());
-        assert_eq!(e.record(&click), EventOutcome::Accepted);
+        assert_eq!(put(&e, &click), EventOutcome::Accepted);
         assert_eq!(learner.accepted(), 22, "the click and 21 unclicked slots");
         let mut known = 0;
         for _ in 0..400 {
@@ -1624,14 +1621,12 @@ mod tests {
         let served = rec(&e, &req).unwrap();
         let mut click = event("c1", "u", &served.items[2].item_id, EventType::Click);
         click.request_id = Some(served.request_id.clone());
-        assert_eq!(e.record(&click), EventOutcome::Accepted);
+        assert_eq!(put(&e, &click), EventOutcome::Accepted);
         // An impression earns no reward, so it is not logged.
-        e.record(&event(
-            "i1",
-            "u",
-            &served.items[0].item_id,
-            EventType::Impression,
-        ));
+        put(
+            &e,
+            &event("i1", "u", &served.items[0].item_id, EventType::Impression),
+        );
 
         let recent = e.recent_decisions();
         assert_eq!(recent.len(), 2, "{recent:?}");

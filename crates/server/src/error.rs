@@ -159,8 +159,9 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("Bearer"),
             );
         }
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            // Capacity frees within the second: in-flight requests take milliseconds.
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            // Capacity frees within the second (in-flight requests take milliseconds), and
+            // a store that did not answer is retried as soon.
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static("1"),
@@ -181,10 +182,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn overload_answers_say_when_to_retry_and_auth_failures_name_the_scheme() {
+    fn overload_and_unavailable_answers_say_when_to_retry_and_auth_failures_name_the_scheme() {
         let busy = ApiError::Overloaded(8).into_response();
         assert_eq!(busy.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(busy.headers()[axum::http::header::RETRY_AFTER], "1");
+        let away = ApiError::Unavailable("redis".into()).into_response();
+        assert_eq!(away.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(away.headers()[axum::http::header::RETRY_AFTER], "1");
         let denied = ApiError::Unauthenticated.into_response();
         assert_eq!(
             denied.headers()[axum::http::header::WWW_AUTHENTICATE],

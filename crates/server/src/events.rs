@@ -4,6 +4,7 @@
 use onrec_engine::{Event, EventOutcome, EventsSummary, FieldError};
 
 use crate::App;
+use crate::error::ApiError;
 use crate::metrics;
 
 /// Records events one by one and keeps the summary.
@@ -27,14 +28,24 @@ impl<'a> EventSink<'a> {
         self.summary.received
     }
 
-    /// Applies one well-formed event.
-    pub fn push(&mut self, event: &Event) -> EventOutcome {
-        let outcome = self.app.engine().record(event);
+    /// Applies one well-formed event. Fails when the shared state cannot take it: then
+    /// it is not applied, and the request answers 503 so that the client retries.
+    pub async fn push(&mut self, event: &Event) -> Result<EventOutcome, ApiError> {
+        let outcome = match self.app.engine().record(event).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                let s = &self.summary;
+                return Err(ApiError::Unavailable(format!(
+                    "{e}; event [{}] and those after it were not applied, the {} before it were read and {} accepted (re-sending them all is safe: those applied count as duplicates)",
+                    s.received, s.received, s.accepted
+                )));
+            }
+        };
         metrics::event(Some(event.kind), &outcome);
         let index = self.next_index();
         self.summary
             .add(index, &event.event_id, &event.item_id, &outcome);
-        outcome
+        Ok(outcome)
     }
 
     /// Counts an event that could not be read; `event_id` is empty when unknown.
@@ -47,14 +58,14 @@ impl<'a> EventSink<'a> {
     }
 
     /// Applies one event that may have failed to parse.
-    pub fn push_parsed(
+    pub async fn push_parsed(
         &mut self,
         event_id: &str,
         parsed: Result<Event, FieldError>,
-    ) -> EventOutcome {
+    ) -> Result<EventOutcome, ApiError> {
         match parsed {
-            Ok(event) => self.push(&event),
-            Err(error) => self.push_invalid(event_id, error),
+            Ok(event) => self.push(&event).await,
+            Err(error) => Ok(self.push_invalid(event_id, error)),
         }
     }
 

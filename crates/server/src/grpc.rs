@@ -400,7 +400,9 @@ impl Recommender for GrpcApi {
                 match Self::next_event(&self.app, &mut stream).await {
                     Ok(Some(event)) => {
                         let id = event.event_id.clone();
-                        sink.push_parsed(&id, event_from(event));
+                        if let Err(e) = sink.push_parsed(&id, event_from(event)).await {
+                            break Err(e);
+                        }
                     }
                     Ok(None) => {
                         if self.app.shutdown_token().is_cancelled() {
@@ -468,7 +470,15 @@ impl Recommender for GrpcApi {
                     Ok(Some(event)) => {
                         let index = sink.next_index();
                         let (event_id, item_id) = (event.event_id.clone(), event.item_id.clone());
-                        let outcome = sink.push_parsed(&event_id, event_from(event));
+                        let outcome = match sink.push_parsed(&event_id, event_from(event)).await {
+                            Ok(outcome) => outcome,
+                            Err(e) => {
+                                let code = e.code();
+                                // The client may be gone already; then there is no one to tell.
+                                let _ = tx.send(Err(e.into())).await;
+                                break code;
+                            }
+                        };
                         let ack = pb::EventAck {
                             index,
                             status: status_to(&outcome).into(),
@@ -572,7 +582,7 @@ impl Recommender for GrpcApi {
             .map(item_from)
             .collect();
         self.unary("upsert_items", Access::Write, auth.as_deref(), async {
-            let s = self.app.engine().upsert_items(items)?;
+            let s = self.app.engine().upsert_items(items).await?;
             self.app.refresh_gauges();
             Ok(pb::UpsertItemsResponse {
                 created: s.created,

@@ -173,9 +173,9 @@ async fn record_events(State(app): State<App>, headers: HeaderMap, body: Body) -
             let events: Vec<Event> = read_json(&app, body).await?;
             app.engine().validate_batch(&events)?;
             let mut sink = EventSink::new(&app);
-            events.iter().for_each(|e| {
-                sink.push(e);
-            });
+            for e in &events {
+                sink.push(e).await?;
+            }
             Ok(Json(sink.finish()))
         })
         .await
@@ -237,7 +237,7 @@ async fn ndjson_events(app: &App, body: Body) -> Result<EventsSummary, ApiError>
             if !overlong {
                 line.extend_from_slice(&rest[..pos]);
             }
-            ndjson_line(&mut sink, &line, overlong, cfg.max_event_bytes);
+            ndjson_line(&mut sink, &line, overlong, cfg.max_event_bytes).await?;
             line.clear();
             overlong = false;
             rest = &rest[pos + 1..];
@@ -251,12 +251,17 @@ async fn ndjson_events(app: &App, body: Body) -> Result<EventsSummary, ApiError>
         }
     }
     if overlong || !line.iter().all(u8::is_ascii_whitespace) {
-        ndjson_line(&mut sink, &line, overlong, cfg.max_event_bytes);
+        ndjson_line(&mut sink, &line, overlong, cfg.max_event_bytes).await?;
     }
     Ok(sink.finish())
 }
 
-fn ndjson_line(sink: &mut EventSink<'_>, line: &[u8], overlong: bool, max: usize) {
+async fn ndjson_line(
+    sink: &mut EventSink<'_>,
+    line: &[u8],
+    overlong: bool,
+    max: usize,
+) -> Result<(), ApiError> {
     if overlong || line.len() > max {
         sink.push_invalid(
             "",
@@ -265,17 +270,18 @@ fn ndjson_line(sink: &mut EventSink<'_>, line: &[u8], overlong: bool, max: usize
                 format!("is longer than {max} bytes (max_event_bytes)"),
             ),
         );
-        return;
+        return Ok(());
     }
     if line.iter().all(u8::is_ascii_whitespace) {
-        return;
+        return Ok(());
     }
     let parsed = parse_json::<Event>(line);
     let event_id = match &parsed {
         Ok(e) => e.event_id.clone(),
         Err(_) => String::new(),
     };
-    sink.push_parsed(&event_id, parsed);
+    sink.push_parsed(&event_id, parsed).await?;
+    Ok(())
 }
 
 /// Inserts or replaces catalog items, all or nothing.
@@ -296,7 +302,7 @@ async fn upsert_items(State(app): State<App>, headers: HeaderMap, body: Body) ->
         &headers,
         app.timed(async {
             let items: Vec<Item> = read_json(&app, body).await?;
-            let summary = app.engine().upsert_items(items)?;
+            let summary = app.engine().upsert_items(items).await?;
             app.refresh_gauges();
             tracing::info!(
                 created = summary.created,

@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use onrec_engine::learning::{QMode, QSettings};
+use onrec_engine::shared::{RedisShared, SharedConfig};
 use onrec_engine::{Engine, catalog};
 use onrec_learn::{LearnConfig, Priority};
 use onrec_policy::{
@@ -169,6 +170,15 @@ impl App {
             .map_err(ApiError::from)
     }
 
+    /// Where the engine's state is kept across restarts: `data_dir` when there is no
+    /// Redis (with Redis, the shared state and the statistics live there).
+    pub fn state_dir(&self) -> Option<&std::path::Path> {
+        match (&self.config.data_dir, &self.config.redis_url) {
+            (Some(dir), None) => Some(dir),
+            _ => None,
+        }
+    }
+
     /// Refreshes the metrics that mirror the engine's state.
     pub fn refresh_gauges(&self) {
         let stats = self.engine.stats();
@@ -205,6 +215,20 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
     let explorer = Explorer::new(config.segments_with_default(), bandit_store(config)?)
         .context("the segment configuration")?;
     let engine = Engine::new(config.engine(), items, explorer).context("building the catalog")?;
+    if let Some(url) = &config.redis_url {
+        let shared = RedisShared::new(
+            SharedConfig {
+                url: url.clone(),
+                timeout: config.redis_timeout,
+                write_timeout: config.redis_write_timeout,
+                attribution_window: config.attribution_window,
+                ..SharedConfig::default()
+            },
+            engine.user_limits(),
+        )
+        .context("configuring the shared state in Redis")?;
+        engine.share(Arc::new(shared));
+    }
     let stats = engine.stats();
     tracing::info!(
         source,
@@ -328,7 +352,7 @@ pub async fn run(
     let http_addr = listeners.http.local_addr()?;
     let grpc_addr = listeners.grpc.local_addr()?;
     metrics::handle();
-    if let Some(dir) = &app.config.data_dir {
+    if let Some(dir) = app.state_dir() {
         let path = dir.join(ENGINE_STATE);
         if let Some(c) = app
             .engine
@@ -358,10 +382,20 @@ pub async fn run(
     let grpc = tokio::spawn(grpc::serve(grpc_server, listeners.grpc, token.clone()));
     let upkeep = tokio::spawn(metrics_upkeep(app.engine.clone(), token.clone()));
     let keeper = app
-        .config
-        .data_dir
-        .as_ref()
-        .map(|dir| tokio::spawn(keep_state(app.clone(), dir.clone(), token.clone())));
+        .state_dir()
+        .map(|dir| tokio::spawn(keep_state(app.clone(), dir.to_owned(), token.clone())));
+    // With Redis: other processes' catalog changes and popularity, and this process's
+    // responses, in the shared state.
+    let shared = app.engine.shared().cloned().map(|shared| {
+        let engine = app.engine.clone();
+        let follower = tokio::spawn(async move { engine.follow_peers().await });
+        let writer = Arc::clone(&shared);
+        (
+            shared,
+            follower,
+            tokio::spawn(async move { writer.run_writer().await }),
+        )
+    });
     let writer = {
         let engine = app.engine.clone();
         tokio::spawn(async move { engine.run_stats_writer().await })
@@ -397,11 +431,23 @@ pub async fn run(
     {
         tracing::warn!("bandit statistics still queued after 5 s; exiting without them");
     }
+    if let Some((shared, follower, writer)) = shared {
+        follower.abort();
+        shared.close_writer();
+        if tokio::time::timeout(std::time::Duration::from_secs(5), writer)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "responses still queued for the shared state after 5 s; exiting without them"
+            );
+        }
+    }
     if let Some(keeper) = keeper {
         // It stops at the cancellation; a save it started completes first.
         let _ = keeper.await;
     }
-    if let Some(dir) = &app.config.data_dir {
+    if let Some(dir) = app.state_dir() {
         save_state(&app, dir, true).await;
     }
     app.engine.close_decision_log();
@@ -439,13 +485,7 @@ pub async fn run(
 
 /// Writes the engine's state to `dir` (see [`ENGINE_STATE`]), logging the outcome.
 async fn save_state(app: &App, dir: &std::path::Path, at_shutdown: bool) {
-    // Statistics in Redis stay there; in memory they are part of the state.
-    let in_memory = app.config.redis_url.is_none();
-    match app
-        .engine
-        .save_state(&dir.join(ENGINE_STATE), in_memory)
-        .await
-    {
+    match app.engine.save_state(&dir.join(ENGINE_STATE), true).await {
         Ok(c) if at_shutdown => tracing::info!(
             users = c.users,
             items = c.items,

@@ -690,7 +690,7 @@ impl Target<'_> {
         match self {
             Target::Engine(engine) => {
                 for e in events {
-                    match engine.record(e) {
+                    match engine.record(e).await? {
                         EventOutcome::Accepted => {}
                         other => {
                             return Err(SimError::EventRejected {

@@ -1,0 +1,169 @@
+//! Several `onrec` processes on one Redis behave as one service behind a round-robin
+//! balancer: feedback reaching any of them is credited to the response it follows, an
+//! event id counts once whichever process gets it, and users and catalog changes are
+//! the same everywhere.
+
+use serde_json::{Value, json};
+
+use crate::common::{RedisServer, Server, click, eventually, item_ids, segment};
+
+/// Whether the response `request_id` is in the shared state yet (it is written just
+/// after the response goes out).
+async fn response_shared(redis: &mut redis::aio::MultiplexedConnection, request_id: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(format!("onrec:state:imp:{request_id}"))
+        .query_async::<bool>(redis)
+        .await
+        .unwrap()
+}
+
+/// The decision log's records in Redis, parsed.
+async fn logged(redis: &mut redis::aio::MultiplexedConnection) -> Vec<Value> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("onrec:decisions")
+        .arg("-")
+        .arg("+")
+        .query_async(redis)
+        .await
+        .unwrap();
+    reply
+        .ids
+        .iter()
+        .filter_map(|e| e.get::<String>("record"))
+        .map(|r| serde_json::from_str(&r).unwrap())
+        .collect()
+}
+
+async fn events(s: &Server, events: Value) -> Value {
+    let (status, body) = s.post("/v1/events", events).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn three_processes_on_one_redis_share_attribution_dedupe_users_and_the_catalog() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = ["--redis-url", url.as_str(), "--decision-log", "redis"];
+    let (a, b, c) = (
+        Server::start(&args),
+        Server::start(&args),
+        Server::start(&args),
+    );
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+
+    // A serves; the click reaches B and is credited to A's segment and slot.
+    let (status, served) = a
+        .post(
+            "/v1/recommend",
+            json!({"user_id": "u1", "n": 5, "segment": "vip"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{served}");
+    let request_id = served["request_id"].as_str().unwrap().to_owned();
+    let shown = item_ids(&served);
+    eventually("A's response is in the shared state", async || {
+        response_shared(&mut conn, &request_id).await
+    })
+    .await;
+    let mut ev = click("rep-click-1", "u1", &shown[2]);
+    ev["request_id"] = json!(request_id);
+    let summary = events(&b, json!([ev])).await;
+    assert_eq!(summary["accepted"], 1, "{summary}");
+    eventually(
+        "the reward is in the vip segment's statistics",
+        async || segment(&c, "vip").await["reward"] == 1.0,
+    )
+    .await;
+    let vip = segment(&c, "vip").await;
+    assert_eq!(vip["impressions"], 5.0, "{vip}");
+    eventually("B logged the reward under A's response", async || {
+        logged(&mut conn).await.iter().any(|r| {
+            r["type"] == "reward" && r["request_id"] == request_id.as_str() && r["position"] == 2
+        })
+    })
+    .await;
+
+    // The same event id sent to A and to C counts once.
+    let summary = events(&a, json!([ev])).await;
+    assert_eq!(summary["duplicates"], 1, "{summary}");
+    let summary = events(&c, json!([ev])).await;
+    assert_eq!(summary["duplicates"], 1, "{summary}");
+    let other = click("rep-click-2", "u1", &shown[0]);
+    for s in [&a, &c] {
+        let summary = events(s, json!([other])).await;
+        assert_eq!(
+            summary["accepted"].as_u64().unwrap() + summary["duplicates"].as_u64().unwrap(),
+            1
+        );
+    }
+
+    // A dislike taken by A hides the item on B and C at once; the click taken by B is in
+    // the user's history everywhere.
+    let top = b.recommend("u1", 10).await;
+    let dislike =
+        json!({"event_id": "rep-dislike", "user_id": "u1", "item_id": top[0], "type": "dislike"});
+    events(&a, json!([dislike])).await;
+    for s in [&b, &c] {
+        assert!(!s.recommend("u1", 10).await.contains(&top[0]));
+    }
+
+    // An item hidden through A stops being served by B and C; one added through A is
+    // served by them.
+    let hidden = c.recommend("u2", 1).await[0].clone();
+    let (status, body) = a
+        .put(
+            "/v1/items",
+            json!([
+                {"item_id": hidden, "available": false},
+                {"item_id": "rep-new", "title": "New", "category": "new", "popularity": 1e9}
+            ]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for s in [&b, &c] {
+        eventually("the catalog change reached every process", async || {
+            let top = s.recommend("u2", 3).await;
+            !top.contains(&hidden) && top.first().map(String::as_str) == Some("rep-new")
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn events_that_redis_cannot_take_answer_503_and_count_once_when_re_sent() {
+    let mut redis = RedisServer::start();
+    let s = Server::start(&["--redis-url", &redis.url()]);
+    let item = s.recommend("u", 1).await[0].clone();
+    let batch = json!([click("away-1", "u", &item), click("away-2", "u", &item)]);
+    redis.kill();
+    let r = s
+        .client
+        .post(s.url("/v1/events"))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("event [0]"),
+        "{body}"
+    );
+    redis.restart();
+    eventually("the batch is accepted once Redis is back", async || {
+        s.post("/v1/events", batch.clone()).await.0 == 200
+    })
+    .await;
+    let summary = events(&s, batch).await;
+    assert_eq!(summary["duplicates"], 2, "{summary}");
+    eventually("both clicks count, once", async || {
+        segment(&s, "default").await["reward"] == 2.0
+    })
+    .await;
+}
