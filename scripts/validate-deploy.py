@@ -420,6 +420,11 @@ def check_kubernetes(root: Path, r: Report) -> None:
             and ctx.get("readOnlyRootFilesystem") is True,
             "Deployment runs as non-root uid 10001 with a read-only root filesystem")
     grace = pod.get("terminationGracePeriodSeconds", 30)
+    pre_stop = (((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get("seconds")
+    r.check(isinstance(pre_stop, int) and pre_stop > 0,
+            "Deployment waits in a preStop sleep while the endpoints drop the pod",
+            f"preStop sleep {pre_stop}")
+    pre_stop = pre_stop if isinstance(pre_stop, int) else 0
 
     # Config file: the --config path must lie in a mount of ConfigMap onrec-config.
     args = c.get("args", []) or []
@@ -450,9 +455,11 @@ def check_kubernetes(root: Path, r: Report) -> None:
             leaked = set(conf) & SECRET_KEYS
             r.check(not leaked, "onrec.toml holds no API keys", f"found: {sorted(leaked)}")
             grace_s = parse_seconds(conf.get("shutdown_grace", "30s"))
-            r.check(grace_s is not None and grace_s < grace,
-                    "shutdown_grace is shorter than terminationGracePeriodSeconds",
-                    f"{conf.get('shutdown_grace')} vs {grace}s")
+            drain_s = parse_seconds(conf.get("drain_delay", "5s"))
+            r.check(grace_s is not None and drain_s is not None
+                    and pre_stop + drain_s + grace_s < grace,
+                    "preStop + drain_delay + shutdown_grace is shorter than terminationGracePeriodSeconds",
+                    f"{pre_stop}s + {conf.get('drain_delay')} + {conf.get('shutdown_grace')} vs {grace}s")
             for key, port in (("http_addr", HTTP_PORT), ("grpc_addr", GRPC_PORT)):
                 if key in conf:
                     r.check(str(conf[key]).rsplit(":", 1)[-1] == str(port),

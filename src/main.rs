@@ -1,5 +1,5 @@
-//! The `onrec` command line: `onrec serve` (also what plain `onrec` runs), `onrec train`,
-//! `onrec eval`, `onrec simulate`, `onrec ope`.
+//! The `onrec` command line: `onrec serve` (also what plain `onrec` runs), `onrec learn`,
+//! `onrec train`, `onrec eval`, `onrec simulate`, `onrec ope`.
 
 mod model_cli;
 mod ope_cli;
@@ -23,6 +23,9 @@ struct Cli {
 enum Command {
     /// Serve recommendations and take feedback (the default)
     Serve(Box<Config>),
+    /// Apply the bandit statistics that serve replicas publish to Redis (`serve --role
+    /// learn`): one at a time, under a lease; a second learner waits as a standby
+    Learn(Box<Config>),
     /// Train the Transformer encoder on an interaction log and write a checkpoint
     Train(model_cli::TrainArgs),
     /// Evaluate a checkpoint with chronological leave-one-out and full ranking
@@ -42,6 +45,12 @@ fn main() -> anyhow::Result<()> {
                 .subcommand_matches("serve")
                 .ok_or_else(|| anyhow::anyhow!("the serve subcommand's arguments are missing"))?;
             serve(Config::from_matches(serve_matches)?)
+        }
+        Some(Command::Learn(_)) => {
+            let learn_matches = matches
+                .subcommand_matches("learn")
+                .ok_or_else(|| anyhow::anyhow!("the learn subcommand's arguments are missing"))?;
+            serve(Config::from_matches(learn_matches)?.in_role(onrec_server::config::Role::Learn)?)
         }
         Some(Command::Train(args)) => model_cli::train(args),
         Some(Command::Eval(args)) => model_cli::eval(args),

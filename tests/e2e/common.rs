@@ -30,8 +30,17 @@ impl Server {
         Self::try_start(args).unwrap_or_else(|e| panic!("server did not start: {e}"))
     }
 
+    /// Starts `onrec learn` with `args` on 127.0.0.1:0 and waits until it listens.
+    pub fn start_learner(args: &[&str]) -> Server {
+        Self::launch("learn", args).unwrap_or_else(|e| panic!("learner did not start: {e}"))
+    }
+
     /// Starts the server, or returns what it logged before it exited.
     pub fn try_start(args: &[&str]) -> Result<Server, String> {
+        Self::launch("serve", args)
+    }
+
+    fn launch(command: &str, args: &[&str]) -> Result<Server, String> {
         // Popularity without exploration or learning unless a test asks otherwise, so
         // rankings stay fixed.
         let mut defaults: Vec<&str> = Vec::new();
@@ -53,7 +62,7 @@ impl Server {
             std::env::var("ONREC_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_onrec").to_owned());
         let mut child = Command::new(binary)
             .args([
-                "serve",
+                command,
                 "--http-addr",
                 "127.0.0.1:0",
                 "--grpc-addr",
@@ -174,14 +183,19 @@ impl Server {
         let _ = self.child.wait();
     }
 
-    /// Sends SIGTERM.
-    pub fn terminate(&self) {
+    /// Sends `signal` (`STOP`, `CONT`, …).
+    pub fn signal(&self, signal: &str) {
         let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()
             .expect("running kill")
             .success();
-        assert!(ok, "kill -TERM failed");
+        assert!(ok, "kill -{signal} failed");
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        self.signal("TERM");
     }
 
     /// Waits for the process to exit, at most `limit`.
@@ -194,6 +208,17 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+
+    /// Waits until the process logs a line containing `text` (lines read while waiting
+    /// are consumed).
+    pub async fn logged(&self, text: &str) {
+        let mut seen = Vec::new();
+        eventually(&format!("the log says '{text}'"), async || {
+            seen.extend(self.drain_log());
+            seen.iter().any(|l| l.contains(text))
+        })
+        .await;
     }
 
     /// Log lines written so far that have not been read yet.

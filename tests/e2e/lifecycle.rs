@@ -5,7 +5,52 @@ use std::time::Duration;
 use onrec_proto::v1 as pb;
 use serde_json::json;
 
-use crate::common::Server;
+use crate::common::{Server, eventually};
+
+#[tokio::test]
+async fn sigterm_first_says_draining_while_it_still_serves() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let s = Server::start(&["--drain-delay", "60s"]);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel().await);
+    s.terminate();
+    eventually("/readyz says it is draining", async || {
+        let (status, body) = s.get_text("/readyz").await;
+        status == 503 && body.contains("draining")
+    })
+    .await;
+    for service in ["", "onrec.v1.Recommender"] {
+        let reply = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.status(), ServingStatus::NotServing, "{service}");
+    }
+    // Requests that still arrive (the balancer has not noticed yet) are served, on new
+    // connections too.
+    let fresh = reqwest::Client::new();
+    let r = fresh
+        .post(s.url("/v1/recommend"))
+        .json(&json!({"user_id": "late", "n": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, summary) = s
+        .post(
+            "/v1/events",
+            json!([crate::common::click("late-1", "late", "sku-00001")]),
+        )
+        .await;
+    assert_eq!(
+        (status, summary["accepted"].clone()),
+        (200, json!(1)),
+        "{summary}"
+    );
+}
 
 #[tokio::test]
 async fn sigterm_drains_open_streams_and_exits_zero() {
@@ -33,14 +78,15 @@ async fn sigterm_drains_open_streams_and_exits_zero() {
         );
     }
     s.terminate();
-    // The server ends the stream cleanly after acknowledging everything it took.
-    let end = tokio::time::timeout(Duration::from_secs(10), acks.message())
+    // After the drain delay (5 s), the server ends the stream cleanly after acknowledging
+    // everything it took.
+    let end = tokio::time::timeout(Duration::from_secs(30), acks.message())
         .await
         .expect("stream ended");
     assert!(matches!(end, Ok(None)), "{end:?}");
     drop(tx);
     let status = tokio::task::spawn_blocking(move || {
-        let status = s.wait(Duration::from_secs(15));
+        let status = s.wait(Duration::from_secs(30));
         (status, s.drain_log())
     })
     .await

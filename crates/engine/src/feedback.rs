@@ -1,8 +1,8 @@
-//! The feedback path: an event is validated; claimed once (in process, or in the shared
-//! state when there is one); applied to popularity, the event log, the online encoder and
-//! its user; attributed to the response that showed its item (which may have been served
-//! by another process); and turned into bandit statistics, decision log rewards and
-//! Q-network transitions.
+//! The feedback path: an event is validated; attributed to the response that showed its
+//! item (which may have been served by another process); claimed once, with its bandit
+//! statistics updates (in process, or in the shared state when there is one); and applied
+//! to popularity, the event log, the online encoder and its user, the decision log and the
+//! Q-network's transitions.
 
 use onrec_model::context::ContextIds;
 use onrec_policy::StatUpdate;
@@ -13,6 +13,14 @@ use crate::{
     Engine, EngineError, Event, EventOutcome, EventType, Impression, ImpressionSource, Shown,
     UserState, duration_ms, event_digest, now_ms,
 };
+
+/// The response an event is attributed to.
+struct Found {
+    request_id: String,
+    shown: Shown,
+    /// The response as read from the shared state; `None` when this process served it.
+    remote: Option<Impression>,
+}
 
 impl Engine {
     /// Validates and applies one event. Safe to call again with the same event: the
@@ -31,8 +39,22 @@ impl Engine {
         let Some(idx) = self.inner.ranking.read().catalog.index_of(&event.item_id) else {
             return Ok(EventOutcome::UnknownItem);
         };
+        let (candidates, last_segment) = match &event.request_id {
+            Some(id) => (vec![id.clone()], None),
+            None => {
+                let (recent, segment) = shared.recent(&event.user_id).await?;
+                (recent.into_iter().rev().collect(), segment)
+            }
+        };
+        // Nothing is credited before the claim: the event may be a duplicate.
+        let found = match self.find_here(event, at, &candidates) {
+            Some(found) => Some(found),
+            None => self.find_shared(shared, event, at, &candidates).await,
+        };
+        let segment = self.segment_of(event, found.as_ref(), last_segment);
+        let updates = self.updates(event, at, &segment);
         let weight = cfg.weights.of(event.kind);
-        let claimed = shared
+        let applied = shared
             .apply(&SharedEvent {
                 digest: event_digest(&event.event_id),
                 user_id: &event.user_id,
@@ -40,23 +62,14 @@ impl Engine {
                 item_id: &event.item_id,
                 weight,
                 at_ms: at,
+                updates: &updates,
             })
             .await?;
-        let Some(user) = claimed else {
+        if !applied {
             return Ok(EventOutcome::Duplicate);
-        };
-        self.inner.ranking.write().popularity.add(idx, weight, at);
-        let candidates = match &event.request_id {
-            Some(id) => vec![id.clone()],
-            None => user.recent_requests.into_iter().rev().collect(),
-        };
-        let mut attributed = self.attribute(event, idx, at, &candidates);
-        if attributed.is_none() {
-            attributed = self
-                .attribute_shared(shared, event, idx, at, &candidates)
-                .await;
         }
-        self.apply(event, idx, at, attributed, user.last_segment);
+        self.inner.ranking.write().popularity.add(idx, weight, at);
+        self.accepted(event, idx, at, found, &segment);
         Ok(EventOutcome::Accepted)
     }
 
@@ -88,23 +101,60 @@ impl Engine {
                 })
             }
         };
-        let attributed = self.attribute(event, idx, at, &candidates);
-        self.apply(event, idx, at, attributed, None);
+        let found = self.find_here(event, at, &candidates);
+        let segment = self.segment_of(event, found.as_ref(), None);
+        self.queue_stats(self.updates(event, at, &segment));
+        self.accepted(event, idx, at, found, &segment);
         EventOutcome::Accepted
     }
 
-    /// What follows the claim: the event log, the online encoder, the user's state and
-    /// the bandit statistics. Unattributed feedback goes to the user's last segment
-    /// (`last_segment` when the shared state knows it, else this process's).
-    fn apply(
+    /// The segment an event counts for: its response's, else the user's last one
+    /// (`last_segment` when the shared state knows it, else this process's), else the
+    /// default segment.
+    fn segment_of(
         &self,
         event: &Event,
-        idx: u32,
-        at: i64,
-        attributed: Option<Shown>,
+        found: Option<&Found>,
         last_segment: Option<String>,
-    ) {
+    ) -> String {
+        found
+            .map(|f| f.shown.segment.clone())
+            .or(last_segment)
+            .or_else(|| {
+                let users = self.inner.users.shard(&event.user_id);
+                users
+                    .peek(&event.user_id)
+                    .and_then(|u| u.last_segment.clone())
+            })
+            .unwrap_or_else(|| onrec_policy::DEFAULT_SEGMENT.to_owned())
+    }
+
+    /// The bandit statistics updates of an event counted for `segment`.
+    fn updates(&self, event: &Event, at: i64, segment: &str) -> Vec<StatUpdate> {
+        let mut updates = Vec::with_capacity(2);
+        if event.kind == EventType::Impression
+            && self.inner.config.impressions_from == ImpressionSource::Events
+        {
+            updates.push(StatUpdate::impression(segment, event.item_id.clone()).at(at));
+        }
+        let reward = self.reward(event.kind);
+        if reward > 0.0 {
+            updates.push(StatUpdate::reward(segment, event.item_id.clone(), reward).at(at));
+        }
+        updates
+    }
+
+    /// What follows the claim: the reward's metrics, the response's credit (decision log,
+    /// Q-network), the event log, the online encoder and the user's state.
+    fn accepted(&self, event: &Event, idx: u32, at: i64, found: Option<Found>, segment: &str) {
         let cfg = &self.inner.config;
+        let reward = self.reward(event.kind);
+        if reward > 0.0 {
+            let label = self.segment_label(segment);
+            metrics::counter!("onrec_bandit_reward_total", "segment" => label.clone()).increment(1);
+            metrics::histogram!("onrec_bandit_reward", "segment" => label).record(reward);
+        }
+        let shown = found.map(|found| self.credit(found, event, idx, at));
         if let Some(log) = self.inner.events.read().as_ref()
             && let Err(e) = log.append(event, at)
         {
@@ -114,7 +164,7 @@ impl Engine {
         if event.kind.is_interaction()
             && let Some(online) = self.inner.online.read().as_ref()
         {
-            match &attributed {
+            match &shown {
                 Some(shown) => online.observe(&event.user_id, idx, shown.context, &shown.slate),
                 None => {
                     let hour = onrec_model::data::hour_of(at as f64 / 1000.0);
@@ -127,27 +177,9 @@ impl Engine {
                 }
             }
         }
-        let segment = attributed.map(|a| a.segment).or(last_segment);
         let mut users = self.inner.users.shard(&event.user_id);
         let user = users.get_or_insert_with(event.user_id.clone(), UserState::default);
-        let segment = segment
-            .or_else(|| user.last_segment.clone())
-            .unwrap_or_else(|| onrec_policy::DEFAULT_SEGMENT.to_owned());
         user.apply(event.kind, idx, cfg.history_len);
-        drop(users);
-
-        let mut updates = Vec::with_capacity(2);
-        if event.kind == EventType::Impression && cfg.impressions_from == ImpressionSource::Events {
-            updates.push(StatUpdate::impression(segment.clone(), event.item_id.clone()).at(at));
-        }
-        let reward = self.reward(event.kind);
-        if reward > 0.0 {
-            let label = self.segment_label(&segment);
-            metrics::counter!("onrec_bandit_reward_total", "segment" => label.clone()).increment(1);
-            metrics::histogram!("onrec_bandit_reward", "segment" => label).record(reward);
-            updates.push(StatUpdate::reward(segment, event.item_id.clone(), reward).at(at));
-        }
-        self.queue_stats(updates);
     }
 
     /// The bandit reward of an event type: the click is the immediate reward r_i; later
@@ -163,27 +195,39 @@ impl Engine {
         }
     }
 
-    /// The segment, context and slate of the first of `candidates` (response ids, newest
-    /// first) this process served that showed the event's item within the attribution
-    /// window (`item` is its catalog index).
-    fn attribute(&self, event: &Event, item: u32, at: i64, candidates: &[String]) -> Option<Shown> {
+    /// Whether `shown` showed the event's item within the attribution window.
+    fn shows(&self, shown: &Impression, event: &Event, at: i64) -> bool {
+        let window = duration_ms(self.inner.config.attribution_window);
+        at.saturating_sub(shown.at_ms) <= window && shown.items.contains(&event.item_id)
+    }
+
+    /// The first of `candidates` (response ids, newest first) that this process served and
+    /// that showed the event's item within the attribution window.
+    fn find_here(&self, event: &Event, at: i64, candidates: &[String]) -> Option<Found> {
         candidates.iter().find_map(|request_id| {
-            let mut log = self.inner.impressions.shard(request_id);
-            let shown = log.get_mut(request_id)?;
-            self.credit(request_id, shown, event, item, at)
+            let log = self.inner.impressions.shard(request_id);
+            let shown = log.peek(request_id).filter(|s| self.shows(s, event, at))?;
+            Some(Found {
+                request_id: request_id.clone(),
+                shown: Shown {
+                    segment: shown.segment.clone(),
+                    context: shown.context,
+                    slate: shown.slate.clone(),
+                },
+                remote: None,
+            })
         })
     }
 
-    /// [`Engine::attribute`] over the responses other processes served, from the shared
+    /// [`Engine::find_here`] over the responses any process served, from the shared
     /// state. Without an answer the event still counts, unattributed.
-    async fn attribute_shared(
+    async fn find_shared(
         &self,
         shared: &RedisShared,
         event: &Event,
-        item: u32,
         at: i64,
         candidates: &[String],
-    ) -> Option<Shown> {
+    ) -> Option<Found> {
         let found = match shared.impressions(candidates).await {
             Ok(found) => found,
             Err(e) => {
@@ -197,7 +241,7 @@ impl Engine {
             .zip(found)
             .find_map(|(request_id, remote)| {
                 let remote = remote?;
-                let mut shown = {
+                let shown = {
                     let ranking = self.inner.ranking.read();
                     Impression {
                         slate: remote
@@ -212,28 +256,49 @@ impl Engine {
                         decision: None,
                     }
                 };
-                self.credit(request_id, &mut shown, event, item, at)
+                self.shows(&shown, event, at).then(|| Found {
+                    request_id: request_id.clone(),
+                    shown: Shown {
+                        segment: shown.segment.clone(),
+                        context: shown.context,
+                        slate: shown.slate.clone(),
+                    },
+                    remote: Some(shown),
+                })
             })
     }
 
-    /// Credits the response `request_id` with the event if it showed the item within the
-    /// attribution window: a rewarded event enters the decision log and hands the learner
-    /// its transitions (when this process made the decision).
-    fn credit(
+    /// Credits the response an accepted event is attributed to: a rewarded event enters
+    /// the decision log and hands the learner its transitions (when this process made the
+    /// decision). `item` is the event's catalog index.
+    fn credit(&self, found: Found, event: &Event, item: u32, at: i64) -> Shown {
+        let reward = self.reward(event.kind);
+        if reward > 0.0 {
+            match found.remote {
+                Some(mut remote) => {
+                    self.credit_to(&found.request_id, &mut remote, event, item, at, reward)
+                }
+                None => {
+                    let mut log = self.inner.impressions.shard(&found.request_id);
+                    if let Some(shown) = log.get_mut(&found.request_id) {
+                        self.credit_to(&found.request_id, shown, event, item, at, reward);
+                    }
+                }
+            }
+        }
+        found.shown
+    }
+
+    fn credit_to(
         &self,
         request_id: &str,
         shown: &mut Impression,
         event: &Event,
         item: u32,
         at: i64,
-    ) -> Option<Shown> {
-        let window = duration_ms(self.inner.config.attribution_window);
-        if at.saturating_sub(shown.at_ms) > window || !shown.items.contains(&event.item_id) {
-            return None;
-        }
-        let reward = self.reward(event.kind);
-        if reward > 0.0
-            && self.inner.decisions.enabled
+        reward: f64,
+    ) {
+        if self.inner.decisions.enabled
             && let Some(position) = shown.items.iter().position(|i| *i == event.item_id)
         {
             self.log_decision(LogRecord::Reward(RewardRecord {
@@ -245,17 +310,11 @@ impl Engine {
                 reward,
             }));
         }
-        if reward > 0.0
-            && let (Some(decision), Some(link)) =
-                (shown.decision.as_mut(), self.inner.learner.read().as_ref())
+        if let (Some(decision), Some(link)) =
+            (shown.decision.as_mut(), self.inner.learner.read().as_ref())
         {
             link.feedback(decision, item, reward);
         }
-        Some(Shown {
-            segment: shown.segment.clone(),
-            context: shown.context,
-            slate: shown.slate.clone(),
-        })
     }
 
     /// Checks a batch before any of it is applied: the error names the first malformed

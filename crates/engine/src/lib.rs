@@ -19,7 +19,6 @@ pub mod state;
 pub mod types;
 
 use std::collections::{BinaryHeap, HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -428,15 +427,10 @@ fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// A 128-bit digest of an event id, from two independently keyed SipHashes.
+/// A 128-bit digest of an event id, the same in every process and build, so that
+/// replicas of different versions agree on which events they have seen.
 fn event_digest(event_id: &str) -> u128 {
-    let half = |key: u64| {
-        let mut h = std::hash::DefaultHasher::new();
-        key.hash(&mut h);
-        event_id.hash(&mut h);
-        h.finish()
-    };
-    (u128::from(half(0x5eed_0001)) << 64) | u128::from(half(0x5eed_0002))
+    onrec_policy::stable_digest(event_id)
 }
 
 /// An item in the top-n heap, ordered so the heap's top is the worst one kept.
@@ -945,13 +939,18 @@ impl Engine {
             metrics::counter!("onrec_bandit_decisions_total", "segment" => label.clone(), "policy" => slate.policy, "explored" => explored)
                 .increment(1);
         }
+        let mut impressions: Vec<StatUpdate> = Vec::new();
         if self.inner.config.impressions_from == ImpressionSource::Served {
-            self.queue_stats(
+            impressions.extend(
                 slate
                     .slots
                     .iter()
                     .map(|s| StatUpdate::impression(segment.clone(), s.item_id.clone())),
             );
+        }
+        // With a shared state they are written with the response (below).
+        if self.shared().is_none() {
+            self.queue_stats(std::mem::take(&mut impressions));
         }
         let request_id = request_id.to_string();
         let now = now_ms();
@@ -1017,6 +1016,7 @@ impl Engine {
                     at_ms: now,
                     context,
                 },
+                updates: impressions,
             });
         }
         {

@@ -17,6 +17,18 @@
 //! | `P:items` | hash | item id → item (JSON): every change made through `PUT /v1/items` |
 //! | `P:catalog` | stream | the same changes in order (`o` origin, `items` JSON), for running processes |
 //! | `P:events` | stream | accepted events' popularity (`o` origin, `i` item, `w` weight, `t` time ms) |
+//! | `P:stats` | stream | bandit statistics updates (`b` batch key, `u` updates JSON), read by the learner's consumer group `learners` and deleted once applied |
+//! | `P:learner` | string | the learner lease: the id of the process that applies `P:stats`; expires unless renewed |
+//!
+//! Statistics reach the bandit store through `P:stats` only: an event's updates are
+//! appended by the same script that claims it, so an event answered `accepted` is in the
+//! stream; a response's impressions are appended with the response. One process at a time
+//! holds the learner lease and applies the stream with `XREADGROUP`, acknowledging (and
+//! deleting) entries once the store took them. A learner that dies holding entries leaves
+//! them pending; the next one to take the lease claims them (`XAUTOCLAIM`). Each entry is
+//! applied under a batch id derived from its key (`e:{event digest}` or `r:{request id}`),
+//! so an entry applied twice (claimed again after a crash, or written twice after a lost
+//! answer) counts once.
 //!
 //! An event is applied by one Lua script: it claims the event id (`SET NX PX`) and, only
 //! if that succeeds, updates the user's lists and appends to `P:events`, so an event id
@@ -30,12 +42,15 @@
 //! The script touches keys of several users and streams, so this layout targets a
 //! standalone Redis (or a primary with replicas), not Redis Cluster.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, RedisError, Script, Value};
+use ::redis::{Client, RedisError, Script};
 use onrec_model::context::ContextIds;
 use serde::{Deserialize, Serialize};
+
+use onrec_policy::{BanditStore, BatchId, StatUpdate, StoreError};
 
 use crate::error::EngineError;
 use crate::types::{EventType, Item};
@@ -50,6 +65,19 @@ const FOLLOW_BLOCK: Duration = Duration::from_secs(1);
 const FOLLOW_COUNT: usize = 1000;
 /// Approximate cap of the catalog changes stream (the `P:items` hash keeps every item).
 const CATALOG_STREAM_CAP: usize = 10_000;
+/// The consumer group that applies the statistics stream.
+const LEARNERS: &str = "learners";
+/// Most statistics entries the learner applies at once.
+const LEARN_COUNT: usize = 500;
+/// Lifetime of the learner lease; its holder renews it well before.
+pub const LEASE_TTL: Duration = Duration::from_secs(10);
+/// The script that takes or renews the learner lease.
+const LEASE_SCRIPT: &str = "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end \
+    if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end \
+    return 0";
+/// The script that gives the learner lease up, if this process holds it.
+const RELEASE_SCRIPT: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
 /// Settings of the shared state.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,6 +156,8 @@ pub struct Served {
     pub request_id: String,
     /// The response.
     pub impression: SharedImpression,
+    /// The bandit statistics updates it makes (its impressions).
+    pub updates: Vec<StatUpdate>,
 }
 
 /// An accepted event, as the shared store applies it.
@@ -145,15 +175,55 @@ pub struct SharedEvent<'a> {
     pub weight: f64,
     /// When it happened (ms since the epoch).
     pub at_ms: i64,
+    /// The bandit statistics updates it makes.
+    pub updates: &'a [StatUpdate],
 }
 
-/// What the shared state knows of an event's user once the event is claimed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Claimed {
-    /// Ids of the user's latest responses, oldest first, for attribution.
-    pub recent_requests: Vec<String>,
-    /// The segment the user was last served as.
-    pub last_segment: Option<String>,
+/// One entry of the statistics stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatsEntry {
+    /// The stream entry's id.
+    pub id: String,
+    /// What it counts (`e:{event digest}`, `r:{request id}`): its batch id's key.
+    pub batch: String,
+    /// The updates; empty when the entry could not be read.
+    pub updates: Vec<StatUpdate>,
+}
+
+/// A statistics update as the stream carries it: segment, item, impressions, reward, time.
+type WireUpdate = (String, String, f64, f64, Option<i64>);
+
+fn encode_updates(updates: &[StatUpdate]) -> Result<String, EngineError> {
+    let wire: Vec<WireUpdate> = updates
+        .iter()
+        .map(|u| {
+            (
+                u.segment.clone(),
+                u.item_id.clone(),
+                u.impressions,
+                u.reward,
+                u.at_ms,
+            )
+        })
+        .collect();
+    encode(&wire)
+}
+
+fn decode_updates(json: &str) -> Option<Vec<StatUpdate>> {
+    let wire: Vec<WireUpdate> = serde_json::from_str(json).ok()?;
+    Some(
+        wire.into_iter()
+            .map(
+                |(segment, item_id, impressions, reward, at_ms)| StatUpdate {
+                    segment,
+                    item_id,
+                    impressions,
+                    reward,
+                    at_ms,
+                },
+            )
+            .collect(),
+    )
 }
 
 /// What another process changed, in the order it happened.
@@ -210,11 +280,15 @@ pub struct RedisShared {
     conn: ConnectionManager,
     /// The followers' own connection: a blocking `XREAD` holds up its connection.
     follow_conn: ConnectionManager,
+    /// The learner's own connection, for its blocking `XREADGROUP`.
+    learn_conn: ConnectionManager,
     config: SharedConfig,
     limits: UserLimits,
     /// This process's id in the streams, so that it skips its own entries.
     origin: String,
     apply: Script,
+    lease: Script,
+    release: Script,
     writes: parking_lot::RwLock<Option<tokio::sync::mpsc::Sender<Served>>>,
     queued: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Served>>>,
 }
@@ -251,15 +325,6 @@ fn manager(client: Client, response_timeout: Duration) -> Result<ConnectionManag
     ConnectionManager::new_lazy_with_config(client, config)
 }
 
-/// A string from a reply element, if it is one.
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
 impl RedisShared {
     /// The shared state at `config.url`, trimming users' lists to `limits`. It does not
     /// connect yet, so it is built whether or not Redis answers. Must be called inside a
@@ -271,16 +336,21 @@ impl RedisShared {
         let client = Client::open(config.url.as_str()).map_err(|e| unavailable("redis url", e))?;
         let conn = manager(client.clone(), config.write_timeout.max(config.timeout))
             .map_err(|e| unavailable("connecting", e))?;
-        let follow_conn = manager(client, FOLLOW_BLOCK + config.write_timeout)
+        let follow_conn = manager(client.clone(), FOLLOW_BLOCK + config.write_timeout)
+            .map_err(|e| unavailable("connecting", e))?;
+        let learn_conn = manager(client, FOLLOW_BLOCK + config.write_timeout)
             .map_err(|e| unavailable("connecting", e))?;
         let (tx, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
         Ok(Self {
             conn,
             follow_conn,
+            learn_conn,
             config,
             limits,
             origin: uuid::Uuid::new_v4().simple().to_string(),
             apply: Script::new(APPLY_SCRIPT),
+            lease: Script::new(LEASE_SCRIPT),
+            release: Script::new(RELEASE_SCRIPT),
             writes: parking_lot::RwLock::new(Some(tx)),
             queued: parking_lot::Mutex::new(Some(rx)),
         })
@@ -319,6 +389,21 @@ impl RedisShared {
     /// The stream of accepted events' popularity.
     pub fn events_stream(&self) -> String {
         format!("{}:events", self.config.key_prefix)
+    }
+
+    /// The stream of bandit statistics updates.
+    pub fn stats_stream(&self) -> String {
+        format!("{}:stats", self.config.key_prefix)
+    }
+
+    /// The learner lease.
+    pub fn lease_key(&self) -> String {
+        format!("{}:learner", self.config.key_prefix)
+    }
+
+    /// This process's id in the streams and the lease.
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     async fn within<T>(
@@ -363,16 +448,43 @@ impl RedisShared {
         Ok((user != SharedUser::default()).then_some(user))
     }
 
-    /// Applies an accepted event unless its id was applied before (`None` then).
-    pub async fn apply(&self, event: &SharedEvent<'_>) -> Result<Option<Claimed>, EngineError> {
+    /// The user's latest response ids (oldest first) and last segment, in one round
+    /// trip: what feedback without a `request_id` is attributed by.
+    pub async fn recent(
+        &self,
+        user_id: &str,
+    ) -> Result<(Vec<String>, Option<String>), EngineError> {
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("LRANGE")
+            .arg(self.user_key(user_id, "r"))
+            .arg(0)
+            .arg(-1);
+        pipe.cmd("GET").arg(self.user_key(user_id, "seg"));
+        let mut conn = self.conn.clone();
+        self.within(
+            "reading a user's responses",
+            self.config.write_timeout,
+            pipe.query_async(&mut conn),
+        )
+        .await
+    }
+
+    /// Applies an accepted event, with its statistics updates, unless its id was applied
+    /// before: `false` then.
+    pub async fn apply(&self, event: &SharedEvent<'_>) -> Result<bool, EngineError> {
         let l = &self.limits;
+        let updates = if event.updates.is_empty() {
+            String::new()
+        } else {
+            encode_updates(event.updates)?
+        };
         let mut invocation = self.apply.key(self.event_key(event.digest));
         for part in ["h", "d", "p", "s", "r"] {
             invocation.key(self.user_key(event.user_id, part));
         }
         invocation
             .key(self.events_stream())
-            .key(self.user_key(event.user_id, "seg"))
+            .key(self.stats_stream())
             .arg(millis(self.config.dedupe_ttl))
             .arg(event.kind.as_str())
             .arg(event.item_id)
@@ -383,26 +495,18 @@ impl RedisShared {
             .arg(&self.origin)
             .arg(event.weight)
             .arg(event.at_ms)
-            .arg(self.config.events_cap);
+            .arg(self.config.events_cap)
+            .arg(updates)
+            .arg(format!("e:{:032x}", event.digest));
         let mut conn = self.conn.clone();
-        let reply: Vec<Value> = self
+        let applied: i64 = self
             .within(
                 "applying an event",
                 self.config.write_timeout,
                 invocation.invoke_async(&mut conn),
             )
             .await?;
-        match reply.first() {
-            Some(Value::Int(1)) => Ok(Some(Claimed {
-                last_segment: reply.get(1).and_then(text).filter(|s| !s.is_empty()),
-                recent_requests: reply.iter().skip(2).filter_map(text).collect(),
-            })),
-            Some(Value::Int(0)) => Ok(None),
-            other => Err(unavailable(
-                "applying an event",
-                format!("unexpected reply {other:?}"),
-            )),
-        }
+        Ok(applied == 1)
     }
 
     /// Queues what serving a response changes for the background writer; when the
@@ -431,9 +535,13 @@ impl RedisShared {
             return;
         };
         while let Some(served) = rx.recv().await {
-            if let Err(e) = self.write_served(&served).await {
+            // Retried until Redis takes it: its impressions are counted once however often
+            // it is written (their batch id is the response's). Meanwhile the queue fills
+            // and what does not fit is dropped and counted.
+            while let Err(e) = self.write_served(&served).await {
                 metrics::counter!("onrec_shared_write_errors_total").increment(1);
-                tracing::warn!(error = %e, request_id = %served.request_id, "a response is not in the shared state");
+                tracing::warn!(error = %e, request_id = %served.request_id, "a response is not in the shared state yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
     }
@@ -486,6 +594,16 @@ impl RedisShared {
             .arg("PX")
             .arg(millis(self.config.attribution_window).max(1))
             .ignore();
+        if !served.updates.is_empty() {
+            pipe.cmd("XADD")
+                .arg(self.stats_stream())
+                .arg("*")
+                .arg("b")
+                .arg(format!("r:{}", served.request_id))
+                .arg("u")
+                .arg(encode_updates(&served.updates)?)
+                .ignore();
+        }
         let mut conn = self.conn.clone();
         self.within(
             "writing a response",
@@ -647,5 +765,226 @@ impl RedisShared {
             }
         }
         Ok(out)
+    }
+
+    /// Takes the learner lease, or renews it when this process holds it; `false` when
+    /// another process holds it.
+    pub async fn hold_lease(&self) -> Result<bool, EngineError> {
+        let mut invocation = self.lease.key(self.lease_key());
+        invocation.arg(&self.origin).arg(millis(LEASE_TTL));
+        let mut conn = self.conn.clone();
+        let held: i64 = self
+            .within(
+                "taking the learner lease",
+                self.config.write_timeout,
+                invocation.invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(held == 1)
+    }
+
+    /// Gives the learner lease up if this process holds it, so that a standby takes over
+    /// at once. For shutdown.
+    pub async fn release_lease(&self) -> Result<(), EngineError> {
+        let mut invocation = self.release.key(self.lease_key());
+        invocation.arg(&self.origin);
+        let mut conn = self.conn.clone();
+        self.within(
+            "giving the learner lease up",
+            self.config.write_timeout,
+            invocation.invoke_async::<i64>(&mut conn),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Creates the learners' consumer group (and the stream) unless it exists: after
+    /// Redis lost its data, the group starts again from the stream's beginning.
+    async fn ensure_group(&self) -> Result<(), EngineError> {
+        let mut conn = self.learn_conn.clone();
+        let created: Result<(), RedisError> = ::redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.stats_stream())
+            .arg(LEARNERS)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Err(e) if e.code() != Some("BUSYGROUP") => {
+                Err(unavailable("creating the learners' group", e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Statistics entries for this process to apply: with `pending`, those delivered to
+    /// any learner and never acknowledged (a learner that died with them); else new ones,
+    /// waiting up to a second.
+    pub async fn stats_entries(&self, pending: bool) -> Result<Vec<StatsEntry>, EngineError> {
+        self.ensure_group().await?;
+        let mut conn = self.learn_conn.clone();
+        let limit = FOLLOW_BLOCK + self.config.write_timeout;
+        let entries: Vec<::redis::streams::StreamId> = if pending {
+            let reply: ::redis::streams::StreamAutoClaimReply = self
+                .within(
+                    "claiming pending statistics",
+                    limit,
+                    ::redis::cmd("XAUTOCLAIM")
+                        .arg(self.stats_stream())
+                        .arg(LEARNERS)
+                        .arg(&self.origin)
+                        .arg(0)
+                        .arg("0-0")
+                        .arg("COUNT")
+                        .arg(LEARN_COUNT)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            reply.claimed
+        } else {
+            let options = ::redis::streams::StreamReadOptions::default()
+                .group(LEARNERS, &self.origin)
+                .block(millis(FOLLOW_BLOCK) as usize)
+                .count(LEARN_COUNT);
+            let reply: Option<::redis::streams::StreamReadReply> = self
+                .within(
+                    "reading statistics",
+                    limit,
+                    ::redis::cmd("XREADGROUP")
+                        .arg(&options)
+                        .arg("STREAMS")
+                        .arg(self.stats_stream())
+                        .arg(">")
+                        .query_async(&mut conn),
+                )
+                .await?;
+            reply
+                .into_iter()
+                .flat_map(|r| r.keys)
+                .flat_map(|k| k.ids)
+                .collect()
+        };
+        Ok(entries
+            .into_iter()
+            .map(|e| StatsEntry {
+                batch: e.get("b").unwrap_or_default(),
+                updates: e
+                    .get::<String>("u")
+                    .and_then(|u| decode_updates(&u))
+                    .unwrap_or_default(),
+                id: e.id,
+            })
+            .collect())
+    }
+
+    /// Acknowledges applied statistics entries and deletes them from the stream.
+    pub async fn ack_stats(&self, ids: &[String]) -> Result<(), EngineError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = ::redis::pipe();
+        pipe.atomic();
+        pipe.cmd("XACK")
+            .arg(self.stats_stream())
+            .arg(LEARNERS)
+            .arg(ids)
+            .ignore();
+        pipe.cmd("XDEL").arg(self.stats_stream()).arg(ids).ignore();
+        let mut conn = self.conn.clone();
+        self.within(
+            "acknowledging statistics",
+            self.config.write_timeout,
+            pipe.query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    /// Applies the statistics stream to `store` whenever this process holds the learner
+    /// lease, and waits as a standby while another one holds it. Runs until the task is
+    /// dropped; a learner that is dropped or killed mid-batch leaves its entries pending
+    /// for the next holder, and their batch ids make applying them again a no-op.
+    pub async fn run_learner(&self, store: Arc<dyn BanditStore>) {
+        let mut holding = false;
+        let mut renewed = Instant::now();
+        // Whether to claim pending entries (taken over from a learner that died) first.
+        let mut pending = true;
+        let mut said_standby = false;
+        loop {
+            if !holding || renewed.elapsed() >= LEASE_TTL / 3 {
+                match self.hold_lease().await {
+                    Ok(true) => {
+                        if !holding {
+                            tracing::info!(learner = %self.origin, "took the learner lease: applying the statistics stream");
+                            pending = true;
+                        }
+                        holding = true;
+                        renewed = Instant::now();
+                    }
+                    Ok(false) => {
+                        if holding {
+                            tracing::warn!("lost the learner lease to another process");
+                        } else if !said_standby {
+                            tracing::info!("standby: another process holds the learner lease");
+                        }
+                        said_standby = true;
+                        holding = false;
+                        tokio::time::sleep(LEASE_TTL / 5).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the learner lease cannot be checked; retrying");
+                        holding = false;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+            let entries = match self.stats_entries(pending).await {
+                Ok(entries) => entries,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the statistics stream failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if pending && entries.is_empty() {
+                pending = false;
+                continue;
+            }
+            let mut applied = Vec::with_capacity(entries.len());
+            for entry in entries {
+                if entry.updates.is_empty() {
+                    metrics::counter!("onrec_learner_bad_entries_total").increment(1);
+                    tracing::warn!(entry = %entry.id, "a statistics entry cannot be read; skipped");
+                    applied.push(entry.id);
+                    continue;
+                }
+                match store
+                    .record_batch(BatchId::of(&entry.batch), &entry.updates)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(StoreError::InvalidUpdate(e)) => {
+                        metrics::counter!("onrec_learner_bad_entries_total").increment(1);
+                        tracing::warn!(error = %e, entry = %entry.id, "a statistics entry is malformed; skipped");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the bandit store did not take the statistics; retrying");
+                        pending = true;
+                        break;
+                    }
+                }
+                applied.push(entry.id);
+            }
+            metrics::counter!("onrec_learner_entries_total").increment(applied.len() as u64);
+            if let Err(e) = self.ack_stats(&applied).await {
+                tracing::warn!(error = %e, "acknowledging statistics failed; they are applied again (once)");
+                pending = true;
+            }
+            if pending {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
     }
 }

@@ -40,7 +40,7 @@ pub use crate::policy::{Candidate, Policy, PolicyConfig, Slot, exploit};
 pub use crate::segment::{DEFAULT_SEGMENT, SegmentConfig, SegmentRule, UserFacts};
 pub use crate::stats::{
     ArmStats, ArmSummary, BatchId, Clock, ManualClock, SegmentStats, SegmentSummary, StatUpdate,
-    StatsConfig, SystemClock,
+    StatsConfig, SystemClock, stable_digest,
 };
 pub use crate::store::memory::MemoryStore;
 pub use crate::store::redis::{RedisConfig, RedisStore};

@@ -31,6 +31,19 @@ pub enum PolicyKind {
     Thompson,
 }
 
+/// What a process does in a deployment on Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Serves, and applies the statistics stream while it holds the learner lease.
+    All,
+    /// Serves only: another process applies the statistics.
+    Serve,
+    /// Applies the statistics stream while it holds the learner lease (a second learner
+    /// waits as a standby); its API answers too, for health, metrics and reports.
+    Learn,
+}
+
 /// Whether and how the online Q-network takes part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -257,7 +270,14 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub stream_idle_timeout: Duration,
 
-    /// On SIGTERM or Ctrl-C, how long in-flight requests and streams may take to finish
+    /// On SIGTERM or Ctrl-C, how long the server keeps serving while /readyz and gRPC
+    /// health say it is draining, so that load balancers stop sending to it first
+    #[arg(long, env = "ONREC_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+
+    /// On SIGTERM or Ctrl-C, after the drain delay, how long in-flight requests and
+    /// streams may take to finish
     #[arg(long, env = "ONREC_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -266,6 +286,12 @@ pub struct Config {
     #[arg(long, env = "ONREC_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
+
+    /// With redis_url: all (serve, and apply the bandit statistics while holding the
+    /// learner lease), serve (only serve), or learn (apply the statistics; a second
+    /// learner waits as a standby)
+    #[arg(long, env = "ONREC_ROLE", value_enum, default_value = "all")]
+    pub role: Role,
 
     /// Redis for the bandit statistics, e.g. redis://127.0.0.1:6379/0 (shared by every
     /// replica); without it they are kept in memory
@@ -489,6 +515,12 @@ impl Config {
         config.validated()
     }
 
+    /// The same settings in `role`, checked again (`onrec learn` is `serve --role learn`).
+    pub fn in_role(mut self, role: Role) -> anyhow::Result<Self> {
+        self.role = role;
+        self.validated()
+    }
+
     fn validated(self) -> anyhow::Result<Self> {
         for (name, value) in [
             ("max_body_bytes", self.max_body_bytes),
@@ -528,6 +560,11 @@ impl Config {
             if !(value.is_finite() && value >= 0.0) {
                 bail!("{name} must be a finite, non-negative number");
             }
+        }
+        if self.role != Role::All && self.redis_url.is_none() {
+            bail!(
+                "role = serve or learn needs redis_url: without Redis one process does everything"
+            );
         }
         if self.decision_log == DecisionLogSink::Redis && self.redis_url.is_none() {
             bail!("decision_log = redis needs redis_url");

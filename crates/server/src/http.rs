@@ -459,7 +459,7 @@ async fn readyz(State(app): State<App>) -> Response {
     if app.is_ready().await {
         Json(serde_json::json!({"status": "ready"})).into_response()
     } else {
-        let status = if app.shutdown_token().is_cancelled() {
+        let status = if app.is_draining() {
             "draining"
         } else {
             "starting or waiting for the bandit store"

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Access, ApiKeys};
 pub use crate::config::Config;
-use crate::config::{LearnerMode, LearnerPriority};
+use crate::config::{LearnerMode, LearnerPriority, Role};
 use crate::error::ApiError;
 use crate::metrics::{Inflight, Transport};
 
@@ -49,6 +49,8 @@ pub struct App {
     admission: Arc<Semaphore>,
     shutdown: CancellationToken,
     ready: Arc<AtomicBool>,
+    /// Set at SIGTERM: the server still serves, but says it is draining.
+    draining: Arc<AtomicBool>,
     store_seen: Arc<AtomicBool>,
     model_version: Arc<Mutex<Option<String>>>,
 }
@@ -70,6 +72,7 @@ impl App {
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
             ready: Arc::new(AtomicBool::new(false)),
+            draining: Arc::new(AtomicBool::new(false)),
             store_seen: Arc::new(AtomicBool::new(false)),
             model_version: Arc::new(Mutex::new(None)),
         }
@@ -90,11 +93,17 @@ impl App {
         &self.shutdown
     }
 
+    /// Whether a shutdown has begun: from the signal on, through the drain delay and
+    /// the grace period.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire) || self.shutdown.is_cancelled()
+    }
+
     /// Whether the server takes traffic: started, its bandit store reached at least once,
     /// and not draining. A store that fails later does not make it unready: requests then
     /// go on without exploration.
     pub async fn is_ready(&self) -> bool {
-        if !self.ready.load(Ordering::Acquire) || self.shutdown.is_cancelled() {
+        if !self.ready.load(Ordering::Acquire) || self.is_draining() {
             return false;
         }
         if self.store_seen.load(Ordering::Acquire) {
@@ -253,19 +262,13 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
 /// The bandit statistics store: Redis (behind a latency budget and a write buffer) when
 /// configured, else memory. Must be called inside the runtime.
 fn bandit_store(config: &Config) -> anyhow::Result<Arc<dyn BanditStore>> {
-    let stats = StatsConfig {
-        half_life: config.stats_half_life,
-        ..StatsConfig::default()
-    };
-    let Some(url) = &config.redis_url else {
+    let Some(redis) = redis_store(config)? else {
+        let stats = StatsConfig {
+            half_life: config.stats_half_life,
+            ..StatsConfig::default()
+        };
         return Ok(Arc::new(MemoryStore::new(stats)?));
     };
-    let redis = RedisStore::new(RedisConfig {
-        url: url.clone(),
-        stats,
-        ..RedisConfig::default()
-    })
-    .context("configuring the Redis bandit store")?;
     let resilient = Arc::new(ResilientStore::new(
         Arc::new(redis),
         ResilientConfig {
@@ -276,6 +279,24 @@ fn bandit_store(config: &Config) -> anyhow::Result<Arc<dyn BanditStore>> {
     ));
     resilient.spawn_maintenance();
     Ok(resilient)
+}
+
+/// The bandit statistics in Redis, when `redis_url` is set: a connection of its own.
+fn redis_store(config: &Config) -> anyhow::Result<Option<RedisStore>> {
+    let Some(url) = &config.redis_url else {
+        return Ok(None);
+    };
+    let stats = StatsConfig {
+        half_life: config.stats_half_life,
+        ..StatsConfig::default()
+    };
+    RedisStore::new(RedisConfig {
+        url: url.clone(),
+        stats,
+        ..RedisConfig::default()
+    })
+    .map(Some)
+    .context("configuring the Redis bandit store")
 }
 
 /// Starts the online Q-network learner (resuming from its checkpoints) and attaches it.
@@ -386,16 +407,25 @@ pub async fn run(
         .map(|dir| tokio::spawn(keep_state(app.clone(), dir.to_owned(), token.clone())));
     // With Redis: other processes' catalog changes and popularity, and this process's
     // responses, in the shared state.
-    let shared = app.engine.shared().cloned().map(|shared| {
-        let engine = app.engine.clone();
-        let follower = tokio::spawn(async move { engine.follow_peers().await });
-        let writer = Arc::clone(&shared);
-        (
-            shared,
-            follower,
-            tokio::spawn(async move { writer.run_writer().await }),
-        )
-    });
+    let shared = match app.engine.shared().cloned() {
+        Some(shared) => {
+            let engine = app.engine.clone();
+            let follower = tokio::spawn(async move { engine.follow_peers().await });
+            let writer = Arc::clone(&shared);
+            let writer = tokio::spawn(async move { writer.run_writer().await });
+            // The statistics stream is applied by one process at a time, under the lease.
+            let learner = match (app.config.role, redis_store(&app.config)?) {
+                (Role::All | Role::Learn, Some(store)) => {
+                    let shared = Arc::clone(&shared);
+                    let store: Arc<dyn BanditStore> = Arc::new(store);
+                    Some(tokio::spawn(async move { shared.run_learner(store).await }))
+                }
+                _ => None,
+            };
+            Some((shared, follower, writer, learner))
+        }
+        None => None,
+    };
     let writer = {
         let engine = app.engine.clone();
         tokio::spawn(async move { engine.run_stats_writer().await })
@@ -408,11 +438,19 @@ pub async fn run(
     tracing::info!(%http_addr, %grpc_addr, "listening");
 
     shutdown.await;
-    tracing::info!(grace = ?app.config.shutdown_grace, "shutting down: draining requests and streams");
+    app.draining.store(true, Ordering::Release);
     app.ready.store(false, Ordering::Release);
     health
         .set_not_serving::<onrec_proto::v1::recommender_server::RecommenderServer<grpc::GrpcApi>>()
         .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    if !app.config.drain_delay.is_zero() {
+        tracing::info!(delay = ?app.config.drain_delay, "draining: /readyz answers 503 and gRPC health NOT_SERVING while requests are still served");
+        tokio::time::sleep(app.config.drain_delay).await;
+    }
+    tracing::info!(grace = ?app.config.shutdown_grace, "shutting down: the listeners close; finishing requests and streams");
     token.cancel();
 
     let drained = tokio::time::timeout(app.config.shutdown_grace, async {
@@ -431,7 +469,7 @@ pub async fn run(
     {
         tracing::warn!("bandit statistics still queued after 5 s; exiting without them");
     }
-    if let Some((shared, follower, writer)) = shared {
+    if let Some((shared, follower, writer, learner)) = shared {
         follower.abort();
         shared.close_writer();
         if tokio::time::timeout(std::time::Duration::from_secs(5), writer)
@@ -441,6 +479,14 @@ pub async fn run(
             tracing::warn!(
                 "responses still queued for the shared state after 5 s; exiting without them"
             );
+        }
+        if let Some(learner) = learner {
+            // What it read and did not acknowledge stays pending for the next learner.
+            learner.abort();
+            let _ = learner.await;
+            if let Err(e) = shared.release_lease().await {
+                tracing::warn!(error = %e, "the learner lease is left to expire");
+            }
         }
     }
     if let Some(keeper) = keeper {

@@ -1,13 +1,13 @@
 -- Applies one accepted event to the shared state, at most once per event id.
 -- KEYS: 1 the event id's claim, 2 history, 3 dislikes, 4 purchases, 5 shown slots,
---       6 recent requests, 7 the events stream, 8 the user's last segment
+--       6 recent requests, 7 the events stream, 8 the statistics stream
 -- ARGV: 1 claim lifetime (ms), 2 event type, 3 item id, 4 history length, 5 dislikes kept,
 --       6 purchases kept, 7 user state lifetime (ms), 8 origin, 9 popularity weight,
---       10 event time (ms), 11 the events stream's approximate length cap
--- Returns {0} when the event id was applied before, else
--- {1, last segment or '', recent request ids...}.
+--       10 event time (ms), 11 the events stream's approximate length cap,
+--       12 the event's statistics updates (JSON, '' for none), 13 their batch key
+-- Returns 0 when the event id was applied before, else 1.
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  return {0}
+  return 0
 end
 local kind, item = ARGV[2], ARGV[3]
 local function push(key, cap)
@@ -35,7 +35,7 @@ if tonumber(ARGV[9]) ~= 0 then
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*',
     'o', ARGV[8], 'i', item, 'w', ARGV[9], 't', ARGV[10])
 end
-local out = redis.call('LRANGE', KEYS[6], 0, -1)
-table.insert(out, 1, redis.call('GET', KEYS[8]) or '')
-table.insert(out, 1, 1)
-return out
+if ARGV[12] ~= '' then
+  redis.call('XADD', KEYS[8], '*', 'b', ARGV[13], 'u', ARGV[12])
+end
+return 1
