@@ -193,7 +193,8 @@ async fn bandit_counts(server: &common::Server, url: &str) {
     let rewarded = metric_sum(&metrics, "onrec_bandit_reward_sum");
     let dropped = 0.0
         + metric_sum(&metrics, "onrec_bandit_updates_dropped_total")
-        + metric_sum(&metrics, "onrec_bandit_store_dropped_updates_total");
+        + metric_sum(&metrics, "onrec_bandit_store_dropped_updates_total")
+        + metric_sum(&metrics, "onrec_shared_writes_dropped_total");
     let (impressions, reward) = last;
     let verdict = |a: f64, b: f64| if a == b { "exact" } else { "DIFFERENT" };
     println!(

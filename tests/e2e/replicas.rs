@@ -81,6 +81,23 @@ async fn three_processes_on_one_redis_share_attribution_dedupe_users_and_the_cat
     .await;
     let vip = segment(&c, "vip").await;
     assert_eq!(vip["impressions"], 5.0, "{vip}");
+    // Every process's online encoder learns the click in the context and slate A served.
+    let accepted: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("onrec:state:events")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let learned: Vec<Value> = accepted
+        .ids
+        .iter()
+        .filter(|e| e.get::<String>("u").as_deref() == Some("u1"))
+        .filter_map(|e| e.get::<String>("x"))
+        .map(|x| serde_json::from_str(&x).unwrap())
+        .collect();
+    assert_eq!(learned.len(), 1, "{learned:?}");
+    assert_eq!(learned[0]["slate"], json!(shown), "{learned:?}");
     eventually("B logged the reward under A's response", async || {
         logged(&mut conn).await.iter().any(|r| {
             r["type"] == "reward" && r["request_id"] == request_id.as_str() && r["position"] == 2

@@ -8,7 +8,7 @@ use onrec_model::context::ContextIds;
 use onrec_policy::StatUpdate;
 
 use crate::decisions::{LogRecord, RewardRecord};
-use crate::shared::{RedisShared, SharedEvent};
+use crate::shared::{Interaction, RedisShared, SharedEvent};
 use crate::{
     Engine, EngineError, Event, EventOutcome, EventType, Impression, ImpressionSource, Shown,
     UserState, duration_ms, event_digest, now_ms,
@@ -54,6 +54,17 @@ impl Engine {
         let segment = self.segment_of(event, found.as_ref(), last_segment);
         let updates = self.updates(event, at, &segment);
         let weight = cfg.weights.of(event.kind);
+        let interaction = event.kind.is_interaction().then(|| {
+            let ranking = self.inner.ranking.read();
+            let (context, slate) = Self::observed(found.as_ref().map(|f| &f.shown), at);
+            Interaction {
+                context,
+                slate: slate
+                    .iter()
+                    .map(|&i| ranking.catalog.get(i).item_id.clone())
+                    .collect(),
+            }
+        });
         let applied = shared
             .apply(&SharedEvent {
                 digest: event_digest(&event.event_id),
@@ -63,6 +74,7 @@ impl Engine {
                 weight,
                 at_ms: at,
                 updates: &updates,
+                interaction: interaction.as_ref(),
             })
             .await?;
         if !applied {
@@ -164,18 +176,8 @@ impl Engine {
         if event.kind.is_interaction()
             && let Some(online) = self.inner.online.read().as_ref()
         {
-            match &shown {
-                Some(shown) => online.observe(&event.user_id, idx, shown.context, &shown.slate),
-                None => {
-                    let hour = onrec_model::data::hour_of(at as f64 / 1000.0);
-                    online.observe(
-                        &event.user_id,
-                        idx,
-                        ContextIds::from_parts(Some(hour), None),
-                        &[],
-                    );
-                }
-            }
+            let (context, slate) = Self::observed(shown.as_ref(), at);
+            online.observe(&event.user_id, idx, context, slate);
         }
         let mut users = self.inner.users.shard(&event.user_id);
         let user = users.get_or_insert_with(event.user_id.clone(), UserState::default);
@@ -192,6 +194,18 @@ impl Engine {
             EventType::Click => weight,
             EventType::AddToCart | EventType::Purchase => cfg.reward_gamma * weight,
             EventType::Impression | EventType::Dislike => 0.0,
+        }
+    }
+
+    /// The context and slate the online encoder learns an interaction in: its response's,
+    /// or without one the hour it happened at and no slate.
+    fn observed(shown: Option<&Shown>, at: i64) -> (ContextIds, &[u32]) {
+        match shown {
+            Some(shown) => (shown.context, &shown.slate),
+            None => {
+                let hour = onrec_model::data::hour_of(at as f64 / 1000.0);
+                (ContextIds::from_parts(Some(hour), None), &[])
+            }
         }
     }
 

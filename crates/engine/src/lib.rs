@@ -546,14 +546,29 @@ impl Engine {
     pub fn apply_peer_changes(&self, changes: Vec<PeerChange>) {
         for change in changes {
             match change {
-                PeerChange::Popularity {
+                PeerChange::Event {
                     item_id,
                     weight,
                     at_ms,
+                    user_id,
+                    interaction,
                 } => {
                     let mut ranking = self.inner.ranking.write();
-                    if let Some(idx) = ranking.catalog.index_of(&item_id) {
+                    let Some(idx) = ranking.catalog.index_of(&item_id) else {
+                        continue;
+                    };
+                    if weight != 0.0 {
                         ranking.popularity.add(idx, weight, at_ms);
+                    }
+                    if let (Some(interaction), Some(online)) =
+                        (interaction, self.inner.online.read().as_ref())
+                    {
+                        let slate: Vec<u32> = interaction
+                            .slate
+                            .iter()
+                            .filter_map(|id| ranking.catalog.index_of(id))
+                            .collect();
+                        online.observe(&user_id, idx, interaction.context, &slate);
                     }
                 }
                 PeerChange::Items(items) => {

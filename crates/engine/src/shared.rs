@@ -16,7 +16,7 @@
 //! | `P:imp:{request_id}` | string | a served response (JSON), for attribution; expires after the attribution window |
 //! | `P:items` | hash | item id → item (JSON): every change made through `PUT /v1/items` |
 //! | `P:catalog` | stream | the same changes in order (`o` origin, `items` JSON), for running processes |
-//! | `P:events` | stream | accepted events' popularity (`o` origin, `i` item, `w` weight, `t` time ms) |
+//! | `P:events` | stream | accepted events (`o` origin, `i` item, `w` popularity weight, `t` time ms, `u` user, `x` an interaction's context and slate as JSON) |
 //! | `P:stats` | stream | bandit statistics updates (`b` batch key, `u` updates JSON), read by the learner's consumer group `learners` and deleted once applied |
 //! | `P:learner` | string | the learner lease: the id of the process that applies `P:stats`; expires unless renewed |
 //!
@@ -37,7 +37,7 @@
 //! responses, the response itself) is written off the request path by a background
 //! writer. Every process follows `P:catalog` and `P:events` with a blocking `XREAD` on a
 //! connection of its own and applies what other processes accepted, so popularity and
-//! the catalog agree everywhere. User keys expire `user_ttl` after their last write.
+//! the catalog agree everywhere, and every online encoder learns from every interaction. User keys expire `user_ttl` after their last write.
 //!
 //! The script touches keys of several users and streams, so this layout targets a
 //! standalone Redis (or a primary with replicas), not Redis Cluster.
@@ -177,6 +177,18 @@ pub struct SharedEvent<'a> {
     pub at_ms: i64,
     /// The bandit statistics updates it makes.
     pub updates: &'a [StatUpdate],
+    /// For an interaction, what other processes' online encoders learn from it.
+    pub interaction: Option<&'a Interaction>,
+}
+
+/// An interaction as every process's online encoder learns from it: its context and the
+/// items of the slate it was chosen from (empty when unattributed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interaction {
+    /// The request's context.
+    pub context: ContextIds,
+    /// The served items the item was chosen over.
+    pub slate: Vec<String>,
 }
 
 /// One entry of the statistics stream.
@@ -229,14 +241,19 @@ fn decode_updates(json: &str) -> Option<Vec<StatUpdate>> {
 /// What another process changed, in the order it happened.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PeerChange {
-    /// An event another process accepted: its item's popularity moves by `weight`.
-    Popularity {
+    /// An event another process accepted: its item's popularity moves by `weight`, and
+    /// an interaction teaches the online encoder.
+    Event {
         /// The item.
         item_id: String,
         /// The event's popularity weight.
         weight: f64,
         /// When it happened (ms since the epoch).
         at_ms: i64,
+        /// The user.
+        user_id: String,
+        /// For an interaction, its context and slate.
+        interaction: Option<Interaction>,
     },
     /// Items another process inserted or replaced.
     Items(Vec<Item>),
@@ -497,7 +514,12 @@ impl RedisShared {
             .arg(event.at_ms)
             .arg(self.config.events_cap)
             .arg(updates)
-            .arg(format!("e:{:032x}", event.digest));
+            .arg(format!("e:{:032x}", event.digest))
+            .arg(event.user_id)
+            .arg(match event.interaction {
+                Some(interaction) => encode(interaction)?,
+                None => String::new(),
+            });
         let mut conn = self.conn.clone();
         let applied: i64 = self
             .within(
@@ -750,10 +772,14 @@ impl RedisShared {
                     if let (Some(item_id), Some(weight), Some(at_ms)) =
                         (entry.get("i"), entry.get("w"), entry.get("t"))
                     {
-                        out.push(PeerChange::Popularity {
+                        out.push(PeerChange::Event {
                             item_id,
                             weight,
                             at_ms,
+                            user_id: entry.get("u").unwrap_or_default(),
+                            interaction: entry
+                                .get::<String>("x")
+                                .and_then(|x| serde_json::from_str(&x).ok()),
                         });
                     }
                 } else if let Some(items) = entry

@@ -4,7 +4,8 @@
 -- ARGV: 1 claim lifetime (ms), 2 event type, 3 item id, 4 history length, 5 dislikes kept,
 --       6 purchases kept, 7 user state lifetime (ms), 8 origin, 9 popularity weight,
 --       10 event time (ms), 11 the events stream's approximate length cap,
---       12 the event's statistics updates (JSON, '' for none), 13 their batch key
+--       12 the event's statistics updates (JSON, '' for none), 13 their batch key,
+--       14 the user id, 15 the interaction for other processes' encoders (JSON, '' for none)
 -- Returns 0 when the event id was applied before, else 1.
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
   return 0
@@ -31,9 +32,9 @@ end
 for i = 2, 6 do
   redis.call('PEXPIRE', KEYS[i], ARGV[7])
 end
-if tonumber(ARGV[9]) ~= 0 then
+if tonumber(ARGV[9]) ~= 0 or ARGV[15] ~= '' then
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*',
-    'o', ARGV[8], 'i', item, 'w', ARGV[9], 't', ARGV[10])
+    'o', ARGV[8], 'i', item, 'w', ARGV[9], 't', ARGV[10], 'u', ARGV[14], 'x', ARGV[15])
 end
 if ARGV[12] ~= '' then
   redis.call('XADD', KEYS[8], '*', 'b', ARGV[13], 'u', ARGV[12])
