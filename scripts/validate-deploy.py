@@ -78,7 +78,7 @@ METRICS = {
 HTTP_PORT = 8080
 GRPC_PORT = 50051
 
-COMPOSE_SERVICES = {"onrec", "redis", "prometheus", "grafana"}
+COMPOSE_SERVICES = {"onrec", "onrec-learner", "lb", "redis", "prometheus", "grafana"}
 
 
 # --- Reporting ------------------------------------------------------------------------
@@ -236,16 +236,38 @@ def check_compose(root: Path, r: Report) -> dict:
     compose = docs[0]
     services = compose.get("services") or {}
     missing = COMPOSE_SERVICES - set(services)
-    r.check(not missing, "compose defines onrec, redis, prometheus and grafana",
+    r.check(not missing, "compose defines onrec, onrec-learner, lb, redis, prometheus and grafana",
             f"missing: {sorted(missing)}")
     onrec = services.get("onrec") or {}
-    ports = compose_ports(onrec)
+    learner = services.get("onrec-learner") or {}
+    lb = services.get("lb") or {}
+    ports = compose_ports(lb)
     r.check({HTTP_PORT, GRPC_PORT} <= ports,
-            f"compose onrec publishes {HTTP_PORT} and {GRPC_PORT}", f"ports: {sorted(ports)}")
-    env = {e for e in compose_env_names(onrec) if e.startswith("ONREC_")}
-    unknown = env - KNOWN_ENV
-    r.check(not unknown, "compose onrec sets only known ONREC_* variables",
-            f"unknown: {sorted(unknown)}")
+            f"compose lb publishes {HTTP_PORT} and {GRPC_PORT}", f"ports: {sorted(ports)}")
+    command = [str(x) for x in onrec.get("command", []) or []]
+    r.check(command[:1] == ["serve"] and "--role" in command
+            and command[command.index("--role") + 1:][:1] == ["serve"],
+            "compose onrec runs serve replicas (serve --role serve)", f"command: {command}")
+    replicas = ((onrec.get("deploy") or {}).get("replicas"))
+    r.check(isinstance(replicas, int) and replicas >= 3, "compose runs at least 3 serve replicas",
+            f"deploy.replicas: {replicas}")
+    r.check([str(x) for x in learner.get("command", []) or []][:1] == ["learn"],
+            "compose onrec-learner runs onrec learn", f"command: {learner.get('command')}")
+    for name, svc in (("onrec", onrec), ("onrec-learner", learner)):
+        env = {e for e in compose_env_names(svc) if e.startswith("ONREC_")}
+        unknown = env - KNOWN_ENV
+        r.check(not unknown, f"compose {name} sets only known ONREC_* variables",
+                f"unknown: {sorted(unknown)}")
+        r.check("ONREC_REDIS_URL" in env, f"compose {name} sets ONREC_REDIS_URL")
+    conf_path = root / "deploy/nginx/nginx.conf"
+    if r.check(conf_path.is_file(), "deploy/nginx/nginx.conf exists"):
+        conf = conf_path.read_text()
+        r.check(f"server onrec:{HTTP_PORT}" in conf and f"server onrec:{GRPC_PORT}" in conf,
+                "nginx balances over the onrec replicas' HTTP and gRPC ports")
+        r.check(f"listen {HTTP_PORT};" in conf and f"listen {GRPC_PORT};" in conf
+                and "grpc_pass" in conf, "nginx listens on both ports and passes gRPC")
+        r.check("/etc/nginx/nginx.conf" in " ".join(str(v) for v in lb.get("volumes", []) or []),
+                "compose mounts the nginx configuration into lb")
     # Every bind-mounted file or folder must exist in the repository.
     missing_src = []
     for name, svc in services.items():
@@ -265,13 +287,16 @@ def check_prometheus(root: Path, r: Report) -> None:
     docs = yaml.safe_load(path.read_text()) or {}
     found = []
     for job in docs.get("scrape_configs", []) or []:
-        targets = [t for sc in job.get("static_configs", []) or []
-                   for t in sc.get("targets", []) or []]
-        if f"onrec:{HTTP_PORT}" in targets:
+        targets = {t for sc in job.get("static_configs", []) or []
+                   for t in sc.get("targets", []) or []}
+        for sd in job.get("dns_sd_configs", []) or []:
+            if sd.get("port") == HTTP_PORT:
+                targets |= {f"{n}:{HTTP_PORT}" for n in sd.get("names", []) or []}
+        if {f"onrec:{HTTP_PORT}", f"onrec-learner:{HTTP_PORT}"} <= targets:
             found.append(job)
     ok = any(j.get("metrics_path", "/metrics") == "/metrics" for j in found)
-    r.check(ok, f"prometheus scrapes onrec:{HTTP_PORT}/metrics",
-            "no scrape job with target onrec:8080 and metrics_path /metrics")
+    r.check(ok, f"prometheus scrapes the replicas and the learner on {HTTP_PORT}/metrics",
+            "no scrape job with targets onrec:8080 and onrec-learner:8080 and metrics_path /metrics")
 
 
 def check_grafana_provisioning(root: Path, compose: dict, r: Report) -> None:
@@ -478,6 +503,43 @@ def check_kubernetes(root: Path, r: Report) -> None:
         grpc = [p for p in spec.get("ports", []) if resolve_port(p.get("targetPort"), ports) == GRPC_PORT]
         r.check(bool(grpc) and grpc[0].get("appProtocol") == "grpc",
                 "Service grpc port has appProtocol grpc")
+
+    args = [str(a) for a in c.get("args", []) or []]
+    r.check("--role" in args and args[args.index("--role") + 1:][:1] == ["serve"],
+            "Deployment onrec runs serve replicas (--role serve)", f"args: {args}")
+    labels = ((dep["spec"]["template"].get("metadata") or {}).get("labels")) or {}
+
+    learner = objs.get(("Deployment", "onrec-learner"))
+    if r.check(learner is not None, "Deployment onrec-learner exists"):
+        spec = learner["spec"]
+        lpod = spec["template"]["spec"]
+        lc = (lpod.get("containers") or [{}])[0]
+        r.check(spec.get("replicas") == 1, "the learner runs one replica",
+                f"replicas: {spec.get('replicas')}")
+        r.check((spec.get("strategy") or {}).get("type") == "Recreate",
+                "the learner is replaced with Recreate")
+        r.check([str(a) for a in lc.get("args", []) or []][:1] == ["learn"],
+                "the learner runs onrec learn", f"args: {lc.get('args')}")
+        llabels = ((spec["template"].get("metadata") or {}).get("labels")) or {}
+        svc_sel = (((objs.get(("Service", "onrec")) or {}).get("spec") or {}).get("selector")) or {}
+        r.check(bool(svc_sel) and not all(llabels.get(k) == v for k, v in svc_sel.items()),
+                "the Service does not send traffic to the learner")
+
+    pdb = next((d for (k, _), d in objs.items() if k == "PodDisruptionBudget"), None)
+    if r.check(pdb is not None, "PodDisruptionBudget exists"):
+        sel = ((pdb["spec"].get("selector") or {}).get("matchLabels")) or {}
+        r.check(bool(sel) and all(labels.get(k) == v for k, v in sel.items()),
+                "the PodDisruptionBudget covers the serve replicas", f"selector: {sel}")
+
+    cm = objs.get(("ConfigMap", "onrec-config")) or {}
+    try:
+        redis_url = tomllib.loads((cm.get("data") or {}).get("onrec.toml", "")).get("redis_url")
+    except tomllib.TOMLDecodeError:
+        redis_url = None
+    r.check(bool(redis_url), "onrec.toml sets redis_url (serve and learn need it)")
+    if redis_url and "onrec-redis" in redis_url:
+        r.check(("StatefulSet", "onrec-redis") in objs and ("Service", "onrec-redis") in objs,
+                "redis.yaml provides the onrec-redis StatefulSet and Service redis_url names")
 
     hpa = next((d for (k, _), d in objs.items() if k == "HorizontalPodAutoscaler"), None)
     if r.check(hpa is not None, "HorizontalPodAutoscaler exists"):
