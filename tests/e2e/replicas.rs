@@ -325,3 +325,78 @@ async fn the_serve_and_learn_roles_need_redis() {
         assert!(err.contains("needs redis_url"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn serve_replicas_rank_with_the_encoder_the_learner_publishes() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let online = [
+        "--redis-url",
+        url.as_str(),
+        "--encoder-online",
+        "true",
+        "--demo-encoder",
+        "false",
+    ];
+    let serve: Vec<&str> = online.iter().copied().chain(["--role", "serve"]).collect();
+    let replicas = [
+        Server::start(&serve),
+        Server::start(&serve),
+        Server::start(&serve),
+    ];
+    let learner = Server::start_learner(&online);
+    learner.logged("took the learner lease").await;
+    let (_, before) = replicas[0]
+        .post("/v1/recommend", json!({"user_id": "w0", "n": 5}))
+        .await;
+    assert_eq!(before["ranker"], "popularity", "{before}");
+
+    // Users click through the replicas; only the learner trains on what they do.
+    for u in 0..30 {
+        let user = format!("w{u}");
+        let (status, served) = replicas[u % 3]
+            .post("/v1/recommend", json!({"user_id": user, "n": 5}))
+            .await;
+        assert_eq!(status, 200, "{served}");
+        let items = item_ids(&served);
+        let clicks: Vec<Value> = (0..4)
+            .map(|k| {
+                let mut ev = click(&format!("{user}-{k}"), &user, &items[k]);
+                ev["request_id"] = served["request_id"].clone();
+                ev
+            })
+            .collect();
+        events(&replicas[(u + 1) % 3], Value::Array(clicks)).await;
+    }
+
+    // Every replica ranks with the learner's encoder, at the same version, within seconds.
+    let version = |body: &Value| {
+        body["model_version"]
+            .as_str()
+            .and_then(|v| v.split("-c").next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    eventually(
+        "all replicas serve the learner's latest encoder",
+        async || {
+            let mut versions = Vec::new();
+            for s in replicas.iter().chain([&learner]) {
+                let (_, body) = s
+                    .post("/v1/recommend", json!({"user_id": "w0", "n": 5}))
+                    .await;
+                if body["ranker"] != "transformer" {
+                    return false;
+                }
+                versions.push(version(&body));
+            }
+            versions
+                .iter()
+                .all(|v| v.starts_with("sasrec-online-") && *v == versions[0])
+        },
+    )
+    .await;
+    for s in &replicas {
+        s.logged("published encoder loaded").await;
+    }
+}

@@ -673,17 +673,34 @@ impl Engine {
 
     /// Trains an encoder online from the interactions of accepted events, starting from
     /// nothing, and ranks with each snapshot it publishes. Items added to the catalog
-    /// later join it.
+    /// later join it. With a shared state, the process that holds the learner lease also
+    /// publishes each snapshot to Redis for the serve replicas (`settings.export`).
     pub fn start_online_encoder(
         &self,
-        settings: online::OnlineSettings,
+        mut settings: online::OnlineSettings,
     ) -> Result<Arc<online::OnlineEncoder>, onrec_learn::LearnError> {
         let weak = Arc::downgrade(&self.inner);
-        let publish: online::Publish = Box::new(move |encoder, items, version, newcomers| {
-            if let Some(inner) = weak.upgrade() {
-                Self::swap_encoder(&inner, encoder, items, version, newcomers);
-            }
-        });
+        let shared = self.shared().cloned();
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        settings.export = shared.is_some() && runtime.is_some();
+        let publish: online::Publish = Box::new(
+            move |encoder, items, version, newcomers, exported| {
+                if let Some(inner) = weak.upgrade() {
+                    Self::swap_encoder(&inner, encoder, items, version, newcomers);
+                }
+                if let (Some(exported), Some(shared), Some(runtime)) = (exported, &shared, &runtime)
+                    && shared.is_learning()
+                {
+                    let shared = Arc::clone(shared);
+                    runtime.spawn(async move {
+                        match shared.publish_encoder(&exported).await {
+                            Ok(()) => tracing::debug!(version = %exported.version, "encoder published to the serve replicas"),
+                            Err(e) => tracing::warn!(error = %e, "publishing the encoder failed; the next version will be"),
+                        }
+                    });
+                }
+            },
+        );
         let mut ranking = self.inner.ranking.write();
         let items = ranking
             .catalog
@@ -697,6 +714,79 @@ impl Engine {
         }
         *self.inner.online.write() = Some(Arc::clone(&trainer));
         Ok(trainer)
+    }
+
+    /// Ranks with the encoders the learner publishes to the shared state, loading each new
+    /// version on `device` (requests queue up to `queue`, batched as `batching` says).
+    /// Checks every second until the task is dropped; returns at once without a shared
+    /// state.
+    pub async fn follow_published_encoder(
+        &self,
+        device: &candle_core::Device,
+        queue: usize,
+        batching: onrec_model::serve::Batching,
+    ) {
+        let Some(shared) = self.shared().cloned() else {
+            return;
+        };
+        {
+            let mut ranking = self.inner.ranking.write();
+            if matches!(ranking.encoder, EncoderState::None | EncoderState::Loading) {
+                ranking.encoder = EncoderState::Learning;
+            }
+        }
+        let mut attached: Option<String> = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let latest = match shared.published_encoder_version().await {
+                Ok(latest) => latest,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the published encoder's version is unavailable");
+                    continue;
+                }
+            };
+            if latest.is_none() || latest == attached {
+                continue;
+            }
+            let exported = match shared.published_encoder().await {
+                Ok(Some(exported)) => exported,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the published encoder failed; retrying");
+                    continue;
+                }
+            };
+            let model = match onrec_model::checkpoint::from_bytes(
+                &exported.config,
+                &exported.weights,
+                device,
+            ) {
+                Ok(model) => model,
+                Err(e) => {
+                    tracing::error!(error = %e, version = %exported.version, "the published encoder does not load");
+                    attached = Some(exported.version);
+                    continue;
+                }
+            };
+            match onrec_model::serve::Encoder::start(model, device.clone(), queue, batching) {
+                Ok(encoder) => {
+                    Self::swap_encoder(
+                        &self.inner,
+                        encoder,
+                        &exported.items,
+                        exported.version.clone(),
+                        exported.newcomers,
+                    );
+                    tracing::info!(version = %exported.version, "published encoder loaded");
+                    attached = Some(exported.version);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start an encoder thread for new weights")
+                }
+            }
+        }
     }
 
     /// Appends every accepted event to the event log at `path` from now on.

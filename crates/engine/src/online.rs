@@ -38,6 +38,8 @@ pub struct OnlineSettings {
     /// Where it is checkpointed (every minute and at shutdown) and resumed from at start;
     /// `None` keeps it in memory only.
     pub dir: Option<PathBuf>,
+    /// Whether each publication also exports the weights for other processes.
+    pub export: bool,
 }
 
 impl Default for OnlineSettings {
@@ -54,14 +56,32 @@ impl Default for OnlineSettings {
                 window: Duration::ZERO,
             },
             dir: None,
+            export: false,
         }
     }
 }
 
+/// A published encoder, for other processes: its version, whether it ranks users with
+/// no history, its vocabulary (`items[0]` padding), its shape and its weights
+/// (safetensors bytes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exported {
+    /// The version it is published as.
+    pub version: String,
+    /// Whether it ranks users with no history.
+    pub newcomers: bool,
+    /// Item ids by index; `items[0]` is padding.
+    pub items: Vec<String>,
+    /// The encoder's shape.
+    pub config: onrec_model::sasrec::Config,
+    /// The weights, as safetensors bytes.
+    pub weights: Vec<u8>,
+}
+
 /// Where the thread hands a published encoder: the encoder, its vocabulary (`items[0]`
-/// padding), its version, and whether it has learned enough first choices to rank users
-/// with no history.
-pub(crate) type Publish = Box<dyn Fn(Encoder, &[String], String, bool) + Send>;
+/// padding), its version, whether it has learned enough first choices to rank users
+/// with no history, and, when the settings ask for it, the same for other processes.
+pub(crate) type Publish = Box<dyn Fn(Encoder, &[String], String, bool, Option<Exported>) + Send>;
 
 /// First choices (interactions of users with no history yet) the encoder learns from
 /// before it ranks users with no history: until then popularity, ties broken at random,
@@ -386,12 +406,28 @@ impl Worker {
         };
         // The version is the training steps the weights have had: it grows across restarts.
         let version = self.trainer.steps();
-        (self.publish)(
-            encoder,
-            &self.vocabulary,
+        let (name, newcomers) = (
             format!("sasrec-online-{version}"),
             self.trainer.first_choices() >= NEWCOMER_EXAMPLES,
         );
+        let exported = if self.settings.export {
+            match self.trainer.export() {
+                Ok((config, weights)) => Some(Exported {
+                    version: name.clone(),
+                    newcomers,
+                    items: self.vocabulary.clone(),
+                    config,
+                    weights,
+                }),
+                Err(e) => {
+                    tracing::error!(error = %e, "exporting the online encoder failed");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        (self.publish)(encoder, &self.vocabulary, name, newcomers, exported);
         let count = self.published.fetch_add(1, Ordering::AcqRel) + 1;
         metrics::gauge!("onrec_encoder_online_version").set(version as f64);
         metrics::gauge!("onrec_encoder_online_users").set(self.trainer.users() as f64);

@@ -19,6 +19,7 @@
 //! | `P:events` | stream | accepted events (`o` origin, `i` item, `w` popularity weight, `t` time ms, `u` user, `x` an interaction's context and slate as JSON) |
 //! | `P:stats` | stream | bandit statistics updates (`b` batch key, `u` updates JSON), read by the learner's consumer group `learners` and deleted once applied |
 //! | `P:learner` | string | the learner lease: the id of the process that applies `P:stats`; expires unless renewed |
+//! | `P:encoder` | hash | the online encoder the lease holder published last: `version`, `newcomers`, `config`, `items` (JSON), `weights` (safetensors) |
 //!
 //! Statistics reach the bandit store through `P:stats` only: an event's updates are
 //! appended by the same script that claims it, so an event answered `accepted` is in the
@@ -53,6 +54,7 @@ use serde::{Deserialize, Serialize};
 use onrec_policy::{BanditStore, BatchId, StatUpdate, StoreError};
 
 use crate::error::EngineError;
+use crate::online::Exported;
 use crate::types::{EventType, Item};
 
 /// The script that applies an event at most once.
@@ -292,6 +294,16 @@ type UserReply = (
     Option<String>,
 );
 
+/// A published encoder's fields (version, newcomers, config, items, weights), as one
+/// read returns them.
+type EncoderReply = (
+    Option<String>,
+    Option<u8>,
+    Option<String>,
+    Option<String>,
+    Option<Vec<u8>>,
+);
+
 /// The shared state in Redis.
 pub struct RedisShared {
     conn: ConnectionManager,
@@ -306,6 +318,8 @@ pub struct RedisShared {
     apply: Script,
     lease: Script,
     release: Script,
+    /// Whether this process holds the learner lease.
+    learning: std::sync::atomic::AtomicBool,
     writes: parking_lot::RwLock<Option<tokio::sync::mpsc::Sender<Served>>>,
     queued: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Served>>>,
 }
@@ -368,6 +382,7 @@ impl RedisShared {
             apply: Script::new(APPLY_SCRIPT),
             lease: Script::new(LEASE_SCRIPT),
             release: Script::new(RELEASE_SCRIPT),
+            learning: std::sync::atomic::AtomicBool::new(false),
             writes: parking_lot::RwLock::new(Some(tx)),
             queued: parking_lot::Mutex::new(Some(rx)),
         })
@@ -416,6 +431,16 @@ impl RedisShared {
     /// The learner lease.
     pub fn lease_key(&self) -> String {
         format!("{}:learner", self.config.key_prefix)
+    }
+
+    /// The last published online encoder.
+    pub fn encoder_key(&self) -> String {
+        format!("{}:encoder", self.config.key_prefix)
+    }
+
+    /// Whether this process holds the learner lease (and so publishes the encoder).
+    pub fn is_learning(&self) -> bool {
+        self.learning.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// This process's id in the streams and the lease.
@@ -946,6 +971,8 @@ impl RedisShared {
                         }
                         holding = true;
                         renewed = Instant::now();
+                        self.learning
+                            .store(true, std::sync::atomic::Ordering::Release);
                     }
                     Ok(false) => {
                         if holding {
@@ -955,12 +982,16 @@ impl RedisShared {
                         }
                         said_standby = true;
                         holding = false;
+                        self.learning
+                            .store(false, std::sync::atomic::Ordering::Release);
                         tokio::time::sleep(LEASE_TTL / 5).await;
                         continue;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "the learner lease cannot be checked; retrying");
                         holding = false;
+                        self.learning
+                            .store(false, std::sync::atomic::Ordering::Release);
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
@@ -1012,5 +1043,74 @@ impl RedisShared {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+    }
+
+    /// Publishes an online encoder for the serve replicas, replacing the last one.
+    pub async fn publish_encoder(&self, encoder: &Exported) -> Result<(), EngineError> {
+        let mut conn = self.conn.clone();
+        self.within(
+            "publishing the encoder",
+            self.config.write_timeout,
+            ::redis::cmd("HSET")
+                .arg(self.encoder_key())
+                .arg("version")
+                .arg(&encoder.version)
+                .arg("newcomers")
+                .arg(u8::from(encoder.newcomers))
+                .arg("config")
+                .arg(encode(&encoder.config)?)
+                .arg("items")
+                .arg(encode(&encoder.items)?)
+                .arg("weights")
+                .arg(&encoder.weights)
+                .query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    /// The version of the last published encoder, if any.
+    pub async fn published_encoder_version(&self) -> Result<Option<String>, EngineError> {
+        let mut conn = self.conn.clone();
+        self.within(
+            "reading the encoder's version",
+            self.config.write_timeout,
+            ::redis::cmd("HGET")
+                .arg(self.encoder_key())
+                .arg("version")
+                .query_async(&mut conn),
+        )
+        .await
+    }
+
+    /// The last published encoder, if any.
+    pub async fn published_encoder(&self) -> Result<Option<Exported>, EngineError> {
+        let mut conn = self.conn.clone();
+        let (version, newcomers, config, items, weights): EncoderReply = self
+            .within(
+                "reading the encoder",
+                self.config.write_timeout,
+                ::redis::cmd("HMGET")
+                    .arg(self.encoder_key())
+                    .arg("version")
+                    .arg("newcomers")
+                    .arg("config")
+                    .arg("items")
+                    .arg("weights")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let (Some(version), Some(newcomers), Some(config), Some(items), Some(weights)) =
+            (version, newcomers, config, items, weights)
+        else {
+            return Ok(None);
+        };
+        let bad = |e: serde_json::Error| unavailable("reading the encoder", e);
+        Ok(Some(Exported {
+            version,
+            newcomers: newcomers == 1,
+            config: serde_json::from_str(&config).map_err(bad)?,
+            items: serde_json::from_str(&items).map_err(bad)?,
+            weights,
+        }))
     }
 }

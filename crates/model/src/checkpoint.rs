@@ -70,6 +70,15 @@ pub fn read_config(dir: &Path) -> Result<Config, ModelError> {
     read_json(&dir.join(CONFIG))
 }
 
+/// An encoder of shape `config` from safetensors bytes (what
+/// [`crate::online::OnlineTrainer::export`] writes), on `device`.
+pub fn from_bytes(config: &Config, weights: &[u8], device: &Device) -> Result<SasRec, ModelError> {
+    let vb = VarBuilder::from_slice_safetensors(weights, DType::F32, device)
+        .map_err(|e| ModelError::Checkpoint(format!("reading the weights: {e}")))?;
+    SasRec::load(vb, config)
+        .map_err(|e| ModelError::Checkpoint(format!("loading the weights: {e}")))
+}
+
 /// Loads a checkpoint directory onto `device`, checking that its parts agree.
 pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint, ModelError> {
     let config = read_config(dir)?;

@@ -718,6 +718,25 @@ impl OnlineTrainer {
     /// A copy of the encoder for serving: the same scores, categories folded into the
     /// item table, independent of further training.
     pub fn snapshot(&self) -> Result<SasRec, ModelError> {
+        let tensors = self.serving_tensors()?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &self.device);
+        Ok(SasRec::load(
+            vb,
+            &Self::model_config(&self.cfg, self.num_items()),
+        )?)
+    }
+
+    /// [`OnlineTrainer::snapshot`] for another process: its shape and its weights as
+    /// safetensors bytes, which [`crate::checkpoint::from_bytes`] loads.
+    pub fn export(&self) -> Result<(Config, Vec<u8>), ModelError> {
+        let tensors = self.serving_tensors()?;
+        let bytes = safetensors::serialize(tensors.iter(), None)
+            .map_err(|e| ModelError::Checkpoint(format!("serializing the weights: {e}")))?;
+        Ok((Self::model_config(&self.cfg, self.num_items()), bytes))
+    }
+
+    /// The serving encoder's tensors, by name.
+    fn serving_tensors(&self) -> Result<HashMap<String, Tensor>, ModelError> {
         let mut tensors = HashMap::new();
         {
             let vars = self
@@ -735,11 +754,7 @@ impl OnlineTrainer {
             ITEM_TABLE.to_owned(),
             self.model.folded_item_table()?.copy()?,
         );
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &self.device);
-        Ok(SasRec::load(
-            vb,
-            &Self::model_config(&self.cfg, self.num_items()),
-        )?)
+        Ok(tensors)
     }
 }
 

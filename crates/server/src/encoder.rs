@@ -15,6 +15,7 @@ use onrec_model::serve::{Batching, Encoder};
 use onrec_model::{checkpoint, data, device, synth};
 
 use crate::Config;
+use crate::config::Role;
 
 fn batching(config: &Config) -> Batching {
     Batching {
@@ -70,6 +71,11 @@ pub fn start_online(
     if config.model.is_some() || !config.encoder_online {
         return Ok(());
     }
+    if config.role == Role::Serve {
+        // Serve replicas rank with what the learner publishes (see `follow_published`).
+        engine.expect_encoder();
+        return Ok(());
+    }
     let dir = config.data_dir.as_ref().map(|d| d.join("encoder"));
     let resumes = dir.as_ref().is_some_and(|d| d.join(ONLINE_STATE).exists());
     let settings = OnlineSettings {
@@ -119,4 +125,16 @@ fn seed_demo(engine: &Engine, items: &[(String, String)]) {
         interactions = handed,
         "demo sessions handed to the online encoder"
     );
+}
+
+/// On a serve replica with an online encoder: ranks with each encoder the learner
+/// publishes to Redis, until the task is dropped.
+pub async fn follow_published(engine: Engine, config: std::sync::Arc<Config>) {
+    if config.role != Role::Serve || config.model.is_some() || !config.encoder_online {
+        return;
+    }
+    let device = device::select(config.device);
+    engine
+        .follow_published_encoder(&device, config.encoder_queue, batching(&config))
+        .await;
 }

@@ -413,6 +413,10 @@ pub async fn run(
             let follower = tokio::spawn(async move { engine.follow_peers().await });
             let writer = Arc::clone(&shared);
             let writer = tokio::spawn(async move { writer.run_writer().await });
+            let weights = tokio::spawn(encoder::follow_published(
+                app.engine.clone(),
+                app.config.clone(),
+            ));
             // The statistics stream is applied by one process at a time, under the lease.
             let learner = match (app.config.role, redis_store(&app.config)?) {
                 (Role::All | Role::Learn, Some(store)) => {
@@ -422,7 +426,7 @@ pub async fn run(
                 }
                 _ => None,
             };
-            Some((shared, follower, writer, learner))
+            Some((shared, follower, writer, learner, weights))
         }
         None => None,
     };
@@ -469,8 +473,9 @@ pub async fn run(
     {
         tracing::warn!("bandit statistics still queued after 5 s; exiting without them");
     }
-    if let Some((shared, follower, writer, learner)) = shared {
+    if let Some((shared, follower, writer, learner, weights)) = shared {
         follower.abort();
+        weights.abort();
         shared.close_writer();
         if tokio::time::timeout(std::time::Duration::from_secs(5), writer)
             .await
