@@ -260,6 +260,9 @@ pub struct RedisServer {
     appendonly: bool,
     /// Where the append-only file goes; removed on drop.
     dir: Option<std::path::PathBuf>,
+    /// With TLS only: the directory of its certificates (`ca.pem`, `server.pem`,
+    /// `server.key`); removed on drop.
+    tls: Option<std::path::PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -287,9 +290,90 @@ impl RedisServer {
             port: free_port(),
             appendonly: false,
             dir: None,
+            tls: None,
         };
         r.restart();
         r
+    }
+
+    /// Starts one that speaks TLS only, with a certificate for 127.0.0.1 from a
+    /// certificate authority of its own (`ca_file`), made with the `openssl` command.
+    pub fn start_tls() -> RedisServer {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("onrec-redis-tls-{port}"));
+        std::fs::create_dir_all(&dir).expect("a directory for the certificates");
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl must be installed (.ci/run installs it)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=onrec test CA",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        let mut r = RedisServer {
+            child: None,
+            port,
+            appendonly: false,
+            dir: None,
+            tls: Some(dir),
+        };
+        r.restart();
+        r
+    }
+
+    /// The certificate authority a TLS server's certificate comes from.
+    pub fn ca_file(&self) -> String {
+        let dir = self.tls.as_ref().expect("a TLS server");
+        dir.join("ca.pem").display().to_string()
     }
 
     /// Starts one on a free port that logs every write to an append-only file.
@@ -302,21 +386,47 @@ impl RedisServer {
             port,
             appendonly: true,
             dir: Some(dir),
+            tls: None,
         };
         r.restart();
         r
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// Starts it again on the same port (empty: it keeps nothing on disk).
     pub fn restart(&mut self) {
+        let port = self.port.to_string();
+        let tls: Vec<String> = match &self.tls {
+            Some(dir) => {
+                let file = |name: &str| dir.join(name).display().to_string();
+                vec![
+                    "--port".into(),
+                    "0".into(),
+                    "--tls-port".into(),
+                    port.clone(),
+                    "--tls-cert-file".into(),
+                    file("server.pem"),
+                    "--tls-key-file".into(),
+                    file("server.key"),
+                    "--tls-ca-cert-file".into(),
+                    file("ca.pem"),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ]
+            }
+            None => vec!["--port".into(), port],
+        };
         let child = Command::new("redis-server")
+            .args(&tls)
             .args([
-                "--port",
-                &self.port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -335,7 +445,12 @@ impl RedisServer {
             .expect("redis-server must be installed (.ci/run installs it)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !redis_answers(self.port) {
+        let listening = |port: u16| match self.tls {
+            // A TLS server answers no plain PING: that it listens is enough.
+            Some(_) => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            None => redis_answers(port),
+        };
+        while !listening(self.port) {
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not answer on port {}",
@@ -357,7 +472,7 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
-        if let Some(dir) = &self.dir {
+        for dir in self.dir.iter().chain(&self.tls) {
             let _ = std::fs::remove_dir_all(dir);
         }
     }

@@ -400,3 +400,40 @@ async fn serve_replicas_rank_with_the_encoder_the_learner_publishes() {
         s.logged("published encoder loaded").await;
     }
 }
+
+#[tokio::test]
+async fn redis_over_tls_with_a_private_ca() {
+    let redis = RedisServer::start_tls();
+    let url = redis.url();
+    assert!(url.starts_with("rediss://"), "{url}");
+    let s = Server::start(&["--redis-url", &url, "--redis-ca-file", &redis.ca_file()]);
+    let (status, served) = s
+        .post(
+            "/v1/recommend",
+            json!({"user_id": "t1", "n": 4, "segment": "tls"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{served}");
+    let mut ev = click("tls-1", "t1", &item_ids(&served)[0]);
+    ev["request_id"] = served["request_id"].clone();
+    let summary = events(&s, json!([ev])).await;
+    assert_eq!(summary["accepted"], 1, "{summary}");
+    eventually("the statistics reach Redis over TLS", async || {
+        let seg = segment(&s, "tls").await;
+        seg["impressions"] == 4.0 && seg["reward"] == 1.0
+    })
+    .await;
+
+    // Without the CA the server's certificate is not trusted: nothing reaches Redis.
+    let untrusting = Server::start(&["--redis-url", &url]);
+    let r = untrusting
+        .client
+        .post(untrusting.url("/v1/events"))
+        .json(&json!([click("tls-2", "t1", &item_ids(&served)[1])]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let (status, _) = untrusting.get_text("/readyz").await;
+    assert_eq!(status, 503);
+}

@@ -84,8 +84,10 @@ const RELEASE_SCRIPT: &str =
 /// Settings of the shared state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SharedConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
     pub url: String,
+    /// PEM certificates to verify a TLS server against instead of the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
     /// Prefix of every key.
     pub key_prefix: String,
     /// Longest wait for a read on the request path; past it the request is served from
@@ -107,6 +109,7 @@ impl Default for SharedConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            ca_pem: None,
             key_prefix: "onrec:state".into(),
             timeout: Duration::from_millis(20),
             write_timeout: Duration::from_secs(2),
@@ -364,7 +367,8 @@ impl RedisShared {
         if config.key_prefix.is_empty() {
             return Err(unavailable("configuration", "key_prefix must not be empty"));
         }
-        let client = Client::open(config.url.as_str()).map_err(|e| unavailable("redis url", e))?;
+        let client = onrec_policy::redis_client(&config.url, config.ca_pem.as_deref())
+            .map_err(|e| unavailable("redis url", e))?;
         let conn = manager(client.clone(), config.write_timeout.max(config.timeout))
             .map_err(|e| unavailable("connecting", e))?;
         let follow_conn = manager(client.clone(), FOLLOW_BLOCK + config.write_timeout)

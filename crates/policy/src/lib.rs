@@ -43,6 +43,6 @@ pub use crate::stats::{
     StatsConfig, SystemClock, stable_digest,
 };
 pub use crate::store::memory::MemoryStore;
-pub use crate::store::redis::{RedisConfig, RedisStore};
+pub use crate::store::redis::{RedisConfig, RedisStore, client as redis_client};
 pub use crate::store::resilient::{ResilientConfig, ResilientStore};
 pub use crate::store::{BanditStore, StoreFuture};

@@ -299,6 +299,12 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
 
+    /// PEM file of the certificate authorities a rediss:// (TLS) server is verified
+    /// against, instead of the system's roots (for a private CA)
+    #[arg(long, env = "ONREC_REDIS_CA_FILE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_ca_file: Option<PathBuf>,
+
     /// Latency budget of one bandit statistics read; past it the request is served
     /// without exploration
     #[arg(long, env = "ONREC_REDIS_TIMEOUT", default_value = "20ms", value_parser = parse_duration)]
@@ -515,6 +521,17 @@ impl Config {
         config.validated()
     }
 
+    /// The certificate authorities of `redis_ca_file`, read; `None` without one.
+    pub fn redis_ca(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        self.redis_ca_file
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path)
+                    .with_context(|| format!("reading redis_ca_file {}", path.display()))
+            })
+            .transpose()
+    }
+
     /// The same settings in `role`, checked again (`onrec learn` is `serve --role learn`).
     pub fn in_role(mut self, role: Role) -> anyhow::Result<Self> {
         self.role = role;
@@ -560,6 +577,9 @@ impl Config {
             if !(value.is_finite() && value >= 0.0) {
                 bail!("{name} must be a finite, non-negative number");
             }
+        }
+        if self.redis_ca_file.is_some() && self.redis_url.is_none() {
+            bail!("redis_ca_file needs redis_url");
         }
         if self.role != Role::All && self.redis_url.is_none() {
             bail!(

@@ -53,7 +53,8 @@ pub fn spawn(
                 .clone()
                 .ok_or_else(|| anyhow::anyhow!("decision_log = redis needs redis_url"))?;
             let stream = RedisStream {
-                client: redis::Client::open(url).context("the decision log's redis_url")?,
+                client: onrec_policy::redis_client(&url, config.redis_ca()?.as_deref())
+                    .context("the decision log's redis_url")?,
                 key: config.decision_log_stream.clone(),
                 maxlen: config.decision_log_stream_maxlen,
             };

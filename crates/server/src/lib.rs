@@ -228,6 +228,7 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         let shared = RedisShared::new(
             SharedConfig {
                 url: url.clone(),
+                ca_pem: config.redis_ca()?,
                 timeout: config.redis_timeout,
                 write_timeout: config.redis_write_timeout,
                 attribution_window: config.attribution_window,
@@ -292,6 +293,7 @@ fn redis_store(config: &Config) -> anyhow::Result<Option<RedisStore>> {
     };
     RedisStore::new(RedisConfig {
         url: url.clone(),
+        ca_pem: config.redis_ca()?,
         stats,
         ..RedisConfig::default()
     })

@@ -45,11 +45,30 @@ use crate::stats::{
 /// The script behind [`BanditStore::record`].
 const RECORD_SCRIPT: &str = include_str!("record.lua");
 
+/// A Redis client for `url`: `redis://` plain, `rediss://` over TLS, verifying the
+/// server against the system's roots or, when given, against `ca_pem` (PEM certificates).
+pub fn client(url: &str, ca_pem: Option<&[u8]>) -> Result<Client, RedisError> {
+    // rustls needs a crypto provider; the first call installs ring (later ones find it).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match ca_pem {
+        Some(ca) => Client::build_with_tls(
+            url,
+            ::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.to_vec()),
+            },
+        ),
+        None => Client::open(url),
+    }
+}
+
 /// Settings of the Redis store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
     pub url: String,
+    /// PEM certificates to verify a TLS server against instead of the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
     /// Prefix of every key.
     pub key_prefix: String,
     /// Lifetime of a segment's keys after its last write; `None` keeps them forever.
@@ -66,6 +85,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            ca_pem: None,
             key_prefix: "onrec:bandit".into(),
             ttl: Some(Duration::from_secs(30 * 24 * 3600)),
             stats: StatsConfig::default(),
@@ -125,7 +145,7 @@ impl RedisStore {
                 "the Redis store must be created inside a Tokio runtime".into(),
             ));
         }
-        let client = Client::open(config.url.as_str())
+        let client = client(&config.url, config.ca_pem.as_deref())
             .map_err(|e| StoreError::Config(format!("redis url: {e}")))?;
         // Few, short reconnect retries: callers wait on a reconnect in progress, and the
         // next failed call starts a new one anyway.
