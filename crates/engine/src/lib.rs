@@ -674,33 +674,39 @@ impl Engine {
     /// Trains an encoder online from the interactions of accepted events, starting from
     /// nothing, and ranks with each snapshot it publishes. Items added to the catalog
     /// later join it. With a shared state, the process that holds the learner lease also
-    /// publishes each snapshot to Redis for the serve replicas (`settings.export`).
+    /// publishes the snapshots' weights to Redis for the serve replicas.
     pub fn start_online_encoder(
         &self,
-        mut settings: online::OnlineSettings,
+        settings: online::OnlineSettings,
     ) -> Result<Arc<online::OnlineEncoder>, onrec_learn::LearnError> {
         let weak = Arc::downgrade(&self.inner);
-        let shared = self.shared().cloned();
-        let runtime = tokio::runtime::Handle::try_current().ok();
-        settings.export = shared.is_some() && runtime.is_some();
-        let publish: online::Publish = Box::new(
-            move |encoder, items, version, newcomers, exported| {
-                if let Some(inner) = weak.upgrade() {
-                    Self::swap_encoder(&inner, encoder, items, version, newcomers);
-                }
-                if let (Some(exported), Some(shared), Some(runtime)) = (exported, &shared, &runtime)
-                    && shared.is_learning()
-                {
-                    let shared = Arc::clone(shared);
+        let publish: online::Publish = Box::new(move |encoder, items, version, newcomers| {
+            if let Some(inner) = weak.upgrade() {
+                Self::swap_encoder(&inner, encoder, items, version, newcomers);
+            }
+        });
+        // With a shared state, the learner lease holder's weights go to the serve replicas.
+        let export = match (
+            self.shared().cloned(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            (Some(shared), Ok(runtime)) => {
+                let export: online::Export = Box::new(move |exported| {
+                    if !shared.is_learning() {
+                        return;
+                    }
+                    let shared = Arc::clone(&shared);
                     runtime.spawn(async move {
                         match shared.publish_encoder(&exported).await {
                             Ok(()) => tracing::debug!(version = %exported.version, "encoder published to the serve replicas"),
                             Err(e) => tracing::warn!(error = %e, "publishing the encoder failed; the next version will be"),
                         }
                     });
-                }
-            },
-        );
+                });
+                Some(export)
+            }
+            _ => None,
+        };
         let mut ranking = self.inner.ranking.write();
         let items = ranking
             .catalog
@@ -708,7 +714,9 @@ impl Engine {
             .iter()
             .map(|i| (i.item_id.clone(), i.category.clone()))
             .collect();
-        let trainer = Arc::new(online::OnlineEncoder::start(settings, items, publish)?);
+        let trainer = Arc::new(online::OnlineEncoder::start(
+            settings, items, publish, export,
+        )?);
         if !matches!(ranking.encoder, EncoderState::Ready(_)) {
             ranking.encoder = EncoderState::Learning;
         }

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -38,8 +38,6 @@ pub struct OnlineSettings {
     /// Where it is checkpointed (every minute and at shutdown) and resumed from at start;
     /// `None` keeps it in memory only.
     pub dir: Option<PathBuf>,
-    /// Whether each publication also exports the weights for other processes.
-    pub export: bool,
 }
 
 impl Default for OnlineSettings {
@@ -56,7 +54,6 @@ impl Default for OnlineSettings {
                 window: Duration::ZERO,
             },
             dir: None,
-            export: false,
         }
     }
 }
@@ -79,9 +76,17 @@ pub struct Exported {
 }
 
 /// Where the thread hands a published encoder: the encoder, its vocabulary (`items[0]`
-/// padding), its version, whether it has learned enough first choices to rank users
-/// with no history, and, when the settings ask for it, the same for other processes.
-pub(crate) type Publish = Box<dyn Fn(Encoder, &[String], String, bool, Option<Exported>) + Send>;
+/// padding), its version, and whether it has learned enough first choices to rank users
+/// with no history.
+pub(crate) type Publish = Box<dyn Fn(Encoder, &[String], String, bool) + Send>;
+
+/// Where the thread hands a published encoder's weights for other processes.
+pub(crate) type Export = Box<dyn Fn(Exported) + Send>;
+
+/// Least time between two exports of the published encoder: other processes need the
+/// latest weights, not every publication's. The last publication before training pauses
+/// is exported once this much time has passed.
+const EXPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// First choices (interactions of users with no history yet) the encoder learns from
 /// before it ranks users with no history: until then popularity, ties broken at random,
@@ -114,11 +119,13 @@ pub struct OnlineEncoder {
 
 impl OnlineEncoder {
     /// Starts training a fresh encoder over `items` (id, category) in catalog order;
-    /// snapshots go to `publish`.
+    /// snapshots go to `publish`, and their weights to `export` when there is one (at
+    /// most every [`EXPORT_EVERY`], and the last one before training pauses).
     pub(crate) fn start(
         settings: OnlineSettings,
         items: Vec<(String, String)>,
         publish: Publish,
+        export: Option<Export>,
     ) -> Result<Self, LearnError> {
         let categories: Vec<String> = items.iter().map(|(_, c)| c.clone()).collect();
         let mut vocabulary = vec![String::new()];
@@ -136,7 +143,7 @@ impl OnlineEncoder {
                         settings,
                         vocabulary,
                         &categories,
-                        publish,
+                        (publish, export),
                         published,
                         steps,
                     )?;
@@ -238,6 +245,12 @@ struct Worker {
     settings: OnlineSettings,
     device: candle_core::Device,
     publish: Publish,
+    export: Option<Export>,
+    /// When the weights were last exported, and whether a publication since is not.
+    exported_at: Option<Instant>,
+    unexported: bool,
+    /// The last publication's version and whether it ranks users with no history.
+    last: (String, bool),
     published: Arc<AtomicU64>,
     steps: Arc<AtomicU64>,
     since_publish: u64,
@@ -254,7 +267,7 @@ impl Worker {
         settings: OnlineSettings,
         vocabulary: Vec<String>,
         categories: &[String],
-        publish: Publish,
+        (publish, export): (Publish, Option<Export>),
         published: Arc<AtomicU64>,
         steps: Arc<AtomicU64>,
     ) -> Result<Self, LearnError> {
@@ -293,11 +306,42 @@ impl Worker {
             settings,
             device,
             publish,
+            export,
+            exported_at: None,
+            unexported: false,
+            last: (String::new(), false),
             published,
             steps,
             since_publish,
             saved_at,
         })
+    }
+
+    /// Hands the last publication's weights to `export` if they were not yet, and `now`
+    /// or [`EXPORT_EVERY`] after the last export.
+    fn export(&mut self, now: bool) {
+        let Some(export) = &self.export else {
+            return;
+        };
+        let due = now
+            || self
+                .exported_at
+                .is_none_or(|at| at.elapsed() >= EXPORT_EVERY);
+        if !self.unexported || !due {
+            return;
+        }
+        self.unexported = false;
+        self.exported_at = Some(Instant::now());
+        match self.trainer.export() {
+            Ok((config, weights)) => export(Exported {
+                version: self.last.0.clone(),
+                newcomers: self.last.1,
+                items: self.vocabulary.clone(),
+                config,
+                weights,
+            }),
+            Err(e) => tracing::error!(error = %e, "exporting the online encoder failed"),
+        }
     }
 
     /// Checkpoints to the configured directory when it trained since the last time.
@@ -323,9 +367,21 @@ impl Worker {
                 for w in waiters.drain(..) {
                     let _ = w.send(self.published.load(Ordering::Acquire));
                 }
-                match rx.recv() {
+                let next = if self.unexported {
+                    rx.recv_timeout(EXPORT_EVERY)
+                } else {
+                    rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                };
+                match next {
                     Ok(msg) => self.take(msg, &mut waiters),
-                    Err(_) => return,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.export(true);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.export(true);
+                        return;
+                    }
                 }
             }
             for _ in 0..DRAIN {
@@ -334,6 +390,7 @@ impl Worker {
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         self.publish_if_trained();
+                        self.export(true);
                         return;
                     }
                 }
@@ -410,24 +467,10 @@ impl Worker {
             format!("sasrec-online-{version}"),
             self.trainer.first_choices() >= NEWCOMER_EXAMPLES,
         );
-        let exported = if self.settings.export {
-            match self.trainer.export() {
-                Ok((config, weights)) => Some(Exported {
-                    version: name.clone(),
-                    newcomers,
-                    items: self.vocabulary.clone(),
-                    config,
-                    weights,
-                }),
-                Err(e) => {
-                    tracing::error!(error = %e, "exporting the online encoder failed");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        (self.publish)(encoder, &self.vocabulary, name, newcomers, exported);
+        (self.publish)(encoder, &self.vocabulary, name.clone(), newcomers);
+        self.last = (name, newcomers);
+        self.unexported = self.export.is_some();
+        self.export(false);
         let count = self.published.fetch_add(1, Ordering::AcqRel) + 1;
         metrics::gauge!("onrec_encoder_online_version").set(version as f64);
         metrics::gauge!("onrec_encoder_online_users").set(self.trainer.users() as f64);
