@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::Server;
+use crate::common::{Server, eventually};
 
 fn onrec(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_onrec"))
@@ -101,7 +101,14 @@ async fn train_eval_and_serve_a_checkpoint() {
         "{out}"
     );
 
-    let s = Server::start(&["--model", ckpt.to_str().unwrap(), "--demo-items", "150"]);
+    let s = Server::start(&[
+        "--model",
+        ckpt.to_str().unwrap(),
+        "--demo-items",
+        "150",
+        "--encoder-online",
+        "true",
+    ]);
     let (status, body) = s
         .post("/v1/recommend", json!({"user_id": "new", "n": 5}))
         .await;
@@ -128,21 +135,45 @@ async fn train_eval_and_serve_a_checkpoint() {
         .map(|i| i["item_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids.len(), 5);
-    // Items the checkpoint never saw (120..150) are served by popularity only.
+    // The checkpoint is where the online encoder starts: it publishes it at once, with
+    // the items the checkpoint never saw (120..150) placed by their category, so they
+    // rank too.
+    let version = |body: &Value| body["model_version"].as_str().unwrap_or("").to_owned();
+    let mut online = String::new();
+    eventually(
+        "the online encoder serves the checkpoint, new items included",
+        async || {
+            let (_, body) = s
+                .post(
+                    "/v1/recommend",
+                    json!({"user_id": "u", "n": 5, "recent_items": ["sku-00140"]}),
+                )
+                .await;
+            online = version(&body);
+            body["ranker"] == "transformer" && online.starts_with("sasrec-online-")
+        },
+    )
+    .await;
+    // History recorded from events feeds the encoder, and it goes on learning from them.
+    let events: Vec<Value> = (0..40)
+        .map(|i| json!({"event_id": format!("m{i}"), "user_id": format!("shopper-{}", i % 8), "item_id": format!("sku-{:05}", 3 * i + 1), "type": "click"}))
+        .collect();
+    let (_, summary) = s.post("/v1/events", json!(events)).await;
+    assert_eq!(summary["accepted"], 40, "{summary}");
     let (_, body) = s
-        .post(
-            "/v1/recommend",
-            json!({"user_id": "u", "n": 5, "recent_items": ["sku-00140"]}),
-        )
-        .await;
-    assert_eq!(body["ranker"], "popularity", "{body}");
-    // History recorded from events feeds the encoder too.
-    let (_, summary) = s.post("/v1/events", json!([{"event_id": "m1", "user_id": "shopper", "item_id": "sku-00010", "type": "click"}])).await;
-    assert_eq!(summary["accepted"], 1);
-    let (_, body) = s
-        .post("/v1/recommend", json!({"user_id": "shopper", "n": 3}))
+        .post("/v1/recommend", json!({"user_id": "shopper-1", "n": 3}))
         .await;
     assert_eq!(body["ranker"], "transformer", "{body}");
+    eventually(
+        "the encoder trains on the events and publishes",
+        async || {
+            let (_, body) = s
+                .post("/v1/recommend", json!({"user_id": "shopper-1", "n": 3}))
+                .await;
+            body["ranker"] == "transformer" && version(&body) != online
+        },
+    )
+    .await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -38,6 +38,9 @@ pub struct OnlineSettings {
     /// Where it is checkpointed (every minute and at shutdown) and resumed from at start;
     /// `None` keeps it in memory only.
     pub dir: Option<PathBuf>,
+    /// A checkpoint written by `onrec train` to start from (in its shape) when nothing
+    /// is saved in `dir`; `None` starts from nothing.
+    pub start_from: Option<PathBuf>,
 }
 
 impl Default for OnlineSettings {
@@ -54,6 +57,7 @@ impl Default for OnlineSettings {
                 window: Duration::ZERO,
             },
             dir: None,
+            start_from: None,
         }
     }
 }
@@ -292,9 +296,24 @@ impl Worker {
                 "online encoder resumed"
             );
         }
-        // A resumed encoder is published at once.
-        let since_publish = u64::from(resumed.is_some());
-        let trainer = match resumed {
+        let started = match (&resumed, &settings.start_from) {
+            (None, Some(dir)) => {
+                let t = OnlineTrainer::from_checkpoint(
+                    settings.config.clone(),
+                    dir,
+                    &vocabulary,
+                    categories,
+                    device.clone(),
+                )
+                .map_err(train_err)?;
+                tracing::info!(checkpoint = %dir.display(), "online encoder starts from the checkpoint");
+                Some(t)
+            }
+            _ => None,
+        };
+        // A resumed encoder, or one from a checkpoint, is published at once.
+        let since_publish = u64::from(resumed.is_some() || started.is_some());
+        let trainer = match resumed.or(started) {
             Some(t) => t,
             None => OnlineTrainer::new(settings.config.clone(), categories, device.clone())
                 .map_err(train_err)?,

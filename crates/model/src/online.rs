@@ -715,6 +715,122 @@ impl OnlineTrainer {
         Ok(Some(trainer))
     }
 
+    /// An encoder that starts from the checkpoint `onrec train` wrote in `dir` and goes on
+    /// learning online, over today's items (`categories` in item order; `vocabulary[0]` is
+    /// padding). Its shape is the checkpoint's (`cfg` gives the pace of training). It
+    /// scores exactly as the checkpoint does: each category's embedding is the mean of its
+    /// items' rows in the checkpoint, and each item keeps the rest as its own, so a catalog
+    /// item the checkpoint does not know starts at its category's mean.
+    pub fn from_checkpoint(
+        cfg: OnlineConfig,
+        dir: &Path,
+        vocabulary: &[String],
+        categories: &[String],
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        let shape = crate::checkpoint::read_config(dir)?;
+        let cfg = OnlineConfig {
+            max_len: shape.max_len,
+            hidden: shape.hidden,
+            heads: shape.heads,
+            layers: shape.layers,
+            ff: shape.ff,
+            ..cfg
+        };
+        let ids: Vec<String> = read_json(&dir.join(crate::checkpoint::ITEMS))?;
+        let weights = dir.join(crate::checkpoint::WEIGHTS);
+        let saved =
+            candle_core::safetensors::load(&weights, &device).map_err(|e| io(&weights, e))?;
+        let mut trainer = Self::new(cfg, categories, device.clone())?;
+        let row_of: HashMap<&str, usize> = ids
+            .iter()
+            .enumerate()
+            .map(|(r, id)| (id.as_str(), r + 1))
+            .collect();
+        {
+            let vars = trainer
+                .varmap
+                .data()
+                .lock()
+                .map_err(|e| ModelError::Train(e.to_string()))?;
+            for (name, var) in vars.iter() {
+                if name == CATEGORY_TABLE || name == ITEM_TABLE {
+                    continue;
+                }
+                let before = saved
+                    .get(name)
+                    .ok_or_else(|| io(&weights, format!("has no {name}")))?;
+                if before.dims() != var.dims() {
+                    return Err(io(
+                        &weights,
+                        format!(
+                            "{name} is {:?} there but {:?} in its own config.json",
+                            before.dims(),
+                            var.dims()
+                        ),
+                    ));
+                }
+                var.set(before)?;
+            }
+            let table = saved
+                .get(ITEM_TABLE)
+                .ok_or_else(|| io(&weights, format!("has no {ITEM_TABLE}")))?
+                .to_vec2::<f32>()?;
+            let width = trainer.cfg.hidden;
+            if table.len() != ids.len() + 1 || table.iter().any(|r| r.len() != width) {
+                return Err(io(
+                    &weights,
+                    format!(
+                        "{ITEM_TABLE} is not {} rows of width {width}, as config.json and items.json say",
+                        ids.len() + 1
+                    ),
+                ));
+            }
+            let (Some(items), Some(cats)) = (vars.get(ITEM_TABLE), vars.get(CATEGORY_TABLE)) else {
+                return Err(ModelError::Train("the item tower has no tables".into()));
+            };
+            let known: Vec<Option<&Vec<f32>>> = vocabulary
+                .iter()
+                .map(|id| row_of.get(id.as_str()).and_then(|&r| table.get(r)))
+                .collect();
+            let (mut item_rows, mut cat_rows) = (
+                items.as_tensor().to_vec2::<f32>()?,
+                cats.as_tensor().to_vec2::<f32>()?,
+            );
+            let mut sums = vec![(vec![0f32; width], 0usize); cat_rows.len()];
+            for (i, row) in known.iter().enumerate().skip(1) {
+                if let Some(row) = row {
+                    let (sum, n) = &mut sums[trainer.item_category[i] as usize];
+                    sum.iter_mut().zip(row.iter()).for_each(|(s, v)| *s += v);
+                    *n += 1;
+                }
+            }
+            for ((sum, n), dst) in sums.iter().zip(cat_rows.iter_mut()) {
+                if *n > 0 {
+                    dst.iter_mut()
+                        .zip(sum)
+                        .for_each(|(d, s)| *d = s / *n as f32);
+                }
+            }
+            for (i, row) in known.iter().enumerate().skip(1) {
+                if let Some(row) = row {
+                    let mean = &cat_rows[trainer.item_category[i] as usize];
+                    item_rows[i]
+                        .iter_mut()
+                        .zip(row.iter().zip(mean))
+                        .for_each(|(d, (v, m))| *d = ((v - m) as f64 / sasrec::ITEM_SHARE) as f32);
+                }
+            }
+            for (var, rows) in [(items, item_rows), (cats, cat_rows)] {
+                let n = rows.len();
+                let flat: Vec<f32> = rows.into_iter().flatten().collect();
+                var.set(&Tensor::from_vec(flat, (n, width), &device)?)?;
+            }
+        }
+        trainer.opt = Self::optimizer(&trainer.varmap, &trainer.cfg)?;
+        Ok(trainer)
+    }
+
     /// A copy of the encoder for serving: the same scores, categories folded into the
     /// item table, independent of further training.
     pub fn snapshot(&self) -> Result<SasRec, ModelError> {
@@ -880,6 +996,110 @@ mod tests {
         // Item i5 was row 6 and is row 5 now; its vector is what it was.
         let row = |m: &Tensor, i: usize| m.get(i).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(row(&before, 6), row(&after, 5));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_encoder_from_a_checkpoint_scores_as_it_and_places_new_items_by_category() {
+        // A checkpoint as `onrec train` writes it, over items a0..a9, with item rows far
+        // from a fresh encoder's.
+        let shape = Config {
+            num_items: 10,
+            max_len: 8,
+            hidden: 16,
+            heads: 2,
+            layers: 1,
+            ff: 32,
+            dropout: 0.0,
+        };
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let ckpt_model = SasRec::load(vb, &shape).unwrap();
+        sasrec::init_seeded(&varmap, 5).unwrap();
+        {
+            let vars = varmap.data().lock().unwrap();
+            let items = &vars[ITEM_TABLE];
+            let mut rng = SplitMix64::new(9);
+            let rows: Vec<f32> = (0..items.elem_count())
+                .map(|_| rng.normal() as f32)
+                .collect();
+            items
+                .set(&Tensor::from_vec(rows, items.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let ckpt_items: Vec<String> = std::iter::once(String::new())
+            .chain((0..10).map(|i| format!("a{i}")))
+            .collect();
+        let dir = std::env::temp_dir().join(format!("onrec-online-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::checkpoint::save(&dir, &varmap, &shape, &ckpt_items, &()).unwrap();
+
+        // Today's catalog: the checkpoint's items in another order, one new item "n" in
+        // category x, where a1 and a3 are.
+        let today: Vec<String> = ["", "a3", "n", "a0", "a1", "a2"]
+            .into_iter()
+            .map(String::from)
+            .chain((4..10).map(|i| format!("a{i}")))
+            .collect();
+        let cats: Vec<String> = today[1..]
+            .iter()
+            .map(|id| match id.as_str() {
+                "a1" | "a3" | "n" => "x".to_owned(),
+                _ => "y".to_owned(),
+            })
+            .collect();
+        let t = OnlineTrainer::from_checkpoint(
+            OnlineConfig::default(),
+            &dir,
+            &today,
+            &cats,
+            Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(
+            (t.width(), t.num_items()),
+            (16, 11),
+            "the checkpoint's shape"
+        );
+        let served = t.snapshot().unwrap();
+        let index = |items: &[String], id: &str| items.iter().position(|i| i == id).unwrap() as u32;
+        let scores = |m: &SasRec, items: &[String]| -> HashMap<String, f32> {
+            let q = Query {
+                history: vec![index(items, "a2"), index(items, "a7")],
+                context: ContextIds::default(),
+                exclude: vec![],
+                k: items.len() - 1,
+            };
+            score_batch(m, &Device::Cpu, &[&q]).unwrap()[0]
+                .iter()
+                .map(|&(i, s)| (items[i as usize].clone(), s))
+                .collect()
+        };
+        let (before, after) = (scores(&ckpt_model, &ckpt_items), scores(&served, &today));
+        for (id, s) in &before {
+            assert!(
+                (s - after[id]).abs() < 1e-4,
+                "{id}: {s} before, {} after",
+                after[id]
+            );
+        }
+        // The new item's row is category x's mean (a1, a3), plus its own small start.
+        let (table, folded) = (
+            ckpt_model.folded_item_table().unwrap(),
+            served.folded_item_table().unwrap(),
+        );
+        let row = |m: &Tensor, i: u32| m.get(i as usize).unwrap().to_vec1::<f32>().unwrap();
+        let (a1, a3, new) = (
+            row(&table, 2),
+            row(&table, 4),
+            row(&folded, index(&today, "n")),
+        );
+        let off: f32 = new
+            .iter()
+            .zip(a1.iter().zip(&a3))
+            .map(|(n, (x, y))| (n - (x + y) / 2.0).abs())
+            .fold(0.0, f32::max);
+        assert!(off < 0.1, "the new item is {off} from its category's mean");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -132,8 +132,8 @@ pub struct Config {
     #[arg(long, env = "ONREC_DEMO_ITEMS", default_value_t = 3000)]
     pub demo_items: usize,
 
-    /// Transformer checkpoint directory written by `onrec train`; without it, popularity
-    /// ranks (or the demo encoder, see demo_encoder)
+    /// Transformer checkpoint directory written by `onrec train`: it ranks from the start,
+    /// and the online encoder (encoder_online) goes on learning from it
     #[arg(long, env = "ONREC_MODEL")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<PathBuf>,
@@ -143,8 +143,8 @@ pub struct Config {
     #[arg(long, env = "ONREC_DEMO_ENCODER", default_value_t = true, action = clap::ArgAction::Set)]
     pub demo_encoder: bool,
 
-    /// Without a model: train an encoder from nothing on the interactions of accepted
-    /// events, while serving, and rank with it as it learns
+    /// Train the encoder on the interactions of accepted events while serving (from the
+    /// model's checkpoint, or from nothing without one), and rank with it as it learns
     #[arg(long, env = "ONREC_ENCODER_ONLINE", default_value_t = true, action = clap::ArgAction::Set)]
     pub encoder_online: bool,
 

@@ -1,6 +1,6 @@
-//! Putting a Transformer encoder behind the engine: a checkpoint loaded at start, or an
-//! encoder trained online from the service's own events (with the demo catalog, its
-//! synthetic sessions are the first of them).
+//! Putting a Transformer encoder behind the engine: a checkpoint loaded at start, and an
+//! encoder trained online from the service's own events, from that checkpoint or from
+//! nothing (with the demo catalog, its synthetic sessions are then the first events).
 
 use std::hash::{Hash, Hasher};
 use std::path::Path;
@@ -55,25 +55,32 @@ pub fn user_width(config: &Config) -> anyhow::Result<usize> {
 }
 
 /// Whether the demo catalog's synthetic sessions seed the online encoder: asked for, with
-/// the demo catalog.
+/// the demo catalog and no model.
 pub fn demo_encoder(config: &Config) -> bool {
-    config.demo_encoder && config.catalog.is_none() && config.demo_items > 0
+    config.demo_encoder
+        && config.catalog.is_none()
+        && config.demo_items > 0
+        && config.model.is_none()
 }
 
-/// Starts training an encoder online from accepted events, unless a checkpoint ranks.
-/// With the demo catalog (and `demo_encoder`), its synthetic sessions (of `items`: id,
-/// category) are the first events, unless the encoder resumed from `data_dir`.
+/// Starts training an encoder online from accepted events: from the `model` checkpoint
+/// when there is one, else from nothing. Without a model, with the demo catalog (and
+/// `demo_encoder`), its synthetic sessions (of `items`: id, category) are the first
+/// events, unless the encoder resumed from `data_dir`.
 pub fn start_online(
     engine: &Engine,
     config: &Config,
     items: &[(String, String)],
 ) -> anyhow::Result<()> {
-    if config.model.is_some() || !config.encoder_online {
+    if !config.encoder_online {
         return Ok(());
     }
     if config.role == Role::Serve {
-        // Serve replicas rank with what the learner publishes (see `follow_published`).
-        engine.expect_encoder();
+        // Serve replicas rank with what the learner publishes (see `follow_published`),
+        // and with the checkpoint until then.
+        if config.model.is_none() {
+            engine.expect_encoder();
+        }
         return Ok(());
     }
     let dir = config.data_dir.as_ref().map(|d| d.join("encoder"));
@@ -87,16 +94,17 @@ pub fn start_online(
         encoder_queue: config.encoder_queue,
         batching: batching(config),
         dir,
+        start_from: config.model.clone(),
         ..OnlineSettings::default()
     };
-    let cfg = settings.config.clone();
     engine
         .start_online_encoder(settings)
         .context("starting the online encoder")?;
+    if config.model.is_some() {
+        tracing::info!("online encoder started: it goes on learning from accepted events");
+        return Ok(());
+    }
     tracing::info!(
-        width = cfg.hidden,
-        layers = cfg.layers,
-        history = cfg.max_len,
         "online encoder started: it learns from accepted events; popularity ranks until it publishes"
     );
     if demo_encoder(config) && !resumes {
@@ -130,7 +138,7 @@ fn seed_demo(engine: &Engine, items: &[(String, String)]) {
 /// On a serve replica with an online encoder: ranks with each encoder the learner
 /// publishes to Redis, until the task is dropped.
 pub async fn follow_published(engine: Engine, config: std::sync::Arc<Config>) {
-    if config.role != Role::Serve || config.model.is_some() || !config.encoder_online {
+    if config.role != Role::Serve || !config.encoder_online {
         return;
     }
     let device = device::select(config.device);
