@@ -75,6 +75,10 @@ pub struct SimulateArgs {
     /// Weight of the personal ranking in ucb1 and thompson (0: the segment's bandit alone)
     #[arg(long, default_value_t = PolicyParams::default().personal)]
     personal: f64,
+    /// Pseudo-impressions per item ucb1 and thompson take from the other segments'
+    /// statistics (0: none); `onrec` takes the service's `segment_prior`
+    #[arg(long, default_value_t = PolicyParams::default().segment_prior)]
+    segment_prior: f64,
     /// Weight of the Q-network in the ranking of +q policies
     #[arg(long, default_value_t = QParams::default().weight)]
     q_weight: f64,
@@ -186,6 +190,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             ucb_c: args.ucb_c,
             thompson_draws: args.thompson_draws,
             personal: args.personal,
+            segment_prior: args.segment_prior,
         },
         q: QParams {
             weight: args.q_weight,

@@ -22,6 +22,15 @@ pub struct Reranked {
     pub fallback: bool,
 }
 
+/// Pseudo-impressions a segment's UCB1 or Thompson statistics take from the other
+/// segments' per item, unless configured (see [`Explorer::with_prior`]): in the
+/// simulator's fresh shops (three kinds of goods, three seeds) it did best of 0, 3, 10,
+/// 30 and 100, by about a quarter of a CTR point over none.
+pub const DEFAULT_PRIOR_IMPRESSIONS: f64 = 10.0;
+
+/// Most other segments pooled into a segment's prior: the configured ones, in name order.
+pub const MAX_PRIOR_SEGMENTS: usize = 16;
+
 /// Segments, their policies and the statistics store, ready for requests.
 #[derive(Debug, Clone)]
 pub struct Explorer {
@@ -29,6 +38,9 @@ pub struct Explorer {
     policies: HashMap<String, Policy>,
     default: Policy,
     store: Arc<dyn BanditStore>,
+    /// The configured segment names (`default`, rules, policies), sorted.
+    configured: Vec<String>,
+    prior_impressions: f64,
 }
 
 impl Explorer {
@@ -44,12 +56,48 @@ impl Explorer {
             .get(DEFAULT_SEGMENT)
             .cloned()
             .unwrap_or_else(Policy::greedy);
+        let mut configured: Vec<String> = std::iter::once(DEFAULT_SEGMENT.to_owned())
+            .chain(config.rules.iter().map(|r| r.name.clone()))
+            .chain(config.policies.keys().cloned())
+            .collect();
+        configured.sort();
+        configured.dedup();
         Ok(Self {
             config,
             policies,
             default,
             store,
+            configured,
+            prior_impressions: DEFAULT_PRIOR_IMPRESSIONS,
         })
+    }
+
+    /// The same, with UCB1 and Thompson shrinking a segment's statistics toward the other
+    /// configured segments' (empirical Bayes, see [`SegmentStats::shrunk_toward`]) by at
+    /// most `impressions` pseudo-impressions per item; 0 turns the prior off. A new
+    /// segment then starts from what the others learned rather than from zero.
+    pub fn with_prior(mut self, impressions: f64) -> Result<Self, ConfigError> {
+        if !(impressions.is_finite() && impressions >= 0.0) {
+            return Err(ConfigError::new(
+                "segment_prior",
+                format!("is {impressions}; must be a finite number >= 0"),
+            ));
+        }
+        self.prior_impressions = impressions;
+        Ok(self)
+    }
+
+    /// The segments whose statistics are `segment`'s prior: the other configured ones.
+    fn prior_segments(&self, segment: &str) -> Vec<&str> {
+        if self.prior_impressions <= 0.0 {
+            return Vec::new();
+        }
+        self.configured
+            .iter()
+            .map(String::as_str)
+            .filter(|&s| s != segment)
+            .take(MAX_PRIOR_SEGMENTS)
+            .collect()
     }
 
     /// The segment configuration.
@@ -86,7 +134,20 @@ impl Explorer {
         let policy = self.policy(segment);
         let stats = if policy.needs_stats() && !candidates.is_empty() && n > 0 {
             let ids: Vec<&str> = candidates.iter().map(|c| c.item_id.as_str()).collect();
-            match self.store.fetch(segment, &ids).await {
+            let others = if policy.explores_by_item() {
+                self.prior_segments(segment)
+            } else {
+                Vec::new()
+            };
+            let fetched = if others.is_empty() {
+                self.store.fetch(segment, &ids).await
+            } else {
+                self.store
+                    .fetch_with_prior(segment, &others, &ids)
+                    .await
+                    .map(|(own, prior)| own.shrunk_toward(&prior, self.prior_impressions))
+            };
+            match fetched {
                 Ok(stats) => stats,
                 Err(e) => {
                     metrics::counter!("onrec_bandit_fallbacks_total").increment(1);
@@ -207,6 +268,46 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(seen, ["item-0", "item-1", "item-2", "item-3"]);
+    }
+
+    #[tokio::test]
+    async fn a_new_segment_starts_from_what_the_configured_segments_learned() {
+        let store = Arc::new(MemoryStore::new(StatsConfig::default()).unwrap());
+        // In the configured segment "fixed", item-3 earned a reward on half of its 20
+        // impressions, the others on none of theirs.
+        let mut updates = Vec::new();
+        for c in candidates() {
+            updates.push(StatUpdate {
+                impressions: 20.0,
+                ..StatUpdate::impression("fixed", c.item_id.clone())
+            });
+        }
+        updates.push(StatUpdate::reward("fixed", "item-3", 10.0));
+        store.record(&updates).await.unwrap();
+        let first = |explorer: Explorer| async move {
+            let mut rng = SmallRng::seed_from_u64(1);
+            let r = explorer.rerank("vip", &candidates(), 1, &mut rng).await;
+            r.slots[0].item_id.clone()
+        };
+        let with = Explorer::new(config(), store.clone()).unwrap();
+        assert_eq!(first(with).await, "item-3", "the prior's best item first");
+        let without = Explorer::new(config(), store.clone())
+            .unwrap()
+            .with_prior(0.0)
+            .unwrap();
+        assert_eq!(
+            first(without).await,
+            "item-0",
+            "untried items in ranking order"
+        );
+        assert_eq!(
+            Explorer::new(config(), store)
+                .unwrap()
+                .with_prior(-1.0)
+                .unwrap_err()
+                .field,
+            "segment_prior"
+        );
     }
 
     #[test]

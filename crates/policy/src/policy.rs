@@ -320,6 +320,15 @@ impl Policy {
         }
     }
 
+    /// Whether it explores by each item's statistics (UCB1, Thompson), which a segment's
+    /// prior then informs.
+    pub fn explores_by_item(&self) -> bool {
+        matches!(
+            self.config,
+            PolicyConfig::Ucb1 { .. } | PolicyConfig::Thompson { .. }
+        )
+    }
+
     /// The exploration rate ε for a segment with these statistics (0 for other kinds).
     pub fn epsilon(&self, stats: &SegmentStats) -> f64 {
         match self.config {

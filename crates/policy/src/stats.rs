@@ -54,6 +54,41 @@ impl SegmentStats {
     pub fn arm(&self, item_id: &str) -> ArmStats {
         self.arms.get(item_id).copied().unwrap_or_default()
     }
+
+    /// Adds `other`'s totals and arms to these: the statistics of the segments pooled.
+    pub fn pool(&mut self, other: &SegmentStats) {
+        self.total_impressions += other.total_impressions;
+        self.total_reward += other.total_reward;
+        for (id, arm) in &other.arms {
+            let mine = self.arms.entry(id.clone()).or_default();
+            mine.impressions += arm.impressions;
+            mine.reward += arm.reward;
+        }
+    }
+
+    /// These statistics shrunk toward `prior` (empirical Bayes): every item the prior has
+    /// seen gains min(its prior impressions, `strength`) pseudo-impressions at its prior
+    /// mean reward, and the totals gain the same. A segment with little traffic then
+    /// starts from what the other segments learned of an item instead of from nothing,
+    /// and its own impressions outweigh the prior once they pass `strength`.
+    pub fn shrunk_toward(&self, prior: &SegmentStats, strength: f64) -> SegmentStats {
+        let mut out = self.clone();
+        if strength.is_nan() || strength <= 0.0 {
+            return out;
+        }
+        for (id, p) in &prior.arms {
+            let Some(mean) = p.mean().filter(|m| m.is_finite()) else {
+                continue;
+            };
+            let weight = p.impressions.min(strength);
+            let arm = out.arms.entry(id.clone()).or_default();
+            arm.impressions += weight;
+            arm.reward += weight * mean;
+            out.total_impressions += weight;
+            out.total_reward += weight * mean;
+        }
+        out
+    }
 }
 
 /// The identity of a batch of updates: a store applies a batch id at most once, so a
@@ -358,6 +393,55 @@ impl Clock for ManualClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stats(arms: &[(&str, f64, f64)]) -> SegmentStats {
+        let mut s = SegmentStats::default();
+        for &(id, impressions, reward) in arms {
+            s.total_impressions += impressions;
+            s.total_reward += reward;
+            s.arms.insert(
+                id.to_owned(),
+                ArmStats {
+                    impressions,
+                    reward,
+                },
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn a_segment_is_shrunk_toward_its_prior_by_at_most_strength_impressions() {
+        let own = stats(&[("a", 4.0, 2.0)]);
+        let mut prior = stats(&[("a", 100.0, 10.0), ("b", 3.0, 3.0)]);
+        prior.pool(&stats(&[("a", 100.0, 10.0)]));
+        assert_eq!(
+            prior.arm("a"),
+            ArmStats {
+                impressions: 200.0,
+                reward: 20.0
+            }
+        );
+        let s = own.shrunk_toward(&prior, 10.0);
+        // a: 10 pseudo-impressions at the prior's 0.1; b: its 3 at 1.0; c: unknown.
+        assert_eq!(
+            s.arm("a"),
+            ArmStats {
+                impressions: 14.0,
+                reward: 3.0
+            }
+        );
+        assert_eq!(
+            s.arm("b"),
+            ArmStats {
+                impressions: 3.0,
+                reward: 3.0
+            }
+        );
+        assert_eq!(s.arm("c"), ArmStats::default());
+        assert_eq!((s.total_impressions, s.total_reward), (17.0, 6.0));
+        assert_eq!(own.shrunk_toward(&prior, 0.0), own, "strength 0: no prior");
+    }
 
     const HOUR: i64 = 3_600_000;
 

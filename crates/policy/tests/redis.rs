@@ -197,6 +197,12 @@ async fn compare_with_memory(half_life: Option<Duration>) {
                 let m = memory.fetch(segment, &ids).await.unwrap();
                 assert_stats_close(&r, &m);
             }
+            // A segment's prior: the others pooled, in the same round trip.
+            let others = ["default", "mobile-de", "nobody"];
+            let (r_own, r_prior) = redis.fetch_with_prior("new", &others, &ids).await.unwrap();
+            let (m_own, m_prior) = memory.fetch_with_prior("new", &others, &ids).await.unwrap();
+            assert_stats_close(&r_own, &m_own);
+            assert_stats_close(&r_prior, &m_prior);
         }
     }
     let r = redis.segment_summary("default", 5).await.unwrap();

@@ -334,6 +334,12 @@ pub struct Config {
     #[arg(long, env = "ONREC_PERSONAL", default_value_t = onrec_policy::policy::DEFAULT_PERSONAL)]
     pub personal: f64,
 
+    /// Pseudo-impressions per item that ucb1 and thompson take from the other configured
+    /// segments' statistics (empirical-Bayes prior), so a new or small segment starts from
+    /// what the others learned; 0 turns it off
+    #[arg(long, env = "ONREC_SEGMENT_PRIOR", default_value_t = onrec_policy::explorer::DEFAULT_PRIOR_IMPRESSIONS)]
+    pub segment_prior: f64,
+
     /// Candidates the ranker proposes to the exploration policy per request (at least n)
     #[arg(long, env = "ONREC_CANDIDATES", default_value_t = 50)]
     pub candidates: usize,

@@ -222,6 +222,7 @@ pub fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         .map(|i| (i.item_id.clone(), i.category.clone()))
         .collect();
     let explorer = Explorer::new(config.segments_with_default(), bandit_store(config)?)
+        .and_then(|e| e.with_prior(config.segment_prior))
         .context("the segment configuration")?;
     let engine = Engine::new(config.engine(), items, explorer).context("building the catalog")?;
     if let Some(url) = &config.redis_url {

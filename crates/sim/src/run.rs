@@ -184,6 +184,12 @@ impl SimConfig {
                 format!("is {}; must be 0..=1", p.personal),
             ));
         }
+        if !(p.segment_prior.is_finite() && p.segment_prior >= 0.0) {
+            return Err(SimError::config(
+                "segment_prior",
+                format!("is {}; must be a finite number >= 0", p.segment_prior),
+            ));
+        }
         if !(1..=onrec_policy::policy::MAX_DRAWS).contains(&p.thompson_draws) {
             return Err(SimError::config(
                 "thompson_draws",
@@ -439,7 +445,8 @@ impl Simulation {
             spec.policy_config(&self.config.params),
         );
         let store = Arc::new(MemoryStore::new(StatsConfig::default())?);
-        let explorer = Explorer::new(segments, store)?;
+        let explorer =
+            Explorer::new(segments, store)?.with_prior(self.config.params.segment_prior)?;
         let mut engine_config = self.config.engine.clone();
         if logging {
             engine_config.decision_log_queue = engine_config.decision_log_queue.max(LOG_QUEUE);

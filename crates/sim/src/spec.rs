@@ -96,6 +96,9 @@ pub struct PolicyParams {
     /// policies compared are the segment's bandits themselves (the service's default
     /// mixes them with the personal ranking; `onrec` runs it).
     pub personal: f64,
+    /// Pseudo-impressions per item UCB1 and Thompson take from the other segments'
+    /// statistics (the service's `segment_prior`; 0: none).
+    pub segment_prior: f64,
 }
 
 impl Default for PolicyParams {
@@ -108,6 +111,7 @@ impl Default for PolicyParams {
             ucb_c: 0.3,
             thompson_draws: 50,
             personal: 0.0,
+            segment_prior: onrec_policy::explorer::DEFAULT_PRIOR_IMPRESSIONS,
         }
     }
 }

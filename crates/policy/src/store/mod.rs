@@ -32,6 +32,25 @@ pub trait BanditStore: Send + Sync + fmt::Debug {
         item_ids: &'a [&'a str],
     ) -> StoreFuture<'a, SegmentStats>;
 
+    /// [`BanditStore::fetch`] of `segment`, and the statistics of `others` pooled (summed
+    /// after decay) for the same items: a prior for `segment`. One round trip where the
+    /// store has them.
+    fn fetch_with_prior<'a>(
+        &'a self,
+        segment: &'a str,
+        others: &'a [&'a str],
+        item_ids: &'a [&'a str],
+    ) -> StoreFuture<'a, (SegmentStats, SegmentStats)> {
+        Box::pin(async move {
+            let own = self.fetch(segment, item_ids).await?;
+            let mut prior = SegmentStats::default();
+            for other in others {
+                prior.pool(&self.fetch(other, item_ids).await?);
+            }
+            Ok((own, prior))
+        })
+    }
+
     /// Adds the updates to their items and segments, all or nothing, and at most once per
     /// batch `id`: a batch whose id was applied within [`BATCH_MEMORY`] is acknowledged
     /// and not applied again, so a batch re-sent after its answer was lost counts once. A

@@ -198,28 +198,42 @@ impl RedisStore {
         }
     }
 
+    /// The statistics of each of `segments` for `item_ids`, in one atomic pipeline.
     async fn fetch_inner(
         &self,
-        segment: &str,
+        segments: &[&str],
         item_ids: &[&str],
-    ) -> Result<SegmentStats, StoreError> {
+    ) -> Result<Vec<SegmentStats>, StoreError> {
         let mut pipe = ::redis::pipe();
         pipe.atomic();
-        pipe.cmd("HMGET")
-            .arg(self.total_key(segment))
-            .arg("i")
-            .arg("r")
-            .arg("l");
-        if !item_ids.is_empty() {
-            pipe.cmd("HMGET").arg(self.arms_key(segment));
-            for id in item_ids {
-                pipe.arg(format!("i:{id}")).arg(format!("r:{id}"));
+        for segment in segments {
+            pipe.cmd("HMGET")
+                .arg(self.total_key(segment))
+                .arg("i")
+                .arg("r")
+                .arg("l");
+            if !item_ids.is_empty() {
+                pipe.cmd("HMGET").arg(self.arms_key(segment));
+                for id in item_ids {
+                    pipe.arg(format!("i:{id}")).arg(format!("r:{id}"));
+                }
             }
         }
         let mut conn = self.conn.clone();
         let replies: Vec<Vec<Option<f64>>> =
             pipe.query_async(&mut conn).await.map_err(store_error)?;
         let now = self.clock.now_ms();
+        let per_segment = if item_ids.is_empty() { 1 } else { 2 };
+        Ok((0..segments.len())
+            .map(|k| {
+                let replies = replies.get(k * per_segment..).unwrap_or_default();
+                self.decode(replies, item_ids, now)
+            })
+            .collect())
+    }
+
+    /// One segment's statistics from its replies: the totals, then (with items) the arms.
+    fn decode(&self, replies: &[Vec<Option<f64>>], item_ids: &[&str], now: i64) -> SegmentStats {
         let value = |v: Option<&Option<f64>>| v.copied().flatten().filter(|x| x.is_finite());
         let totals = replies.first().map_or(&[][..], Vec::as_slice);
         let landmark = value(totals.get(2));
@@ -232,7 +246,7 @@ impl RedisStore {
             now,
         );
         let mut arms = HashMap::new();
-        if let Some(values) = replies.get(1) {
+        if let Some(values) = replies.get(1).filter(|_| !item_ids.is_empty()) {
             for (id, pair) in item_ids.iter().zip(values.chunks_exact(2)) {
                 let (i, r) = (value(pair.first()), value(pair.get(1)));
                 if i.is_none() && r.is_none() {
@@ -245,11 +259,11 @@ impl RedisStore {
                 arms.insert((*id).to_owned(), self.read(stored, landmark, now));
             }
         }
-        Ok(SegmentStats {
+        SegmentStats {
             total_impressions: t.impressions,
             total_reward: t.reward,
             arms,
-        })
+        }
     }
 
     async fn record_inner(&self, id: BatchId, updates: &[StatUpdate]) -> Result<(), StoreError> {
@@ -381,7 +395,30 @@ impl BanditStore for RedisStore {
         segment: &'a str,
         item_ids: &'a [&'a str],
     ) -> StoreFuture<'a, SegmentStats> {
-        Box::pin(self.fetch_inner(segment, item_ids))
+        Box::pin(async move {
+            let mut stats = self.fetch_inner(&[segment], item_ids).await?;
+            Ok(stats.pop().unwrap_or_default())
+        })
+    }
+
+    fn fetch_with_prior<'a>(
+        &'a self,
+        segment: &'a str,
+        others: &'a [&'a str],
+        item_ids: &'a [&'a str],
+    ) -> StoreFuture<'a, (SegmentStats, SegmentStats)> {
+        Box::pin(async move {
+            let segments: Vec<&str> = std::iter::once(segment)
+                .chain(others.iter().copied())
+                .collect();
+            let mut stats = self.fetch_inner(&segments, item_ids).await?.into_iter();
+            let own = stats.next().unwrap_or_default();
+            let mut prior = SegmentStats::default();
+            for other in stats {
+                prior.pool(&other);
+            }
+            Ok((own, prior))
+        })
     }
 
     fn record_batch<'a>(&'a self, id: BatchId, updates: &'a [StatUpdate]) -> StoreFuture<'a, ()> {

@@ -323,6 +323,19 @@ impl BanditStore for ResilientStore {
         ))
     }
 
+    fn fetch_with_prior<'a>(
+        &'a self,
+        segment: &'a str,
+        others: &'a [&'a str],
+        item_ids: &'a [&'a str],
+    ) -> StoreFuture<'a, (SegmentStats, SegmentStats)> {
+        Box::pin(self.call(
+            "fetch",
+            self.config.timeout,
+            self.inner.fetch_with_prior(segment, others, item_ids),
+        ))
+    }
+
     /// Writes through, or buffers on failure (then `Ok`, or [`StoreError::BufferFull`]).
     fn record_batch<'a>(&'a self, id: BatchId, updates: &'a [StatUpdate]) -> StoreFuture<'a, ()> {
         Box::pin(self.record_inner(id, updates))
