@@ -104,8 +104,12 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
         }
     }
 
-    /// The locked shard that holds `key`.
-    pub fn shard(&self, key: &K) -> parking_lot::MutexGuard<'_, Bounded<K, V>> {
+    /// The locked shard that holds `key` (or a borrowed form of it, which hashes alike).
+    pub fn shard<Q>(&self, key: &Q) -> parking_lot::MutexGuard<'_, Bounded<K, V>>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + ?Sized,
+    {
         let i = (self.hasher.hash_one(key) % SHARDS as u64) as usize;
         self.shards[i].lock()
     }

@@ -4,6 +4,7 @@
 //! the per-user state. The HTTP and gRPC adapters, the simulator and the benchmarks all
 //! drive the service through it, so they run the same code.
 
+pub mod background;
 pub mod bounded;
 pub mod catalog;
 pub mod decisions;
@@ -14,29 +15,31 @@ mod feedback;
 pub mod learning;
 pub mod online;
 pub mod popularity;
+mod ranking;
+mod recommend;
 pub mod shared;
 pub mod state;
 pub mod types;
+mod users;
 
-use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use onrec_policy::{Explorer, StatUpdate, UserFacts};
+use onrec_policy::{Explorer, StatUpdate};
 use parking_lot::RwLock;
-use rand::SeedableRng;
 
 use crate::bounded::Sharded;
 use crate::catalog::{Catalog, Inserted};
-use crate::decisions::{DecisionRecord, LogRecord, LoggedCandidate, LoggedSlot, Recent};
+use crate::decisions::{LogRecord, Recent};
 use crate::encoder::EncoderLink;
 pub use crate::error::{EngineError, FieldError};
 use crate::popularity::Popularity;
-use crate::shared::{PeerChange, RedisShared, Served, SharedImpression, SharedUser};
+use crate::ranking::{EncoderState, Ranking};
+use crate::shared::{PeerChange, RedisShared};
 pub use crate::types::*;
+use crate::users::{Impression, MAX_DISLIKED, MAX_RECENT_REQUESTS, Shown, UserState};
+pub use crate::users::{MAX_PURCHASED, SHOWN_WINDOW};
 use onrec_model::context::ContextIds;
-use onrec_model::rng::SplitMix64;
-use onrec_model::serve::ServeError;
 
 /// How much each event type moves an item's popularity.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -161,197 +164,10 @@ impl Default for EngineConfig {
     }
 }
 
-/// Items a user disliked that are remembered and hidden from them.
-const MAX_DISLIKED: usize = 100;
-/// Purchases remembered per user.
-pub const MAX_PURCHASED: usize = 100;
-/// Shown slots remembered per user, for resting items they keep passing over.
-pub const SHOWN_WINDOW: usize = 50;
-
-/// What the engine keeps per user.
-#[derive(Debug, Default, Clone)]
-struct UserState {
-    /// Items interacted with, oldest first, at most `history_len`.
-    history: VecDeque<u32>,
-    /// Items disliked, oldest first, at most [`MAX_DISLIKED`].
-    disliked: VecDeque<u32>,
-    /// Items bought, oldest first, at most [`MAX_PURCHASED`].
-    purchased: VecDeque<u32>,
-    /// Items of the user's last [`SHOWN_WINDOW`] shown slots, oldest first; an interaction
-    /// with an item takes it out.
-    shown: VecDeque<u32>,
-    /// The segment the user was last served as, for feedback without a `request_id`.
-    last_segment: Option<String>,
-    /// The user's latest responses, oldest first, at most [`MAX_RECENT_REQUESTS`]: feedback
-    /// without a `request_id` is matched to the newest one that showed the item.
-    recent_requests: VecDeque<String>,
-}
-
-impl UserState {
-    /// The state the shared store keeps, on this process's catalog (items it does not
-    /// know yet are left out).
-    fn from_shared(user: SharedUser, catalog: &Catalog) -> Self {
-        let indices = |ids: &[String]| ids.iter().filter_map(|id| catalog.index_of(id)).collect();
-        Self {
-            history: indices(&user.history),
-            disliked: indices(&user.disliked),
-            purchased: indices(&user.purchased),
-            shown: indices(&user.shown),
-            last_segment: user.last_segment,
-            recent_requests: user.recent_requests.into(),
-        }
-    }
-
-    /// Adds what this user is not to be shown to `hidden`: what they disliked, what they
-    /// bought (with `hide_purchased`), and what rests (see `rest_after`).
-    fn hide(&self, cfg: &EngineConfig, hidden: &mut HashSet<u32>) {
-        hidden.extend(self.disliked.iter().copied());
-        if cfg.hide_purchased {
-            hidden.extend(self.purchased.iter().copied());
-        }
-        if cfg.rest_after > 0 {
-            let mut counts: std::collections::HashMap<u32, u32> =
-                std::collections::HashMap::with_capacity(self.shown.len());
-            for &i in &self.shown {
-                let c = counts.entry(i).or_insert(0);
-                *c += 1;
-                if *c == cfg.rest_after {
-                    hidden.insert(i);
-                }
-            }
-        }
-    }
-
-    /// Remembers the items of a served slate.
-    fn saw(&mut self, items: impl IntoIterator<Item = u32>) {
-        for i in items {
-            push_bounded(&mut self.shown, i, SHOWN_WINDOW);
-        }
-    }
-
-    /// Applies an event of `kind` on item `idx` to the user's history, dislikes,
-    /// purchases and resting items.
-    fn apply(&mut self, kind: EventType, idx: u32, history_len: usize) {
-        match kind {
-            EventType::Dislike => push_bounded(&mut self.disliked, idx, MAX_DISLIKED),
-            EventType::Impression => {}
-            EventType::Click | EventType::AddToCart | EventType::Purchase => {
-                push_bounded(&mut self.history, idx, history_len);
-                self.shown.retain(|&i| i != idx);
-                if kind == EventType::Purchase && !self.purchased.contains(&idx) {
-                    push_bounded(&mut self.purchased, idx, MAX_PURCHASED);
-                }
-            }
-        }
-    }
-}
-
-/// Responses remembered per user for matching feedback that names none.
-const MAX_RECENT_REQUESTS: usize = 10;
-
-/// A served response, remembered so that feedback can be attributed to it.
-#[derive(Debug, Clone)]
-struct Impression {
-    segment: String,
-    items: Vec<String>,
-    at_ms: i64,
-    /// The request's context, which the encoder learns interactions in.
-    context: ContextIds,
-    /// Catalog indices of the served slots: what a chosen item was chosen over.
-    slate: Vec<u32>,
-    /// What the learner needs to learn from the response's feedback.
-    decision: Option<learning::Decision>,
-}
-
-/// The response an event is attributed to: its segment, context and slate.
-struct Shown {
-    segment: String,
-    context: ContextIds,
-    slate: Vec<u32>,
-}
-
 /// Bandit statistics updates waiting for the background writer.
 const STATS_QUEUE: usize = 65_536;
 /// Most updates the writer sends in one store call.
 const STATS_BATCH: usize = 1000;
-
-fn push_bounded(q: &mut VecDeque<u32>, idx: u32, cap: usize) {
-    q.push_back(idx);
-    while q.len() > cap {
-        q.pop_front();
-    }
-}
-
-/// Whether the engine ranks with an encoder.
-#[derive(Debug)]
-enum EncoderState {
-    /// Popularity only, by configuration.
-    None,
-    /// An encoder is being loaded or trained; popularity serves meanwhile.
-    Loading,
-    /// The online encoder has not published anything yet: no events have come.
-    Learning,
-    /// The encoder ranks users with a known history.
-    Ready(EncoderLink),
-}
-
-/// The ranker's state: catalog, scores and the encoder's view of the catalog change
-/// together under one lock.
-#[derive(Debug)]
-struct Ranking {
-    catalog: Catalog,
-    popularity: Popularity,
-    encoder: EncoderState,
-    /// Bumped by every catalog change; part of the model version.
-    catalog_generation: u64,
-}
-
-impl Ranking {
-    fn ranker(&self) -> &'static str {
-        match self.encoder {
-            EncoderState::Ready(_) => RANKER_ENCODER,
-            EncoderState::None | EncoderState::Loading | EncoderState::Learning => RANKER,
-        }
-    }
-
-    fn model_version(&self) -> String {
-        match &self.encoder {
-            EncoderState::Ready(link) => format!("{}-c{}", link.version, self.catalog_generation),
-            EncoderState::None | EncoderState::Loading | EncoderState::Learning => {
-                format!("{RANKER}-c{}", self.catalog_generation)
-            }
-        }
-    }
-
-    /// The `n` most popular available items outside `skip`. Ties (a fresh catalog is all
-    /// ties) are broken by a hash of the item and `salt`, so each request draws them in
-    /// another order, never in catalog order.
-    fn popular(&self, skip: &HashSet<u32>, n: usize, salt: u64) -> Vec<u32> {
-        let mut heap = BinaryHeap::with_capacity(n + 1);
-        for (idx, item) in self.catalog.items().iter().enumerate() {
-            let idx = idx as u32;
-            if !item.available || skip.contains(&idx) {
-                continue;
-            }
-            heap.push(Ranked {
-                key: self.popularity.rank_key(idx),
-                // SplitMix64's first output: nearby inputs give unrelated values.
-                tie: SplitMix64::new(u64::from(idx) ^ salt).next_u64(),
-                idx,
-            });
-            if heap.len() > n {
-                heap.pop();
-            }
-        }
-        heap.into_sorted_vec().into_iter().map(|c| c.idx).collect()
-    }
-}
-
-/// How a request will be ranked, decided under the lock and carried out after it.
-enum Plan {
-    Popularity(Option<&'static str>),
-    Encoder(onrec_model::serve::Encoder, onrec_model::serve::Query),
-}
 
 /// A snapshot of the engine's size, for metrics and readiness.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -433,38 +249,10 @@ fn event_digest(event_id: &str) -> u128 {
     onrec_policy::stable_digest(event_id)
 }
 
-/// An item in the top-n heap, ordered so the heap's top is the worst one kept.
-#[derive(Debug, PartialEq)]
-struct Ranked {
-    key: f64,
-    /// Breaks ties of `key`.
-    tie: u64,
-    idx: u32,
-}
-
-impl Eq for Ranked {}
-
-impl Ord for Ranked {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        // Higher key is better; on ties the lower tie-breaker is better.
-        other
-            .key
-            .total_cmp(&self.key)
-            .then(self.tie.cmp(&other.tie))
-            .then(self.idx.cmp(&other.idx))
-    }
-}
-
-impl PartialOrd for Ranked {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
 impl Engine {
     /// An engine over `items`, which are validated and inserted in order, exploring with
-    /// `explorer`. Bandit statistics are written by [`Engine::run_stats_writer`], which
-    /// the caller runs as a task.
+    /// `explorer`. Its background work (bandit statistics writes, and with a shared state
+    /// following the other processes) runs once [`Engine::start_background`] starts it.
     pub fn new(
         config: EngineConfig,
         items: Vec<Item>,
@@ -530,8 +318,8 @@ impl Engine {
     }
 
     /// Shares users, event dedupe, attribution and catalog changes with the other
-    /// processes on `shared` from now on; run [`Engine::follow_peers`] as a task to take
-    /// in what they change. Once: a second call returns `false` and changes nothing.
+    /// processes on `shared` from now on; [`Engine::start_background`] then takes in what
+    /// they change. Once: a second call returns `false` and changes nothing.
     pub fn share(&self, shared: Arc<RedisShared>) -> bool {
         self.inner.shared.set(shared).is_ok()
     }
@@ -585,7 +373,7 @@ impl Engine {
     /// Takes in the catalog changes made through other processes so far, then follows
     /// the shared streams and applies what other processes change, until the task is
     /// dropped. Returns at once without a shared state. Redis being away is retried.
-    pub async fn follow_peers(&self) {
+    pub(crate) async fn follow_peers(&self) {
         let Some(shared) = self.shared().cloned() else {
             return;
         };
@@ -728,7 +516,7 @@ impl Engine {
     /// version on `device` (requests queue up to `queue`, batched as `batching` says).
     /// Checks every second until the task is dropped; returns at once without a shared
     /// state.
-    pub async fn follow_published_encoder(
+    pub(crate) async fn follow_published_encoder(
         &self,
         device: &candle_core::Device,
         queue: usize,
@@ -832,7 +620,7 @@ impl Engine {
     }
 
     /// Stops the online encoder's training, if any.
-    pub fn shutdown_online_encoder(&self) -> Result<(), onrec_learn::LearnError> {
+    pub(crate) fn shutdown_online_encoder(&self) -> Result<(), onrec_learn::LearnError> {
         match self.online_encoder() {
             Some(online) => online.shutdown(),
             None => Ok(()),
@@ -877,303 +665,11 @@ impl Engine {
     }
 
     /// Stops the learner, if any, writing its final checkpoint.
-    pub fn shutdown_learner(&self) -> Result<(), onrec_learn::LearnError> {
+    pub(crate) fn shutdown_learner(&self) -> Result<(), onrec_learn::LearnError> {
         match self.inner.learner.read().as_ref() {
             Some(link) => link.learner().shutdown(),
             None => Ok(()),
         }
-    }
-
-    /// The top-n items for one user, best first.
-    ///
-    /// With an encoder, a user whose history it knows is ranked by it over the whole
-    /// catalog; other users, and slots the encoder cannot fill, get popular items, and the
-    /// response's `fallback` says why.
-    pub async fn recommend(&self, req: &RecommendRequest) -> Result<Recommendation, EngineError> {
-        let cfg = &self.inner.config;
-        req.validate(cfg.max_n)?;
-        let n = req.n as usize;
-        let m = n.max(cfg.candidates);
-        let context = req.context.as_ref().map_or_else(ContextIds::default, |c| {
-            ContextIds::from_parts(c.hour.map(|h| h as u8), c.device.as_deref())
-        });
-        // With a shared state the user is read from it: another process may have served
-        // them or taken their feedback. Without an answer, this process's copy serves.
-        let remote = match self.shared() {
-            Some(shared) => match shared.user(&req.user_id).await {
-                Ok(user) => Some(user),
-                Err(e) => {
-                    metrics::counter!("onrec_shared_read_errors_total").increment(1);
-                    tracing::debug!(error = %e, "serving from this process's copy of the user");
-                    None
-                }
-            },
-            None => None,
-        };
-        let (mut hidden, plan, segment, history, base_version) = {
-            let ranking = self.inner.ranking.read();
-            let catalog = &ranking.catalog;
-            let mut hidden: HashSet<u32> = req
-                .exclude
-                .iter()
-                .filter_map(|id| catalog.index_of(id))
-                .collect();
-            let history = {
-                let mut users = self.inner.users.shard(&req.user_id);
-                match remote {
-                    Some(Some(user)) => {
-                        *users.get_or_insert_with(req.user_id.clone(), UserState::default) =
-                            UserState::from_shared(user, catalog);
-                    }
-                    Some(None) => {
-                        if let Some(user) = users.get_mut(&req.user_id) {
-                            *user = UserState::default();
-                        }
-                    }
-                    None => {}
-                }
-                let user = users.peek(&req.user_id);
-                let history: Vec<u32> = if req.recent_items.is_empty() {
-                    user.iter()
-                        .flat_map(|u| u.history.iter().copied())
-                        .collect()
-                } else {
-                    req.recent_items
-                        .iter()
-                        .filter_map(|id| catalog.index_of(id))
-                        .collect()
-                };
-                if let Some(user) = user {
-                    user.hide(cfg, &mut hidden);
-                }
-                history
-            };
-            let ctx = req.context.as_ref();
-            let facts = UserFacts {
-                device: ctx.and_then(|c| c.device.as_deref()),
-                country: ctx.and_then(|c| c.country.as_deref()),
-                page: ctx.and_then(|c| c.page.as_deref()),
-                hour: ctx.and_then(|c| c.hour),
-                returning: !history.is_empty(),
-            };
-            let segment = self.inner.explorer.segment(req.segment.as_deref(), &facts);
-            let plan = match &ranking.encoder {
-                EncoderState::None => Plan::Popularity(None),
-                EncoderState::Loading => Plan::Popularity(Some("the encoder is still loading")),
-                EncoderState::Learning => {
-                    Plan::Popularity(Some("the encoder has not learned from any event yet"))
-                }
-                EncoderState::Ready(link) => match link.query(&history, &hidden, context, m) {
-                    Some(q) => Plan::Encoder(link.encoder().clone(), q),
-                    None => Plan::Popularity(Some("the user has no history the encoder knows")),
-                },
-            };
-            // The version of what ranks this request, read with the plan.
-            (hidden, plan, segment, history, ranking.model_version())
-        };
-
-        let (encoded, user, mut fallback) = match plan {
-            Plan::Popularity(reason) => (Vec::new(), None, reason),
-            Plan::Encoder(encoder, query) => match encoder.top_k(query).await {
-                Ok(found) => (found.items, Some(Arc::<[f32]>::from(found.user)), None),
-                Err(ServeError::Overloaded) => {
-                    return Err(EngineError::Overloaded("the encoder queue is full".into()));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "encoder failed; serving popularity");
-                    (Vec::new(), None, Some("the encoder failed"))
-                }
-            },
-        };
-
-        let request_id = uuid::Uuid::new_v4();
-        let learner = self.inner.learner.read().clone();
-        let q_state = learner
-            .as_ref()
-            .map(|l| l.state(&history, context, user))
-            .unwrap_or_default();
-        let mut q_version = None;
-        let candidate_idx: Vec<u32>;
-        let (candidates, ranker) = {
-            let now = now_ms();
-            let ranking = self.inner.ranking.read();
-            let mut picked: Vec<(u32, f64)> = Vec::with_capacity(m);
-            let mut ranker = RANKER;
-            if let EncoderState::Ready(link) = &ranking.encoder {
-                for (idx, score) in encoded {
-                    if let Some(c) = link.to_catalog(idx).filter(|c| !hidden.contains(c)) {
-                        picked.push((c, f64::from(score)));
-                        hidden.insert(c);
-                    }
-                }
-                if !picked.is_empty() {
-                    ranker = RANKER_ENCODER;
-                }
-            }
-            if picked.len() < n && ranker == RANKER_ENCODER {
-                fallback =
-                    Some("the encoder found fewer items than asked; popular items fill the rest");
-            }
-            if picked.len() < m {
-                let fill = ranking.popular(&hidden, m - picked.len(), request_id.as_u64_pair().1);
-                picked.extend(
-                    fill.into_iter()
-                        .map(|idx| (idx, ranking.popularity.score_at(idx, now))),
-                );
-            }
-            if let Some(link) = &learner {
-                q_version = link.rescore(&q_state, &mut picked, n);
-            }
-            candidate_idx = picked.iter().map(|&(idx, _)| idx).collect();
-            let candidates: Vec<onrec_policy::Candidate> = picked
-                .into_iter()
-                .map(|(idx, score)| {
-                    onrec_policy::Candidate::new(ranking.catalog.get(idx).item_id.clone(), score)
-                })
-                .collect();
-            (candidates, ranker)
-        };
-
-        // The request id is random; its bits seed this request's exploration.
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(request_id.as_u64_pair().0);
-        let slate = self
-            .inner
-            .explorer
-            .rerank(&segment, &candidates, n, &mut rng)
-            .await;
-        if slate.fallback && fallback.is_none() {
-            fallback = Some(
-                "bandit statistics are unavailable; the ranking is served without exploration",
-            );
-        }
-        let label = self.segment_label(&segment);
-        for slot in &slate.slots {
-            let explored = if slot.explored { "true" } else { "false" };
-            metrics::counter!("onrec_bandit_decisions_total", "segment" => label.clone(), "policy" => slate.policy, "explored" => explored)
-                .increment(1);
-        }
-        let mut impressions: Vec<StatUpdate> = Vec::new();
-        if self.inner.config.impressions_from == ImpressionSource::Served {
-            impressions.extend(
-                slate
-                    .slots
-                    .iter()
-                    .map(|s| StatUpdate::impression(segment.clone(), s.item_id.clone())),
-            );
-        }
-        // With a shared state they are written with the response (below).
-        if self.shared().is_none() {
-            self.queue_stats(std::mem::take(&mut impressions));
-        }
-        let request_id = request_id.to_string();
-        let now = now_ms();
-        let model_version = match q_version {
-            Some(v) => format!("{base_version}+q{v}"),
-            None => base_version,
-        };
-        if self.inner.decisions.enabled {
-            self.log_decision(LogRecord::Decision(Box::new(DecisionRecord {
-                request_id: request_id.clone(),
-                timestamp: now,
-                segment: segment.clone(),
-                context: req.context.clone(),
-                policy: self.inner.explorer.policy(&segment).config().clone(),
-                fallback: slate.fallback,
-                ranker: ranker.to_owned(),
-                model_version: model_version.clone(),
-                candidates: candidates
-                    .iter()
-                    .map(|c| LoggedCandidate {
-                        item_id: c.item_id.clone(),
-                        score: c.score,
-                    })
-                    .collect(),
-                slate: slate
-                    .slots
-                    .iter()
-                    .map(|s| LoggedSlot {
-                        item_id: s.item_id.clone(),
-                        propensity: s.propensity,
-                        explored: s.explored,
-                    })
-                    .collect(),
-            })));
-        }
-        // Catalog indices of the served slots.
-        let slate_idx: Vec<u32> = slate
-            .slots
-            .iter()
-            .filter_map(|s| candidates.iter().position(|c| c.item_id == s.item_id))
-            .map(|i| candidate_idx[i])
-            .collect();
-        self.inner
-            .impressions
-            .shard(&request_id)
-            .get_or_insert_with(request_id.clone(), || Impression {
-                segment: segment.clone(),
-                items: slate.slots.iter().map(|s| s.item_id.clone()).collect(),
-                at_ms: now,
-                context,
-                slate: slate_idx.clone(),
-                decision: learner
-                    .as_ref()
-                    .map(|l| l.decision(q_state.clone(), candidate_idx.clone(), slate_idx.clone())),
-            });
-        if let Some(shared) = self.shared() {
-            shared.served(Served {
-                user_id: req.user_id.clone(),
-                request_id: request_id.clone(),
-                impression: SharedImpression {
-                    segment: segment.clone(),
-                    items: slate.slots.iter().map(|s| s.item_id.clone()).collect(),
-                    at_ms: now,
-                    context,
-                },
-                updates: impressions,
-            });
-        }
-        {
-            let mut users = self.inner.users.shard(&req.user_id);
-            let user = users.get_or_insert_with(req.user_id.clone(), UserState::default);
-            user.last_segment = Some(segment.clone());
-            user.saw(slate_idx);
-            user.recent_requests.push_back(request_id.clone());
-            while user.recent_requests.len() > MAX_RECENT_REQUESTS {
-                user.recent_requests.pop_front();
-            }
-        }
-
-        let ranking = self.inner.ranking.read();
-        let items = slate
-            .slots
-            .into_iter()
-            .map(|slot| {
-                let (category, title) = ranking
-                    .catalog
-                    .index_of(&slot.item_id)
-                    .map(|i| ranking.catalog.get(i))
-                    .map_or_else(Default::default, |item| {
-                        (item.category.clone(), item.title.clone())
-                    });
-                RecommendedItem {
-                    item_id: slot.item_id,
-                    score: slot.score,
-                    propensity: slot.propensity,
-                    explored: slot.explored,
-                    category,
-                    title,
-                }
-            })
-            .collect();
-        Ok(Recommendation {
-            request_id,
-            model_version,
-            ranker: ranker.to_owned(),
-            fallback: fallback.map(str::to_owned),
-            segment,
-            policy: slate.policy.to_owned(),
-            items,
-        })
     }
 
     /// The metric label of a segment: its name when configured, else `other`, so that
@@ -1204,14 +700,14 @@ impl Engine {
 
     /// Stops taking statistics updates; [`Engine::run_stats_writer`] then writes what is
     /// queued and returns. For shutdown.
-    pub fn close_stats(&self) {
+    pub(crate) fn close_stats(&self) {
         self.inner.stats_tx.write().take();
     }
 
     /// Writes queued bandit statistics to the store in batches until [`Engine::close_stats`]
     /// and everything queued before it is written. Run it once, as a task; a second call
     /// returns at once.
-    pub async fn run_stats_writer(&self) {
+    pub(crate) async fn run_stats_writer(&self) {
         let Some(mut rx) = self.inner.stats_rx.lock().take() else {
             return;
         };

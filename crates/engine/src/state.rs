@@ -197,7 +197,7 @@ impl Engine {
             for u in snapshot.users {
                 let state = UserState {
                     history: idx(&u.history, history_len),
-                    disliked: idx(&u.disliked, crate::MAX_DISLIKED),
+                    disliked: idx(&u.disliked, crate::users::MAX_DISLIKED),
                     purchased: idx(&u.purchased, crate::MAX_PURCHASED),
                     shown: idx(&u.shown, crate::SHOWN_WINDOW),
                     last_segment: u.last_segment,

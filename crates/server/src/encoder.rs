@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use onrec_engine::Engine;
+use onrec_engine::background::FollowEncoder;
 use onrec_engine::online::OnlineSettings;
 use onrec_model::context::ContextIds;
 use onrec_model::online::{ONLINE_STATE, OnlineConfig};
@@ -135,14 +136,12 @@ fn seed_demo(engine: &Engine, items: &[(String, String)]) {
     );
 }
 
-/// On a serve replica with an online encoder: ranks with each encoder the learner
-/// publishes to Redis, until the task is dropped.
-pub async fn follow_published(engine: Engine, config: std::sync::Arc<Config>) {
-    if config.role != Role::Serve || !config.encoder_online {
-        return;
-    }
-    let device = device::select(config.device);
-    engine
-        .follow_published_encoder(&device, config.encoder_queue, batching(&config))
-        .await;
+/// On a serve replica with an online encoder: how it loads each encoder the learner
+/// publishes to Redis (`None` elsewhere).
+pub fn follow_published(config: &Config) -> Option<FollowEncoder> {
+    (config.role == Role::Serve && config.encoder_online).then(|| FollowEncoder {
+        device: device::select(config.device),
+        queue: config.encoder_queue,
+        batching: batching(config),
+    })
 }

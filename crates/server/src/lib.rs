@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context as _;
+use onrec_engine::background::BackgroundSettings;
 use onrec_engine::learning::{QMode, QSettings};
 use onrec_engine::shared::{RedisShared, SharedConfig};
 use onrec_engine::{Engine, catalog};
@@ -344,6 +345,24 @@ fn attach_learner(engine: &Engine, config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Longest a queue of writes (statistics, shared responses, decision log records) is
+/// waited for at shutdown.
+const QUEUE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The engine's background work for this process's role: with Redis, a process that may
+/// learn applies the statistics stream under the lease, and a serve replica ranks with
+/// the encoder the learner publishes.
+fn background_settings(config: &Config) -> anyhow::Result<BackgroundSettings> {
+    let learn_into = match (config.role, redis_store(config)?) {
+        (Role::All | Role::Learn, Some(store)) => Some(Arc::new(store) as Arc<dyn BanditStore>),
+        _ => None,
+    };
+    Ok(BackgroundSettings {
+        learn_into,
+        follow_encoder: encoder::follow_published(config),
+    })
+}
+
 /// The listeners [`run`] serves on, bound by the caller.
 #[derive(Debug)]
 pub struct Listeners {
@@ -408,35 +427,9 @@ pub async fn run(
     let keeper = app
         .state_dir()
         .map(|dir| tokio::spawn(keep_state(app.clone(), dir.to_owned(), token.clone())));
-    // With Redis: other processes' catalog changes and popularity, and this process's
-    // responses, in the shared state.
-    let shared = match app.engine.shared().cloned() {
-        Some(shared) => {
-            let engine = app.engine.clone();
-            let follower = tokio::spawn(async move { engine.follow_peers().await });
-            let writer = Arc::clone(&shared);
-            let writer = tokio::spawn(async move { writer.run_writer().await });
-            let weights = tokio::spawn(encoder::follow_published(
-                app.engine.clone(),
-                app.config.clone(),
-            ));
-            // The statistics stream is applied by one process at a time, under the lease.
-            let learner = match (app.config.role, redis_store(&app.config)?) {
-                (Role::All | Role::Learn, Some(store)) => {
-                    let shared = Arc::clone(&shared);
-                    let store: Arc<dyn BanditStore> = Arc::new(store);
-                    Some(tokio::spawn(async move { shared.run_learner(store).await }))
-                }
-                _ => None,
-            };
-            Some((shared, follower, writer, learner, weights))
-        }
-        None => None,
-    };
-    let writer = {
-        let engine = app.engine.clone();
-        tokio::spawn(async move { engine.run_stats_writer().await })
-    };
+    let background = app
+        .engine
+        .start_background(background_settings(&app.config)?);
 
     app.ready.store(true, Ordering::Release);
     health
@@ -468,35 +461,11 @@ pub async fn run(
     })
     .await;
     upkeep.abort();
-    // What is still queued for the bandit store is written before exit (bounded).
-    app.engine.close_stats();
-    if tokio::time::timeout(std::time::Duration::from_secs(5), writer)
-        .await
-        .is_err()
-    {
-        tracing::warn!("bandit statistics still queued after 5 s; exiting without them");
-    }
-    if let Some((shared, follower, writer, learner, weights)) = shared {
-        follower.abort();
-        weights.abort();
-        shared.close_writer();
-        if tokio::time::timeout(std::time::Duration::from_secs(5), writer)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "responses still queued for the shared state after 5 s; exiting without them"
-            );
-        }
-        if let Some(learner) = learner {
-            // What it read and did not acknowledge stays pending for the next learner.
-            learner.abort();
-            let _ = learner.await;
-            if let Err(e) = shared.release_lease().await {
-                tracing::warn!(error = %e, "the learner lease is left to expire");
-            }
-        }
-    }
+    // Queued statistics and responses are written (bounded), the learner lease is
+    // released, and the learners stop after their final checkpoints.
+    // released, and the learners stop after their final checkpoints (failures are
+    // logged as they happen).
+    let _ = background.shutdown(QUEUE_GRACE).await;
     if let Some(keeper) = keeper {
         // It stops at the cancellation; a save it started completes first.
         let _ = keeper.await;
@@ -506,23 +475,9 @@ pub async fn run(
     }
     app.engine.close_decision_log();
     if let Some(log_writer) = log_writer
-        && tokio::time::timeout(std::time::Duration::from_secs(5), log_writer)
-            .await
-            .is_err()
+        && tokio::time::timeout(QUEUE_GRACE, log_writer).await.is_err()
     {
         tracing::warn!("decision log records still queued after 5 s; exiting without them");
-    }
-    let engine = app.engine.clone();
-    match tokio::task::spawn_blocking(move || engine.shutdown_learner()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "the Q-network's final checkpoint failed"),
-        Err(e) => tracing::error!(error = %e, "stopping the Q-network learner failed"),
-    }
-    let engine = app.engine.clone();
-    match tokio::task::spawn_blocking(move || engine.shutdown_online_encoder()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "the online encoder did not stop cleanly"),
-        Err(e) => tracing::error!(error = %e, "stopping the online encoder failed"),
     }
     match drained {
         Ok(result) => {

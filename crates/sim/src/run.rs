@@ -3,9 +3,9 @@
 //! events, as the HTTP and gRPC adapters would have it do.
 //!
 //! Each policy gets a fresh engine over the world's catalog with an in-memory bandit
-//! store, its statistics written by `Engine::run_stats_writer` as a task on a
-//! current-thread tokio runtime (the loop yields after every round so the writer keeps
-//! up). The service as shipped (`onrec`) comes from a factory the caller gives
+//! store, its statistics written by the engine's background work
+//! ([`Engine::start_background`]) on a current-thread tokio runtime (the loop yields after
+//! every round so the writer keeps up). The service as shipped (`onrec`) comes from a factory the caller gives
 //! ([`Simulation::with_service`]); every `SETTLE_EVERY` rounds the run waits for its
 //! online encoder to train on what it was sent, as it would keep up with a shop's
 //! traffic. The world, the traffic and the outcome draws come from the world's seed, so every
@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use onrec_engine::background::BackgroundSettings;
 use onrec_engine::decisions::LogRecord;
 use onrec_engine::learning::{QMode, QSettings};
 use onrec_engine::{
@@ -401,22 +402,21 @@ impl Simulation {
             return Ok(run);
         }
         let (engine, learner) = self.engine(spec, sink.is_some())?;
+        let background = {
+            let _runtime = runtime.enter();
+            engine.start_background(BackgroundSettings::default())
+        };
         let result = runtime.block_on(self.drive(Target::Engine(&engine), spec, sink));
         let encoder_versions = engine.online_encoder().map(|o| o.published());
-        engine.shutdown_online_encoder()?;
-        let learner = learner.or_else(|| engine.q_learner());
-        let learner_counts = match &learner {
-            Some(l) => {
-                let counts = LearnerCounts {
-                    accepted: l.accepted(),
-                    dropped: l.dropped(),
-                    updates: l.current().updates,
-                };
-                engine.shutdown_learner()?;
-                Some(counts)
-            }
-            None => None,
-        };
+        let learner_counts = learner
+            .or_else(|| engine.q_learner())
+            .map(|l| LearnerCounts {
+                accepted: l.accepted(),
+                dropped: l.dropped(),
+                updates: l.current().updates,
+            });
+        // The statistics queue drains, then the learners stop.
+        runtime.block_on(background.shutdown(Duration::from_secs(60)))?;
         let mut run = result?;
         run.summary.learner = learner_counts;
         run.summary.encoder_versions = encoder_versions;
@@ -494,10 +494,6 @@ impl Simulation {
             Target::Engine(engine) => Some(engine),
             Target::Http(_) => None,
         };
-        let writer = engine.map(|engine| {
-            let engine = engine.clone();
-            tokio::spawn(async move { engine.run_stats_writer().await })
-        });
         let mut log = match (sink.as_ref(), engine) {
             (Some(_), Some(engine)) => engine.decision_records(),
             _ => None,
@@ -651,12 +647,7 @@ impl Simulation {
             }
             tokio::task::yield_now().await;
         }
-        if let (Some(engine), Some(writer)) = (engine, writer) {
-            engine.close_stats();
-            // The writer only ends once the queue is drained; its failure is a panic, reported.
-            writer
-                .await
-                .map_err(|e| SimError::Io(std::io::Error::other(e.to_string())))?;
+        if let Some(engine) = engine {
             engine.close_decision_log();
         }
         if let (Some(rx), Some(sink)) = (log.as_mut(), sink) {
