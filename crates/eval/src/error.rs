@@ -42,12 +42,9 @@ pub enum EvalError {
         /// What is wrong with it.
         message: String,
     },
-    /// Neither the log file nor any rotated file beside it exists.
-    #[error("{}: no such decision log (nor rotated files beside it)", path.display())]
-    NoLog {
-        /// The path asked for.
-        path: PathBuf,
-    },
+    /// The decision log cannot be read.
+    #[error(transparent)]
+    Log(#[from] onrec_engine::decisions::file::LogError),
     /// A file or directory cannot be read.
     #[error("{}: {source}", path.display())]
     Io {

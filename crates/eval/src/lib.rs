@@ -6,13 +6,12 @@
 //! records.
 
 pub mod error;
-pub mod logfile;
 pub mod obd;
 pub mod ope;
 
 pub use crate::error::EvalError;
-pub use crate::logfile::{ReadLog, read_log};
 pub use crate::obd::read_obd;
 pub use crate::ope::{
     Counts, Estimate, Estimates, OpeOptions, OpeReport, PositionReport, TargetPolicy, evaluate,
 };
+pub use onrec_engine::decisions::file::{LogError, ReadLog, read_log};

@@ -71,7 +71,7 @@ impl From<EvalError> for ApiError {
             ),
             EvalError::Record { .. }
             | EvalError::Line { .. }
-            | EvalError::NoLog { .. }
+            | EvalError::Log(_)
             | EvalError::Io { .. } => Self::Internal(e.to_string()),
         }
     }

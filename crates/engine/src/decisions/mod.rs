@@ -5,15 +5,70 @@
 //! The log is a sequence of [`LogRecord`]s, one JSON object per line when written out.
 //! Rewards are records of their own that name the decision's `request_id` and slot, so
 //! the log is append-only; readers join them (see [`join`]). The engine keeps the most
-//! recent records in memory (for `POST /v1/ope`) and hands every record to a writer (a
-//! rotating file or a Redis stream, in the server) through a bounded queue.
+//! recent records in memory (for `POST /v1/ope`) and hands every record to a writer
+//! through a bounded queue: a rotating file ([`file`], which also reads the files back)
+//! or a capped Redis stream ([`stream`]), started by [`spawn_writer`].
+
+pub mod file;
+pub mod stream;
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 
 use onrec_policy::PolicyConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::types::{Context, EventType};
+
+/// Records written out, by `sink`.
+pub const WRITTEN: &str = "onrec_decision_log_records_total";
+/// Failed writes, by `sink`: a record the file could not take (lost, also counted in
+/// `onrec_decision_log_dropped_total`), or a Redis batch (retried).
+pub const FAILED: &str = "onrec_decision_log_write_errors_total";
+/// Records dropped: the writer's queue was full, or the file could not take them.
+pub const DROPPED: &str = "onrec_decision_log_dropped_total";
+
+/// Most records written in one go.
+const BATCH: usize = 512;
+
+/// Where the decision log is written.
+#[derive(Debug)]
+pub enum Sink {
+    /// Nowhere (the in-memory window only).
+    None,
+    /// A rotating file (see [`file`]).
+    File {
+        /// The active file.
+        path: PathBuf,
+        /// Size at which it rotates.
+        max_bytes: u64,
+        /// Rotated files kept.
+        keep: usize,
+    },
+    /// A capped Redis stream.
+    Redis(Box<stream::RedisStream>),
+}
+
+/// Opens `sink` (so that a bad path fails at once) and spawns the task that writes what
+/// `records` yields until the stream ends (after `Engine::close_decision_log`). Must be
+/// called inside a tokio runtime.
+pub fn spawn_writer(
+    records: tokio::sync::mpsc::Receiver<LogRecord>,
+    sink: Sink,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    Ok(match sink {
+        Sink::None => tokio::spawn(async {}),
+        Sink::File {
+            path,
+            max_bytes,
+            keep,
+        } => {
+            let mut file = file::RotatingFile::open(path, max_bytes, keep)?;
+            tokio::task::spawn_blocking(move || file.drain(records))
+        }
+        Sink::Redis(stream) => tokio::spawn(async move { stream.drain(records).await }),
+    })
+}
 
 /// One line of the decision log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
