@@ -6,6 +6,7 @@ mod bandit;
 mod common;
 mod evaluation;
 mod grpc;
+mod hostile;
 mod http;
 mod learning;
 mod lifecycle;

@@ -282,10 +282,23 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
 
-    /// Requests served at once; beyond it requests get 429 / RESOURCE_EXHAUSTED
+    /// Requests served at once; beyond it requests get 429 / RESOURCE_EXHAUSTED. A request
+    /// takes its place only once its body has arrived, so slow or idle uploads hold none
     #[arg(long, env = "ONREC_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
+
+    /// Event streams open at once (NDJSON uploads, gRPC RecordEvents and StreamEvents), a
+    /// budget apart from max_concurrent_requests; beyond it streams get 429 /
+    /// RESOURCE_EXHAUSTED
+    #[arg(long, env = "ONREC_MAX_STREAMS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams: u32,
+
+    /// Longest time a request body may take to arrive; a slower one gets 408
+    #[arg(long, env = "ONREC_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
 
     /// With redis_url: all (serve, and apply the bandit statistics while holding the
     /// learner lease), serve (only serve), or learn (apply the statistics; a second

@@ -17,9 +17,9 @@ pub enum ApiError {
     /// No or a wrong API key.
     #[error("missing or invalid API key (send `Authorization: Bearer <key>`)")]
     Unauthenticated,
-    /// The server is at its concurrency limit.
-    #[error("the server is at capacity ({0} requests in flight); retry later")]
-    Overloaded(u32),
+    /// The server is at a concurrency limit: its size, and what it counts.
+    #[error("the server is at capacity ({0} {1} in flight); retry later")]
+    Overloaded(u32, &'static str),
     /// A stage of the pipeline is saturated (e.g. the encoder queue).
     #[error("{0}; retry later")]
     Busy(String),
@@ -89,7 +89,7 @@ impl ApiError {
         match self {
             Self::InvalidArgument(_) | Self::BadRequest(_) => "invalid_argument",
             Self::Unauthenticated => "unauthenticated",
-            Self::Overloaded(_) | Self::Busy(_) => "overloaded",
+            Self::Overloaded(..) | Self::Busy(_) => "overloaded",
             Self::Timeout(_) => "timeout",
             Self::FailedPrecondition(_) => "failed_precondition",
             Self::PayloadTooLarge(_) => "payload_too_large",
@@ -102,7 +102,7 @@ impl ApiError {
         match self {
             Self::InvalidArgument(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Self::Overloaded(_) | Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded(..) | Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::FailedPrecondition(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -115,7 +115,7 @@ impl ApiError {
         match self {
             Self::InvalidArgument(_) | Self::BadRequest(_) => tonic::Code::InvalidArgument,
             Self::Unauthenticated => tonic::Code::Unauthenticated,
-            Self::Overloaded(_) | Self::Busy(_) => tonic::Code::ResourceExhausted,
+            Self::Overloaded(..) | Self::Busy(_) => tonic::Code::ResourceExhausted,
             Self::Timeout(_) => tonic::Code::DeadlineExceeded,
             Self::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Self::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,
@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn overload_and_unavailable_answers_say_when_to_retry_and_auth_failures_name_the_scheme() {
-        let busy = ApiError::Overloaded(8).into_response();
+        let busy = ApiError::Overloaded(8, "requests").into_response();
         assert_eq!(busy.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(busy.headers()[axum::http::header::RETRY_AFTER], "1");
         let away = ApiError::Unavailable("redis".into()).into_response();

@@ -17,11 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Router;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::App;
 use crate::auth::Access;
 use crate::error::ApiError;
 use crate::events::EventSink;
 use crate::metrics::{self, Transport};
+use crate::{App, Budget};
 
 /// The `Recommender` service over the app.
 #[derive(Clone)]
@@ -42,11 +42,16 @@ pub fn server(app: App) -> anyhow::Result<(tonic_health::server::HealthReporter,
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(health)
         .add_service(reflection)
         .add_service(recommender);
     Ok((reporter, router))
 }
+
+/// Concurrent HTTP/2 streams one gRPC connection may open, advertised in its settings:
+/// one client cannot open thousands of calls on a single connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
 /// Serves until `token` is cancelled, then lets in-flight calls and streams finish.
 pub async fn serve(
@@ -332,6 +337,7 @@ impl GrpcApi {
                 Transport::Grpc,
                 endpoint,
                 access,
+                Budget::Requests,
                 authorization,
                 self.app.timed(work),
             )
@@ -428,6 +434,7 @@ impl Recommender for GrpcApi {
                 Transport::Grpc,
                 "record_events",
                 Access::Write,
+                Budget::Streams,
                 auth.as_deref(),
                 work,
             )
@@ -445,7 +452,8 @@ impl Recommender for GrpcApi {
         let started = Instant::now();
         let admitted = match self
             .app
-            .admit(Transport::Grpc, Access::Write, authorization(&request))
+            .authorize(Access::Write, authorization(&request))
+            .and_then(|()| self.app.admit(Transport::Grpc, Budget::Streams))
         {
             Ok(admitted) => admitted,
             Err(e) => {

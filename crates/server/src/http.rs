@@ -1,6 +1,7 @@
 //! The HTTP API (axum): JSON in and out, NDJSON event streams, health, metrics, OpenAPI.
 
 use std::future::Future;
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -17,11 +18,11 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use utoipa::OpenApi;
 
-use crate::App;
 use crate::auth::Access;
 use crate::error::{ApiError, ErrorBody};
 use crate::events::EventSink;
 use crate::metrics::{self, Transport};
+use crate::{App, Budget};
 
 /// Content type of a streamed event body: one JSON event per line.
 pub const NDJSON: &str = "application/x-ndjson";
@@ -59,7 +60,7 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
-/// Runs one API request: key check, admission, time limit, metrics, error mapping.
+/// Runs one API request without a body: key check, admission, metrics, error mapping.
 async fn handle<T, F>(
     app: &App,
     endpoint: &'static str,
@@ -75,6 +76,67 @@ where
         Transport::Http,
         endpoint,
         access,
+        Budget::Requests,
+        authorization(headers),
+        work,
+    )
+    .await
+    .into_response()
+}
+
+/// Runs one API request with a JSON body: the key is checked, then the whole body is read
+/// (within `body_timeout` and `max_body_bytes`) while the request holds no admission
+/// place, so slow or stalled uploads cannot crowd out other clients; then it is admitted
+/// and `work` runs on the body within the request timeout.
+async fn handle_body<T, F, Fut>(
+    app: &App,
+    endpoint: &'static str,
+    access: Access,
+    headers: &HeaderMap,
+    body: Body,
+    work: F,
+) -> Response
+where
+    T: IntoResponse,
+    F: FnOnce(Vec<u8>) -> Fut,
+    Fut: Future<Output = Result<T, ApiError>>,
+{
+    let started = Instant::now();
+    let result = async {
+        app.authorize(access, authorization(headers))?;
+        let limit = app.config().body_timeout;
+        let bytes = tokio::time::timeout(limit, read_body(body, app.config().max_body_bytes))
+            .await
+            .map_err(|_| {
+                ApiError::Timeout(format!(
+                    "the request body did not arrive within {limit:?} (body_timeout)"
+                ))
+            })??;
+        let _admitted = app.admit(Transport::Http, Budget::Requests)?;
+        app.timed(work(bytes)).await
+    }
+    .await;
+    metrics::finish(Transport::Http, endpoint, started, &result);
+    result.into_response()
+}
+
+/// Runs one event stream: key check, a place in the streams budget (apart from the
+/// requests'), metrics, error mapping.
+async fn handle_stream<T, F>(
+    app: &App,
+    endpoint: &'static str,
+    headers: &HeaderMap,
+    work: F,
+) -> Response
+where
+    T: IntoResponse,
+    F: Future<Output = Result<T, ApiError>>,
+{
+    app.serve(
+        Transport::Http,
+        endpoint,
+        Access::Write,
+        Budget::Streams,
         authorization(headers),
         work,
     )
@@ -120,11 +182,6 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldError> {
     Ok(value)
 }
 
-async fn read_json<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiError> {
-    let bytes = read_body(body, app.config().max_body_bytes).await?;
-    Ok(parse_json(&bytes)?)
-}
-
 /// Top-N items for one user.
 #[utoipa::path(post, path = "/v1/recommend", tag = "recommend",
     request_body = RecommendRequest,
@@ -132,16 +189,18 @@ async fn read_json<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiE
         (status = 200, description = "At most n items, best first", body = Recommendation),
         (status = 400, description = "Malformed request; `field` names the culprit", body = ErrorBody),
         (status = 401, description = "Missing or wrong read API key", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within body_timeout, or the request took longer than request_timeout", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
         (status = 429, description = "At capacity; retry later", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
 async fn recommend(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
-    handle(&app, "recommend", Access::Read, &headers, app.timed( async {
-        let req: RecommendRequest = read_json(&app, body).await?;
+    handle_body(&app, "recommend", Access::Read, &headers, body, async |bytes| {
+        let req: RecommendRequest = parse_json(&bytes)?;
         let recommendation = app.engine().recommend(&req).await?;
         tracing::debug!(user_id = %req.user_id, request_id = %recommendation.request_id, n = recommendation.items.len(), "recommended");
         Ok(Json(recommendation))
-    }))
+    })
     .await
 }
 
@@ -154,9 +213,9 @@ async fn recommend(State(app): State<App>, headers: HeaderMap, body: Body) -> Re
         (status = 200, description = "What became of each event", body = EventsSummary),
         (status = 400, description = "A malformed JSON array (nothing applied); `field` names the culprit", body = ErrorBody),
         (status = 401, description = "Missing or wrong write API key", body = ErrorBody),
-        (status = 408, description = "The stream stalled; the events before the stall were applied", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within body_timeout (nothing applied), or the stream stalled (the events before the stall were applied)", body = ErrorBody),
         (status = 413, description = "Body or stream too large", body = ErrorBody),
-        (status = 429, description = "At capacity; retry later", body = ErrorBody),
+        (status = 429, description = "At capacity (requests, or event streams); retry later", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
 async fn record_events(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
@@ -165,21 +224,28 @@ async fn record_events(State(app): State<App>, headers: HeaderMap, body: Body) -
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case(NDJSON));
-    handle(&app, "record_events", Access::Write, &headers, async {
-        if is_ndjson {
-            return ndjson_events(&app, body).await.map(Json);
-        }
-        app.timed(async {
-            let events: Vec<Event> = read_json(&app, body).await?;
+    if is_ndjson {
+        return handle_stream(&app, "record_events", &headers, async {
+            ndjson_events(&app, body).await.map(Json)
+        })
+        .await;
+    }
+    handle_body(
+        &app,
+        "record_events",
+        Access::Write,
+        &headers,
+        body,
+        async |bytes| {
+            let events: Vec<Event> = parse_json(&bytes)?;
             app.engine().validate_batch(&events)?;
             let mut sink = EventSink::new(&app);
             for e in &events {
                 sink.push(e).await?;
             }
             Ok(Json(sink.finish()))
-        })
-        .await
-    })
+        },
+    )
     .await
 }
 
@@ -291,17 +357,20 @@ async fn ndjson_line(
         (status = 200, description = "What changed", body = UpsertSummary),
         (status = 400, description = "A malformed item (nothing changed); `field` names the culprit", body = ErrorBody),
         (status = 401, description = "Missing or wrong write API key", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within body_timeout (nothing changed)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 429, description = "At capacity; retry later", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
 async fn upsert_items(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
-    handle(
+    handle_body(
         &app,
         "upsert_items",
         Access::Write,
         &headers,
-        app.timed(async {
-            let items: Vec<Item> = read_json(&app, body).await?;
+        body,
+        async |bytes| {
+            let items: Vec<Item> = parse_json(&bytes)?;
             let summary = app.engine().upsert_items(items).await?;
             app.refresh_gauges();
             tracing::info!(
@@ -311,7 +380,7 @@ async fn upsert_items(State(app): State<App>, headers: HeaderMap, body: Body) ->
                 "catalog updated"
             );
             Ok(Json(summary))
-        }),
+        },
     )
     .await
 }
@@ -418,30 +487,27 @@ pub struct OpeRequest {
     responses(
         (status = 200, description = "Estimates per decision, per slot and per position", body = onrec_eval::OpeReport),
         (status = 400, description = "Malformed policy or options; `field` names the culprit", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within body_timeout", body = ErrorBody),
         (status = 409, description = "No decisions logged yet", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 429, description = "At capacity; retry later", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
 async fn evaluate_policy(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
-    handle(
-        &app,
-        "ope",
-        Access::Read,
-        &headers,
-        app.timed(async {
-            let req: OpeRequest = read_json(&app, body).await?;
-            let defaults = onrec_eval::OpeOptions::default();
-            let options = onrec_eval::OpeOptions {
-                bootstrap: req.bootstrap.unwrap_or(defaults.bootstrap),
-                confidence: req.confidence.unwrap_or(defaults.confidence),
-                seed: req.seed.unwrap_or(defaults.seed),
-            };
-            let target = onrec_eval::TargetPolicy {
-                policy: req.policy,
-                segments: req.segments,
-            };
-            Ok(Json(app.evaluate(target, options).await?))
-        }),
-    )
+    handle_body(&app, "ope", Access::Read, &headers, body, async |bytes| {
+        let req: OpeRequest = parse_json(&bytes)?;
+        let defaults = onrec_eval::OpeOptions::default();
+        let options = onrec_eval::OpeOptions {
+            bootstrap: req.bootstrap.unwrap_or(defaults.bootstrap),
+            confidence: req.confidence.unwrap_or(defaults.confidence),
+            seed: req.seed.unwrap_or(defaults.seed),
+        };
+        let target = onrec_eval::TargetPolicy {
+            policy: req.policy,
+            segments: req.segments,
+        };
+        Ok(Json(app.evaluate(target, options).await?))
+    })
     .await
 }
 

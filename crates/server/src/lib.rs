@@ -48,12 +48,22 @@ pub struct App {
     config: Arc<Config>,
     keys: ApiKeys,
     admission: Arc<Semaphore>,
+    streams: Arc<Semaphore>,
     shutdown: CancellationToken,
     ready: Arc<AtomicBool>,
     /// Set at SIGTERM: the server still serves, but says it is draining.
     draining: Arc<AtomicBool>,
     store_seen: Arc<AtomicBool>,
     model_version: Arc<Mutex<Option<String>>>,
+}
+
+/// Which concurrency budget a request counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// Requests with a whole body (`max_concurrent_requests`).
+    Requests,
+    /// Event streams, open as long as the client sends (`max_streams`).
+    Streams,
 }
 
 /// What a request holds while it runs: its admission permit and in-flight count.
@@ -69,6 +79,7 @@ impl App {
         Self {
             keys: ApiKeys::new(&config.read_api_keys, &config.write_api_keys),
             admission: Arc::new(Semaphore::new(config.max_concurrent_requests as usize)),
+            streams: Arc::new(Semaphore::new(config.max_streams as usize)),
             engine,
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
@@ -117,35 +128,46 @@ impl App {
         reachable
     }
 
-    /// Checks the API key and takes an admission permit, or says why not.
-    pub fn admit(
-        &self,
-        transport: Transport,
-        access: Access,
-        authorization: Option<&str>,
-    ) -> Result<Admitted, ApiError> {
-        self.keys.check(access, authorization)?;
-        let permit = Arc::clone(&self.admission)
+    /// Checks the API key, or says why not.
+    pub fn authorize(&self, access: Access, authorization: Option<&str>) -> Result<(), ApiError> {
+        self.keys.check(access, authorization)
+    }
+
+    /// Takes a place in `budget` for a request whose key was checked, or says why not.
+    pub fn admit(&self, transport: Transport, budget: Budget) -> Result<Admitted, ApiError> {
+        let (permits, limit, what) = match budget {
+            Budget::Requests => (
+                &self.admission,
+                self.config.max_concurrent_requests,
+                "requests",
+            ),
+            Budget::Streams => (&self.streams, self.config.max_streams, "event streams"),
+        };
+        let permit = Arc::clone(permits)
             .try_acquire_owned()
-            .map_err(|_| ApiError::Overloaded(self.config.max_concurrent_requests))?;
+            .map_err(|_| ApiError::Overloaded(limit, what))?;
         Ok(Admitted {
             _permit: permit,
             _inflight: Inflight::start(transport),
         })
     }
 
-    /// Runs one request: key check and admission, then `work`, counted in the request
-    /// metrics under `transport` and `endpoint` with its outcome and duration.
+    /// Runs one request: key check and admission to `budget`, then `work`, counted in the
+    /// request metrics under `transport` and `endpoint` with its outcome and duration.
     pub async fn serve<T>(
         &self,
         transport: Transport,
         endpoint: &'static str,
         access: Access,
+        budget: Budget,
         authorization: Option<&str>,
         work: impl Future<Output = Result<T, ApiError>>,
     ) -> Result<T, ApiError> {
         let started = Instant::now();
-        let result = match self.admit(transport, access, authorization) {
+        let result = match self
+            .authorize(access, authorization)
+            .and_then(|()| self.admit(transport, budget))
+        {
             Ok(_admitted) => work.await,
             Err(e) => Err(e),
         };
