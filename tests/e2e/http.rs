@@ -361,6 +361,29 @@ async fn health_metrics_and_openapi() {
     ] {
         assert!(doc["paths"][path].is_object(), "{path} not documented");
     }
+    // `top` is the optional query parameter it is, in its range.
+    let top = &doc["paths"]["/v1/segments"]["get"]["parameters"][0];
+    assert_eq!(
+        (
+            &top["name"],
+            &top["in"],
+            &top["required"],
+            &top["schema"]["minimum"]
+        ),
+        (&json!("top"), &json!("query"), &json!(false), &json!(1)),
+        "{top}"
+    );
+    // A known route with another method: 405, with the error body and the allowed ones.
+    let answer = s
+        .client
+        .delete(s.url("/v1/recommend"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 405);
+    assert_eq!(answer.headers()["allow"], "POST");
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["code"], "method_not_allowed", "{body}");
     // Every property the document gives a request type is accepted by the server.
     let props = doc["components"]["schemas"]["RecommendRequest"]["properties"]
         .as_object()

@@ -41,6 +41,7 @@ pub fn router(app: App) -> Router {
         .route("/metrics", get(prometheus))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
 }
 
@@ -387,9 +388,11 @@ async fn upsert_items(State(app): State<App>, headers: HeaderMap, body: Body) ->
 
 /// Query of the segment endpoints.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct TopQuery {
     /// Best items listed per segment (1..=1000, default 10).
+    #[param(minimum = 1, maximum = 1000)]
     top: Option<usize>,
 }
 
@@ -408,6 +411,9 @@ fn top_of(uri: &axum::http::Uri) -> Result<usize, ApiError> {
 #[utoipa::path(get, path = "/v1/segments", tag = "exploration", params(TopQuery),
     responses(
         (status = 200, description = "Every segment with statistics", body = Vec<SegmentReport>),
+        (status = 400, description = "A bad query (`top` out of 1..=1000, or an unknown parameter)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong read API key", body = ErrorBody),
+        (status = 429, description = "At capacity; retry later", body = ErrorBody),
         (status = 503, description = "The bandit store did not answer", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
@@ -434,6 +440,9 @@ async fn list_segments(
     params(("segment" = String, Path, description = "The segment"), TopQuery),
     responses(
         (status = 200, description = "The segment (zero counts when it has no statistics yet)", body = SegmentReport),
+        (status = 400, description = "A bad segment name (empty, longer than 128 bytes, or with control characters) or query", body = ErrorBody),
+        (status = 401, description = "Missing or wrong read API key", body = ErrorBody),
+        (status = 429, description = "At capacity; retry later", body = ErrorBody),
         (status = 503, description = "The bandit store did not answer", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
@@ -563,6 +572,21 @@ async fn not_found() -> Response {
         Json(ErrorBody {
             error: "no such route; see /openapi.json".to_owned(),
             code: "not_found",
+            field: None,
+        }),
+    )
+        .into_response()
+}
+
+/// A known route asked with a method it does not serve: 405 with the error body (axum
+/// adds the `Allow` header).
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(ErrorBody {
+            error: "this route does not serve this method; see the Allow header and /openapi.json"
+                .to_owned(),
+            code: "method_not_allowed",
             field: None,
         }),
     )
