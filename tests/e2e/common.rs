@@ -263,6 +263,10 @@ pub struct RedisServer {
     /// With TLS only: the directory of its certificates (`ca.pem`, `server.pem`,
     /// `server.key`); removed on drop.
     tls: Option<std::path::PathBuf>,
+    /// Arguments before the port (a Sentinel's config file and `--sentinel`).
+    leading: Vec<String>,
+    /// Arguments after the others (`--replicaof`).
+    extra: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -285,15 +289,60 @@ fn redis_answers(port: u16) -> bool {
 impl RedisServer {
     /// Starts one on a free port.
     pub fn start() -> RedisServer {
+        Self::start_with(Vec::new(), Vec::new())
+    }
+
+    /// Starts one on a free port with `leading` arguments before the port and `extra`
+    /// ones after the others, in a directory of its own (a replica's full sync writes an
+    /// RDB file there).
+    fn start_with(leading: Vec<String>, extra: Vec<String>) -> RedisServer {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("onrec-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a directory for redis-server");
         let mut r = RedisServer {
             child: None,
-            port: free_port(),
+            port,
             appendonly: false,
-            dir: None,
+            dir: Some(dir),
             tls: None,
+            leading,
+            extra,
         };
         r.restart();
         r
+    }
+
+    /// Starts a replica of `master`.
+    pub fn start_replica_of(master: &RedisServer) -> RedisServer {
+        Self::start_with(
+            Vec::new(),
+            vec![
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                master.port.to_string(),
+            ],
+        )
+    }
+
+    /// Starts a Sentinel that monitors `master` as `shop` (quorum 1, short timers).
+    pub fn start_sentinel(master: &RedisServer) -> RedisServer {
+        let conf = std::env::temp_dir().join(format!(
+            "onrec-sentinel-{}-{}.conf",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::write(
+            &conf,
+            format!(
+                "sentinel monitor shop 127.0.0.1 {} 1\nsentinel down-after-milliseconds shop 1000\nsentinel failover-timeout shop 5000\n",
+                master.port
+            ),
+        )
+        .expect("writing the Sentinel's config");
+        Self::start_with(
+            vec![conf.display().to_string(), "--sentinel".into()],
+            Vec::new(),
+        )
     }
 
     /// Starts one that speaks TLS only, with a certificate for 127.0.0.1 from a
@@ -365,6 +414,8 @@ impl RedisServer {
             appendonly: false,
             dir: None,
             tls: Some(dir),
+            leading: Vec::new(),
+            extra: Vec::new(),
         };
         r.restart();
         r
@@ -374,6 +425,17 @@ impl RedisServer {
     pub fn ca_file(&self) -> String {
         let dir = self.tls.as_ref().expect("a TLS server");
         dir.join("ca.pem").display().to_string()
+    }
+
+    /// A raw command's answer.
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).unwrap();
+        let mut conn = client.get_connection().expect("connecting to redis-server");
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut conn).expect("a redis command")
     }
 
     /// Starts one on a free port that logs every write to an append-only file.
@@ -387,6 +449,8 @@ impl RedisServer {
             appendonly: true,
             dir: Some(dir),
             tls: None,
+            leading: Vec::new(),
+            extra: Vec::new(),
         };
         r.restart();
         r
@@ -425,6 +489,7 @@ impl RedisServer {
             None => vec!["--port".into(), port],
         };
         let child = Command::new("redis-server")
+            .args(&self.leading)
             .args(&tls)
             .args([
                 "--bind",
@@ -439,6 +504,7 @@ impl RedisServer {
                     .iter()
                     .flat_map(|d| ["--dir".into(), d.display().to_string()]),
             )
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -437,3 +437,69 @@ async fn redis_over_tls_with_a_private_ca() {
     let (status, _) = untrusting.get_text("/readyz").await;
     assert_eq!(status, 503);
 }
+
+#[tokio::test]
+async fn through_sentinel_the_service_follows_a_failover_and_counts_once() {
+    let master = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&master);
+    let sentinel = RedisServer::start_sentinel(&master);
+    let url = format!("redis+sentinel://127.0.0.1:{}/shop/0", sentinel.port);
+    let s = Server::start(&["--redis-url", &url]);
+    let (status, served) = s
+        .post(
+            "/v1/recommend",
+            json!({"user_id": "f1", "n": 3, "segment": "ha"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{served}");
+    let mut before = click("ha-1", "f1", &item_ids(&served)[0]);
+    before["request_id"] = served["request_id"].clone();
+    assert_eq!(events(&s, json!([before])).await["accepted"], 1);
+    eventually("the statistics reach the master", async || {
+        let seg = segment(&s, "ha").await;
+        seg["impressions"] == 3.0 && seg["reward"] == 1.0
+    })
+    .await;
+
+    // The replica has everything and the Sentinel knows it; then it is promoted, and the
+    // old master becomes its replica.
+    eventually("the Sentinel sees the synced replica", async || {
+        let replicas: Vec<redis::Value> = sentinel.cmd(&["SENTINEL", "replicas", "shop"]);
+        let synced: i64 = master.cmd(&["WAIT", "1", "100"]);
+        !replicas.is_empty() && synced == 1
+    })
+    .await;
+    let _: String = sentinel.cmd(&["SENTINEL", "FAILOVER", "shop"]);
+    eventually("the old master is demoted", async || {
+        let role: Vec<redis::Value> = master.cmd(&["ROLE"]);
+        let named: Vec<String> = sentinel.cmd(&["SENTINEL", "get-master-addr-by-name", "shop"]);
+        matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"slave")
+            && named[1] == replica.port.to_string()
+    })
+    .await;
+
+    // Events may be refused (503) while the service finds the new master; re-sent, each
+    // counts once, and the one from before the failover is still known.
+    let after = click("ha-2", "f1", &item_ids(&served)[1]);
+    eventually("an event reaches the new master", async || {
+        s.post("/v1/events", json!([after.clone()])).await.0 == 200
+    })
+    .await;
+    let (_, again) = s.post("/v1/events", json!([before, after])).await;
+    assert_eq!(again["duplicates"], 2, "{again}");
+    eventually(
+        "both rewards are counted once, on the new master",
+        async || {
+            let seg = segment(&s, "ha").await;
+            seg["reward"] == 2.0 && seg["impressions"] == 3.0
+        },
+    )
+    .await;
+    let (status, _) = s
+        .post(
+            "/v1/recommend",
+            json!({"user_id": "f2", "n": 3, "segment": "ha"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+}

@@ -46,9 +46,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, RedisError, Script};
+use ::redis::aio::ConnectionManagerConfig;
+use ::redis::{RedisError, Script};
 use onrec_model::context::ContextIds;
+use onrec_policy::RedisConn;
 use serde::{Deserialize, Serialize};
 
 use onrec_policy::{BanditStore, BatchId, StatUpdate, StoreError};
@@ -309,11 +310,11 @@ type EncoderReply = (
 
 /// The shared state in Redis.
 pub struct RedisShared {
-    conn: ConnectionManager,
+    conn: RedisConn,
     /// The followers' own connection: a blocking `XREAD` holds up its connection.
-    follow_conn: ConnectionManager,
+    follow_conn: RedisConn,
     /// The learner's own connection, for its blocking `XREADGROUP`.
-    learn_conn: ConnectionManager,
+    learn_conn: RedisConn,
     config: SharedConfig,
     limits: UserLimits,
     /// This process's id in the streams, so that it skips its own entries.
@@ -349,14 +350,16 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn manager(client: Client, response_timeout: Duration) -> Result<ConnectionManager, RedisError> {
-    let config = ConnectionManagerConfig::new()
+/// A connection to `config`'s Redis (one server, or the master its Sentinels name) whose
+/// commands wait at most `response_timeout`.
+fn connect(config: &SharedConfig, response_timeout: Duration) -> Result<RedisConn, RedisError> {
+    let manager = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(response_timeout))
         .set_number_of_retries(2)
         .set_min_delay(Duration::from_millis(20))
         .set_max_delay(Duration::from_millis(200));
-    ConnectionManager::new_lazy_with_config(client, config)
+    RedisConn::open(&config.url, config.ca_pem.as_deref(), manager)
 }
 
 impl RedisShared {
@@ -367,14 +370,12 @@ impl RedisShared {
         if config.key_prefix.is_empty() {
             return Err(unavailable("configuration", "key_prefix must not be empty"));
         }
-        let client = onrec_policy::redis_client(&config.url, config.ca_pem.as_deref())
+        let conn = connect(&config, config.write_timeout.max(config.timeout))
             .map_err(|e| unavailable("redis url", e))?;
-        let conn = manager(client.clone(), config.write_timeout.max(config.timeout))
-            .map_err(|e| unavailable("connecting", e))?;
-        let follow_conn = manager(client.clone(), FOLLOW_BLOCK + config.write_timeout)
-            .map_err(|e| unavailable("connecting", e))?;
-        let learn_conn = manager(client, FOLLOW_BLOCK + config.write_timeout)
-            .map_err(|e| unavailable("connecting", e))?;
+        let follow_conn = connect(&config, FOLLOW_BLOCK + config.write_timeout)
+            .map_err(|e| unavailable("redis url", e))?;
+        let learn_conn = connect(&config, FOLLOW_BLOCK + config.write_timeout)
+            .map_err(|e| unavailable("redis url", e))?;
         let (tx, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
         Ok(Self {
             conn,

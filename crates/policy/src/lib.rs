@@ -42,7 +42,8 @@ pub use crate::stats::{
     ArmStats, ArmSummary, BatchId, Clock, ManualClock, SegmentStats, SegmentSummary, StatUpdate,
     StatsConfig, SystemClock, stable_digest,
 };
+pub use crate::store::connection::RedisConn;
 pub use crate::store::memory::MemoryStore;
-pub use crate::store::redis::{RedisConfig, RedisStore, client as redis_client};
+pub use crate::store::redis::{RedisConfig, RedisStore};
 pub use crate::store::resilient::{ResilientConfig, ResilientStore};
 pub use crate::store::{BanditStore, StoreFuture};

@@ -21,16 +21,43 @@ const HOUR: i64 = 3_600_000;
 struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// Arguments before the port: a config file and `--sentinel` for a Sentinel.
+    leading: Vec<String>,
+    /// Arguments after the defaults, e.g. `--replicaof`.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = Self { port, child: None };
+        Self::start_with(Vec::new(), Vec::new())
+    }
+
+    fn start_with(leading: Vec<String>, extra: Vec<String>) -> Self {
+        let mut server = Self::reserve();
+        (server.leading, server.extra) = (leading, extra);
+        server.restart();
+        server
+    }
+
+    /// A Sentinel monitoring `master` as `shop` (quorum 1), with short failure timers.
+    fn sentinel(master: &RedisServer) -> Self {
+        let port = Self::reserve().port;
+        let conf =
+            std::env::temp_dir().join(format!("onrec-sentinel-{}-{port}.conf", std::process::id()));
+        std::fs::write(
+            &conf,
+            format!(
+                "sentinel monitor shop 127.0.0.1 {} 1\nsentinel down-after-milliseconds shop 1000\nsentinel failover-timeout shop 5000\n",
+                master.port
+            ),
+        )
+        .unwrap();
+        let mut server = Self {
+            port,
+            child: None,
+            leading: vec![conf.display().to_string(), "--sentinel".into()],
+            extra: Vec::new(),
+        };
         server.restart();
         server
     }
@@ -42,15 +69,28 @@ impl RedisServer {
             .local_addr()
             .unwrap()
             .port();
-        Self { port, child: None }
+        Self {
+            port,
+            child: None,
+            leading: Vec::new(),
+            extra: Vec::new(),
+        }
     }
 
     /// Starts a server on this port (again), empty, and waits until it answers PING.
     fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
+        // Its own directory: a replica's full sync writes an RDB file there, which a server
+        // started later in the same directory would load.
+        let dir =
+            std::env::temp_dir().join(format!("onrec-redis-{}-{}", std::process::id(), self.port));
+        std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new("redis-server")
+            .args(&self.leading)
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", &dir.display().to_string()])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -628,4 +668,102 @@ async fn memory_per_item_is_small() {
         .await;
     report.push(format!("per segment: totals hash {total} bytes"));
     eprintln!("{}", report.join("\n"));
+}
+
+#[tokio::test]
+async fn a_sentinel_url_follows_the_master_across_a_failover() {
+    let master = RedisServer::start();
+    let replica = RedisServer::start_with(
+        Vec::new(),
+        vec![
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            master.port.to_string(),
+        ],
+    );
+    let sentinel = RedisServer::sentinel(&master);
+    let master_port = async || -> u16 {
+        let addr: Vec<String> = sentinel
+            .cmd(&["SENTINEL", "get-master-addr-by-name", "shop"])
+            .await;
+        addr[1].parse().unwrap()
+    };
+    assert_eq!(master_port().await, master.port);
+    let store = RedisStore::new(RedisConfig {
+        url: format!("redis+sentinel://127.0.0.1:{}/shop", sentinel.port),
+        ..RedisConfig::default()
+    })
+    .unwrap();
+    let shown = |n: usize| -> Vec<StatUpdate> {
+        (0..n)
+            .map(|_| StatUpdate::impression("default", "a"))
+            .collect()
+    };
+    store.record(&shown(10)).await.unwrap();
+    assert_eq!(
+        store
+            .fetch("default", &["a"])
+            .await
+            .unwrap()
+            .arm("a")
+            .impressions,
+        10.0
+    );
+
+    // The Sentinel learns of the replica from the master (every few seconds); once the
+    // replica has the writes, it is promoted and the old master becomes its replica.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let replicas: Vec<redis::Value> = sentinel.cmd(&["SENTINEL", "replicas", "shop"]).await;
+        let synced: i64 = master.cmd(&["WAIT", "1", "100"]).await;
+        if !replicas.is_empty() && synced == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Sentinel never saw the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _: String = sentinel.cmd(&["SENTINEL", "FAILOVER", "shop"]).await;
+    while master_port().await != replica.port {
+        assert!(Instant::now() < deadline, "the failover did not happen");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Once the old master knows it is a replica, writes that still reach it fail
+    // (read-only) and the store asks the Sentinel again; the batch counts once.
+    loop {
+        let role: Vec<redis::Value> = master.cmd(&["ROLE"]).await;
+        if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"slave") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old master was never demoted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = BatchId::new();
+    while let Err(e) = store.record_batch(id, &shown(5)).await {
+        assert!(
+            Instant::now() < deadline,
+            "writes never reached the new master: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = store
+        .fetch("default", &["a"])
+        .await
+        .unwrap()
+        .arm("a")
+        .impressions;
+    assert_eq!(
+        now, 15.0,
+        "the writes before the failover and after it, once each"
+    );
+    let on_new_master: Option<String> = replica
+        .cmd(&["HGET", "onrec:bandit:default:arms", "i:a"])
+        .await;
+    assert_eq!(on_new_master.as_deref(), Some("15"));
 }

@@ -306,8 +306,9 @@ pub struct Config {
     #[arg(long, env = "ONREC_ROLE", value_enum, default_value = "all")]
     pub role: Role,
 
-    /// Redis for the bandit statistics, e.g. redis://127.0.0.1:6379/0 (shared by every
-    /// replica); without it they are kept in memory
+    /// Redis for the bandit statistics and the shared state, e.g. redis://127.0.0.1:6379/0,
+    /// rediss:// for TLS, or redis+sentinel://host:port[,host:port]/master[/db] for the
+    /// master a set of Sentinels names; without it everything is kept in memory
     #[arg(long, env = "ONREC_REDIS_URL", hide_env_values = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,

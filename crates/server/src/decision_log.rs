@@ -2,7 +2,11 @@
 //! are `onrec_engine::decisions`.
 
 use anyhow::Context as _;
+use std::time::Duration;
+
 use onrec_engine::decisions::{LogRecord, Sink, spawn_writer, stream::RedisStream};
+use onrec_policy::RedisConn;
+use redis::aio::ConnectionManagerConfig;
 use tokio::sync::mpsc::Receiver;
 
 use crate::config::{Config, DecisionLogSink};
@@ -27,8 +31,14 @@ pub fn spawn(
                 .clone()
                 .ok_or_else(|| anyhow::anyhow!("decision_log = redis needs redis_url"))?;
             Sink::Redis(Box::new(RedisStream {
-                client: onrec_policy::redis_client(&url, config.redis_ca()?.as_deref())
-                    .context("the decision log's redis_url")?,
+                conn: RedisConn::open(
+                    &url,
+                    config.redis_ca()?.as_deref(),
+                    ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(Duration::from_secs(1)))
+                        .set_response_timeout(Some(config.redis_write_timeout)),
+                )
+                .context("the decision log's redis_url")?,
                 key: config.decision_log_stream.clone(),
                 maxlen: config.decision_log_stream_maxlen,
             }))

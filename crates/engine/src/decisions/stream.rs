@@ -11,7 +11,7 @@ use super::{BATCH, FAILED, LogRecord, WRITTEN};
 #[derive(Debug)]
 pub struct RedisStream {
     /// Where the stream is.
-    pub client: redis::Client,
+    pub conn: onrec_policy::RedisConn,
     /// The stream's key.
     pub key: String,
     /// About how many entries it keeps (`XADD MAXLEN ~`).
@@ -22,7 +22,6 @@ impl RedisStream {
     /// Writes records until the stream ends. A failed batch is retried with backoff, so
     /// an outage fills the engine's queue, which then drops (and counts) new records.
     pub(crate) async fn drain(&self, mut records: Receiver<LogRecord>) {
-        let mut conn = None;
         let mut batch = Vec::with_capacity(BATCH);
         while records.recv_many(&mut batch, BATCH).await > 0 {
             let lines: Vec<String> = batch
@@ -31,14 +30,13 @@ impl RedisStream {
                 .collect();
             let mut backoff = Duration::from_millis(100);
             loop {
-                match self.write(&mut conn, &lines).await {
+                match self.write(&lines).await {
                     Ok(()) => {
                         metrics::counter!(WRITTEN, "sink" => "redis").increment(lines.len() as u64);
                         break;
                     }
                     Err(e) => {
                         metrics::counter!(FAILED, "sink" => "redis").increment(1);
-                        conn = None;
                         tracing::warn!(error = %e, records = lines.len(), retry_in = ?backoff, "decision log stream write failed");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -48,15 +46,7 @@ impl RedisStream {
         }
     }
 
-    async fn write(
-        &self,
-        conn: &mut Option<redis::aio::MultiplexedConnection>,
-        lines: &[String],
-    ) -> redis::RedisResult<()> {
-        let c = match conn {
-            Some(c) => c,
-            None => conn.insert(self.client.get_multiplexed_async_connection().await?),
-        };
+    async fn write(&self, lines: &[String]) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
         for line in lines {
             pipe.cmd("XADD")
@@ -69,6 +59,6 @@ impl RedisStream {
                 .arg(line)
                 .ignore();
         }
-        pipe.query_async::<()>(c).await
+        pipe.query_async::<()>(&mut self.conn.clone()).await
     }
 }

@@ -3,6 +3,7 @@
 //! [`BanditStore`] is object-safe (methods return boxed futures), so the service holds an
 //! `Arc<dyn BanditStore>` and picks the implementation from its configuration.
 
+pub mod connection;
 pub mod memory;
 pub mod redis;
 pub mod resilient;

@@ -32,8 +32,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, RedisError, Script};
+use ::redis::aio::ConnectionManagerConfig;
+
+use super::connection::RedisConn;
+use ::redis::{RedisError, Script};
 
 use super::{BATCH_MEMORY, BanditStore, StoreFuture};
 use crate::error::StoreError;
@@ -44,23 +46,6 @@ use crate::stats::{
 
 /// The script behind [`BanditStore::record`].
 const RECORD_SCRIPT: &str = include_str!("record.lua");
-
-/// A Redis client for `url`: `redis://` plain, `rediss://` over TLS, verifying the
-/// server against the system's roots or, when given, against `ca_pem` (PEM certificates).
-pub fn client(url: &str, ca_pem: Option<&[u8]>) -> Result<Client, RedisError> {
-    // rustls needs a crypto provider; the first call installs ring (later ones find it).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    match ca_pem {
-        Some(ca) => Client::build_with_tls(
-            url,
-            ::redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca.to_vec()),
-            },
-        ),
-        None => Client::open(url),
-    }
-}
 
 /// Settings of the Redis store.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,7 +82,7 @@ impl Default for RedisConfig {
 
 /// Statistics in Redis.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     config: RedisConfig,
     decay: Decay,
     clock: Arc<dyn Clock>,
@@ -145,8 +130,6 @@ impl RedisStore {
                 "the Redis store must be created inside a Tokio runtime".into(),
             ));
         }
-        let client = client(&config.url, config.ca_pem.as_deref())
-            .map_err(|e| StoreError::Config(format!("redis url: {e}")))?;
         // Few, short reconnect retries: callers wait on a reconnect in progress, and the
         // next failed call starts a new one anyway.
         let manager_config = ConnectionManagerConfig::new()
@@ -155,8 +138,8 @@ impl RedisStore {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(Duration::from_millis(200));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(store_error)?;
+        let conn = RedisConn::open(&config.url, config.ca_pem.as_deref(), manager_config)
+            .map_err(|e| StoreError::Config(format!("redis url: {e}")))?;
         Ok(Self {
             conn,
             decay: Decay::new(config.stats.half_life),
