@@ -315,3 +315,47 @@ async fn health_and_reflection() {
         "{names:?}"
     );
 }
+
+#[tokio::test]
+async fn a_record_events_stream_that_stalls_says_how_many_it_applied() {
+    let s = Server::start(&["--stream-idle-timeout", "1s"]);
+    let mut client = s.grpc().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    for i in 0..3 {
+        tx.send(event(
+            &format!("st{i}"),
+            "stall",
+            &format!("sku-0000{i}"),
+            pb::EventType::Click,
+        ))
+        .await
+        .unwrap();
+    }
+    // The sender stays open and sends nothing more: the stream stalls.
+    let status = client
+        .record_events(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status}");
+    assert!(
+        status
+            .message()
+            .contains("3 events were read and 3 accepted before that"),
+        "{status}"
+    );
+    drop(tx);
+    // They were applied: sent again, they are duplicates.
+    let summary = client
+        .record_events(tokio_stream::iter((0..3).map(|i| {
+            event(
+                &format!("st{i}"),
+                "stall",
+                &format!("sku-0000{i}"),
+                pb::EventType::Click,
+            )
+        })))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((summary.received, summary.duplicates), (3, 3));
+}

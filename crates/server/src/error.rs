@@ -44,6 +44,28 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl ApiError {
+    /// The same error with `note` after its message (errors without a message of their
+    /// own are returned as they are).
+    pub fn noting(self, note: &str) -> Self {
+        let add = |m: String| format!("{m}; {note}");
+        match self {
+            Self::InvalidArgument(mut f) => {
+                f.message = add(f.message);
+                Self::InvalidArgument(f)
+            }
+            Self::BadRequest(m) => Self::BadRequest(add(m)),
+            Self::Busy(m) => Self::Busy(add(m)),
+            Self::Timeout(m) => Self::Timeout(add(m)),
+            Self::PayloadTooLarge(m) => Self::PayloadTooLarge(add(m)),
+            Self::Unavailable(m) => Self::Unavailable(add(m)),
+            Self::FailedPrecondition(m) => Self::FailedPrecondition(add(m)),
+            Self::Internal(m) => Self::Internal(add(m)),
+            other @ (Self::Unauthenticated | Self::Overloaded(..) | Self::ShuttingDown) => other,
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {

@@ -402,12 +402,21 @@ impl Recommender for GrpcApi {
         let work = async {
             let mut stream = request.into_inner();
             let mut sink = EventSink::new(&self.app);
+            // A stream that fails says how far it got: the events before the failure were
+            // applied.
+            let so_far = |sink: &EventSink<'_>| {
+                let s = sink.summary();
+                format!(
+                    "{} events were read and {} accepted before that",
+                    s.received, s.accepted
+                )
+            };
             loop {
                 match Self::next_event(&self.app, &mut stream).await {
                     Ok(Some(event)) => {
                         let id = event.event_id.clone();
                         if let Err(e) = sink.push_parsed(&id, event_from(event)).await {
-                            break Err(e);
+                            break Err(e.noting(&so_far(&sink)));
                         }
                     }
                     Ok(None) => {
@@ -416,16 +425,7 @@ impl Recommender for GrpcApi {
                         }
                         break Ok(summary_to(sink.finish()));
                     }
-                    Err(e) => {
-                        let s = sink.summary();
-                        break Err(match e {
-                            ApiError::Timeout(m) => ApiError::Timeout(format!(
-                                "{m}; {} events read, {} accepted",
-                                s.received, s.accepted
-                            )),
-                            other => other,
-                        });
-                    }
+                    Err(e) => break Err(e.noting(&so_far(&sink))),
                 }
             }
         };
