@@ -85,7 +85,7 @@ fn context_from(c: pb::Context) -> engine::Context {
     }
 }
 
-fn recommend_request_from(r: pb::RecommendRequest) -> engine::RecommendRequest {
+pub(crate) fn recommend_request_from(r: pb::RecommendRequest) -> engine::RecommendRequest {
     engine::RecommendRequest {
         user_id: r.user_id,
         n: r.n,
@@ -134,7 +134,7 @@ fn event_type_from(value: i32) -> Result<engine::EventType, FieldError> {
     }
 }
 
-fn event_from(e: pb::Event) -> Result<engine::Event, FieldError> {
+pub(crate) fn event_from(e: pb::Event) -> Result<engine::Event, FieldError> {
     Ok(engine::Event {
         kind: event_type_from(e.r#type)?,
         event_id: e.event_id,
@@ -208,7 +208,7 @@ fn segment_to(r: engine::SegmentReport) -> pb::Segment {
 
 /// A policy from its message, with the JSON API's defaults for unset parameters; the
 /// error names `field` when no kind is set.
-fn policy_from(
+pub(crate) fn policy_from(
     field: &str,
     policy: Option<pb::PolicyConfig>,
 ) -> Result<onrec_policy::PolicyConfig, FieldError> {
@@ -311,7 +311,7 @@ fn top_or_default(top: u32) -> usize {
     (if top == 0 { DEFAULT_TOP } else { top.min(1000) }) as usize
 }
 
-fn item_from(i: pb::Item) -> engine::Item {
+pub(crate) fn item_from(i: pb::Item) -> engine::Item {
     engine::Item {
         item_id: i.item_id,
         title: i.title,

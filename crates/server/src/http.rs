@@ -163,7 +163,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
 }
 
 /// Parses JSON; the error names the field where parsing failed (`[3].type`, `n`).
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldError> {
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(FieldError::new("body", "is empty; expected JSON"));
     }

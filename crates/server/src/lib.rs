@@ -10,6 +10,8 @@ pub mod decision_log;
 pub mod encoder;
 pub mod error;
 pub mod events;
+#[cfg(test)]
+mod fuzz;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
