@@ -7,7 +7,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::Server;
+use crate::common::{Server, eventually};
 
 /// Opens a connection to `s` and sends `head` (request line and headers) plus `body`,
 /// then leaves it open.
@@ -30,6 +30,16 @@ async fn status_within(conn: &mut TcpStream, limit: Duration) -> Option<u16> {
     text.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Requests in flight over `transport` (`http`, `grpc`), from /metrics.
+async fn inflight(s: &Server, transport: &str) -> f64 {
+    let (_, text) = s.get_text("/metrics").await;
+    let series = format!("onrec_inflight_requests{{transport=\"{transport}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test]
 async fn slow_uploads_and_idle_streams_take_no_place_of_other_clients() {
     let s = Server::start(&[
@@ -40,8 +50,8 @@ async fn slow_uploads_and_idle_streams_take_no_place_of_other_clients() {
         "--body-timeout",
         "3s",
     ]);
-    // 100 uploads that promise a body and send one byte of it, and 8 NDJSON event
-    // streams that send nothing: far more than either budget.
+    // 100 uploads that promise a body and send one byte of it: far more than the four
+    // request places.
     let mut uploads = Vec::new();
     for _ in 0..100 {
         uploads.push(
@@ -53,28 +63,32 @@ async fn slow_uploads_and_idle_streams_take_no_place_of_other_clients() {
             .await,
         );
     }
+    // Four idle streams fill their budget (they are in flight), and four more are
+    // refused at once with 429.
+    let ndjson = "POST /v1/events HTTP/1.1\r\nHost: onrec\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked";
     let mut streams = Vec::new();
-    for _ in 0..8 {
-        streams.push(
-            stalled(
-                &s,
-                "POST /v1/events HTTP/1.1\r\nHost: onrec\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked",
-                "",
-            )
-            .await,
+    for _ in 0..4 {
+        streams.push(stalled(&s, ndjson, "").await);
+    }
+    eventually("four idle streams are in flight", async || {
+        inflight(&s, "http").await == 4.0
+    })
+    .await;
+    for _ in 0..4 {
+        let mut refused = stalled(&s, ndjson, "").await;
+        assert_eq!(
+            status_within(&mut refused, Duration::from_secs(20)).await,
+            Some(429),
+            "a stream past the budget is refused"
         );
     }
-    // Give the server time to take them all in before the well-behaved client starts.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut ok = 0;
+    // The well-behaved client is served every time.
     for i in 0..50 {
         let (status, body) = s
             .post("/v1/recommend", json!({"user_id": format!("u{i}"), "n": 3}))
             .await;
         assert_eq!(status, 200, "{body}");
-        ok += 1;
     }
-    assert_eq!(ok, 50);
     let (status, _) = s
         .post(
             "/v1/events",
@@ -83,17 +97,6 @@ async fn slow_uploads_and_idle_streams_take_no_place_of_other_clients() {
         .await;
     assert_eq!(status, 200, "a JSON batch is a request, not a stream");
 
-    // Streams beyond their budget are refused with 429 and a Retry-After, the first four
-    // are open.
-    let mut refused = 0;
-    for conn in &mut streams {
-        match status_within(conn, Duration::from_secs(1)).await {
-            Some(429) => refused += 1,
-            Some(other) => panic!("an idle stream was answered {other}"),
-            None => {}
-        }
-    }
-    assert_eq!(refused, 4, "four streams fit the budget of four");
     // An upload that never finishes is answered 408 once body_timeout has passed.
     let status = status_within(&mut uploads[0], Duration::from_secs(30)).await;
     assert_eq!(status, Some(408));
@@ -103,26 +106,29 @@ async fn slow_uploads_and_idle_streams_take_no_place_of_other_clients() {
 async fn idle_grpc_event_streams_on_one_connection_take_no_request_places() {
     let s = Server::start(&["--max-concurrent-requests", "4", "--max-streams", "4"]);
     let channel = s.channel().await;
-    // 16 RecordEvents calls on one connection that never send an event.
-    let mut idle = Vec::new();
-    for _ in 0..16 {
-        let mut client =
-            onrec_proto::v1::recommender_client::RecommenderClient::new(channel.clone());
-        idle.push(tokio::spawn(async move {
-            client
+    // RecordEvents calls on one connection that never send an event: four fill the
+    // streams budget, and the ones after them are refused at once.
+    let idle_call = |channel: tonic::transport::Channel| {
+        tokio::spawn(async move {
+            onrec_proto::v1::recommender_client::RecommenderClient::new(channel)
                 .record_events(tokio_stream::pending::<onrec_proto::v1::Event>())
                 .await
-        }));
+        })
+    };
+    let mut idle: Vec<_> = (0..4).map(|_| idle_call(channel.clone())).collect();
+    eventually("four idle streams are in flight", async || {
+        inflight(&s, "grpc").await == 4.0
+    })
+    .await;
+    for _ in 0..12 {
+        let call = idle_call(channel.clone());
+        let status = tokio::time::timeout(Duration::from_secs(20), call)
+            .await
+            .expect("a refused call answers at once")
+            .unwrap()
+            .expect_err("past the budget");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
     }
-    // Those past the streams budget are refused at once.
-    let mut refused = 0;
-    for call in &mut idle {
-        if let Ok(Ok(Err(status))) = tokio::time::timeout(Duration::from_secs(1), call).await {
-            assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
-            refused += 1;
-        }
-    }
-    assert_eq!(refused, 12, "four streams fit the budget of four");
     // Unary calls, on the same connection and over HTTP, still get their places.
     let mut client = onrec_proto::v1::recommender_client::RecommenderClient::new(channel);
     for i in 0..20 {
@@ -140,7 +146,7 @@ async fn idle_grpc_event_streams_on_one_connection_take_no_request_places() {
             .await;
         assert_eq!(status, 200, "{body}");
     }
-    for call in idle {
+    for call in idle.drain(..) {
         call.abort();
     }
 }
