@@ -129,7 +129,8 @@ impl Background {
     /// 4. the Q-network learner and the online encoder stop, after their final
     ///    checkpoints.
     ///
-    /// Returns the first error of step 4; the steps after it still run.
+    /// Both threads are stopped either way; each failure is logged, and the first is
+    /// returned.
     pub async fn shutdown(self, grace: Duration) -> Result<(), onrec_learn::LearnError> {
         if let Some(tasks) = &self.shared {
             tasks.peers.abort();
