@@ -104,6 +104,29 @@ pub const ONLINE_WEIGHTS: &str = "online.safetensors";
 /// State file of a saved online encoder: items, histories, examples.
 pub const ONLINE_STATE: &str = "online.json";
 
+/// Sets `var` (named `name`) to `saved`, read from `file`, when their shapes agree; the
+/// error says where the shapes came from (`whose`: "here…", "in its own config.json").
+fn set_same_shape(
+    var: &candle_core::Var,
+    saved: &Tensor,
+    name: &str,
+    file: &Path,
+    whose: &str,
+) -> Result<(), ModelError> {
+    if saved.dims() != var.dims() {
+        return Err(io(
+            file,
+            format!(
+                "{name} is {:?} there but {:?} {whose}",
+                saved.dims(),
+                var.dims()
+            ),
+        ));
+    }
+    var.set(saved)?;
+    Ok(())
+}
+
 /// What [`OnlineTrainer::save`] writes beside the weights, items named by id.
 #[derive(Debug, Serialize, Deserialize)]
 struct SavedState {
@@ -649,17 +672,13 @@ impl OnlineTrainer {
                         })
                         .collect(),
                     _ => {
-                        if before.dims() != var.dims() {
-                            return Err(io(
-                                &weights,
-                                format!(
-                                    "{name} is {:?} there but {:?} here: saved with another shape",
-                                    before.dims(),
-                                    var.dims()
-                                ),
-                            ));
-                        }
-                        var.set(before)?;
+                        set_same_shape(
+                            var,
+                            before,
+                            name,
+                            &weights,
+                            "here: saved with another shape",
+                        )?;
                         continue;
                     }
                 };
@@ -760,17 +779,7 @@ impl OnlineTrainer {
                 let before = saved
                     .get(name)
                     .ok_or_else(|| io(&weights, format!("has no {name}")))?;
-                if before.dims() != var.dims() {
-                    return Err(io(
-                        &weights,
-                        format!(
-                            "{name} is {:?} there but {:?} in its own config.json",
-                            before.dims(),
-                            var.dims()
-                        ),
-                    ));
-                }
-                var.set(before)?;
+                set_same_shape(var, before, name, &weights, "in its own config.json")?;
             }
             let table = saved
                 .get(ITEM_TABLE)

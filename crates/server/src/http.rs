@@ -61,11 +61,12 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
-/// Runs one API request without a body: key check, admission, metrics, error mapping.
+/// Runs one API request without a body to read first (or an event stream, which reads
+/// its body as it goes): key check, admission to `budget`, metrics, error mapping.
 async fn handle<T, F>(
     app: &App,
     endpoint: &'static str,
-    access: Access,
+    (access, budget): (Access, Budget),
     headers: &HeaderMap,
     work: F,
 ) -> Response
@@ -77,7 +78,7 @@ where
         Transport::Http,
         endpoint,
         access,
-        Budget::Requests,
+        budget,
         authorization(headers),
         work,
     )
@@ -119,30 +120,6 @@ where
     .await;
     metrics::finish(Transport::Http, endpoint, started, &result);
     result.into_response()
-}
-
-/// Runs one event stream: key check, a place in the streams budget (apart from the
-/// requests'), metrics, error mapping.
-async fn handle_stream<T, F>(
-    app: &App,
-    endpoint: &'static str,
-    headers: &HeaderMap,
-    work: F,
-) -> Response
-where
-    T: IntoResponse,
-    F: Future<Output = Result<T, ApiError>>,
-{
-    app.serve(
-        Transport::Http,
-        endpoint,
-        Access::Write,
-        Budget::Streams,
-        authorization(headers),
-        work,
-    )
-    .await
-    .into_response()
 }
 
 /// Reads a whole body of at most `limit` bytes.
@@ -226,9 +203,13 @@ async fn record_events(State(app): State<App>, headers: HeaderMap, body: Body) -
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case(NDJSON));
     if is_ndjson {
-        return handle_stream(&app, "record_events", &headers, async {
-            ndjson_events(&app, body).await.map(Json)
-        })
+        return handle(
+            &app,
+            "record_events",
+            (Access::Write, Budget::Streams),
+            &headers,
+            async { ndjson_events(&app, body).await.map(Json) },
+        )
         .await;
     }
     handle_body(
@@ -425,7 +406,7 @@ async fn list_segments(
     handle(
         &app,
         "list_segments",
-        Access::Read,
+        (Access::Read, Budget::Requests),
         &headers,
         app.timed(async {
             let top = top_of(&uri)?;
@@ -455,7 +436,7 @@ async fn get_segment(
     handle(
         &app,
         "get_segment",
-        Access::Read,
+        (Access::Read, Budget::Requests),
         &headers,
         app.timed(async {
             onrec_engine::check_id("segment", &segment)?;
