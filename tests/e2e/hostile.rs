@@ -150,3 +150,25 @@ async fn idle_grpc_event_streams_on_one_connection_take_no_request_places() {
         call.abort();
     }
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let s = Server::start(&["--header-timeout", "1s"]);
+    let mut conn = stalled(&s, "POST /v1/recommend HTTP/1.1\r\nHost: onrec", "").await;
+    let mut buf = [0u8; 256];
+    // The server closes the connection (an empty read), with or without a 408 first.
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection was still open after 30 s");
+    let (status, _) = s
+        .post("/v1/recommend", json!({"user_id": "h", "n": 2}))
+        .await;
+    assert_eq!(status, 200);
+}

@@ -295,6 +295,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams: u32,
 
+    /// Longest time a client may take to send a request's headers (HTTP/1); a slower
+    /// one's connection is closed
+    #[arg(long, env = "ONREC_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+
     /// Longest time a request body may take to arrive; a slower one gets 408
     #[arg(long, env = "ONREC_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]

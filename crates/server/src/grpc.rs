@@ -42,16 +42,12 @@ pub fn server(app: App) -> anyhow::Result<(tonic_health::server::HealthReporter,
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let router = tonic::transport::Server::builder()
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_concurrent_streams(crate::MAX_STREAMS_PER_CONNECTION)
         .add_service(health)
         .add_service(reflection)
         .add_service(recommender);
     Ok((reporter, router))
 }
-
-/// Concurrent HTTP/2 streams one gRPC connection may open, advertised in its settings:
-/// one client cannot open thousands of calls on a single connection.
-const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
 /// Serves until `token` is cancelled, then lets in-flight calls and streams finish.
 pub async fn serve(

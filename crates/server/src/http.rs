@@ -46,12 +46,58 @@ pub fn router(app: App) -> Router {
 }
 
 /// Serves the router on `listener` until the app's shutdown token is cancelled, then
-/// lets in-flight requests finish.
+/// lets in-flight requests finish. A client has `header_timeout` to send a request's
+/// headers (HTTP/1), after which its connection is closed, and one HTTP/2 connection
+/// may open at most [`crate::MAX_STREAMS_PER_CONNECTION`] streams at once.
 pub async fn serve(app: App, listener: TcpListener) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt as _;
+
     let token = app.shutdown_token().clone();
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move { token.cancelled().await })
-        .await?;
+    let header_timeout = app.config().header_timeout;
+    let service = router(app)
+        .map_request(|req: axum::http::Request<hyper::body::Incoming>| req.map(Body::new));
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(crate::MAX_STREAMS_PER_CONNECTION);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            () = token.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset while queued: wait
+                    // a little rather than spin.
+                    tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let connection = builder
+            .serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                TowerToHyperService::new(service.clone()),
+            )
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
     Ok(())
 }
 

@@ -59,6 +59,10 @@ pub struct App {
     model_version: Arc<Mutex<Option<String>>>,
 }
 
+/// Concurrent HTTP/2 streams one connection (HTTP or gRPC) may open, advertised in its
+/// settings: one client cannot open thousands of calls on a single connection.
+pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 /// Which concurrency budget a request counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Budget {
