@@ -3,11 +3,14 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use onrec_engine::decisions::LogRecord;
 use onrec_eval::ope::{DEFAULT_BOOTSTRAP, DEFAULT_CONFIDENCE, DEFAULT_SEED};
 use onrec_eval::{Estimate, OpeOptions, OpeReport, TargetPolicy, evaluate, read_log, read_obd};
+use onrec_policy::RedisConn;
+use redis::aio::ConnectionManagerConfig;
 
 /// The format of `--log`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -16,7 +19,8 @@ pub enum LogFormat {
     Onrec,
     /// An Open Bandit Dataset CSV file, e.g. bts/all/all.csv
     Obd,
-    /// The service's decision log stream in Redis: --log is the Redis URL
+    /// The service's decision log stream in Redis: --log is the Redis URL (redis://,
+    /// rediss:// or redis+sentinel://, as the service's redis_url)
     Redis,
 }
 
@@ -33,6 +37,10 @@ pub struct OpeArgs {
     /// With --format redis: the stream the service writes (its decision_log_stream)
     #[arg(long, default_value = "onrec:decisions")]
     stream: String,
+    /// With --format redis over TLS: CA certificates (PEM) to verify the server against
+    /// instead of the system's roots
+    #[arg(long)]
+    redis_ca_file: Option<PathBuf>,
     /// Target policy: a JSON or TOML (.toml) file holding {"policy": {...}, "segments":
     /// {...}}, or that JSON inline when the value starts with `{`
     #[arg(long)]
@@ -79,7 +87,14 @@ pub fn run(args: OpeArgs) -> anyhow::Result<()> {
         LogFormat::Obd => read_obd(&args.log)?,
         LogFormat::Redis => {
             let url = args.log.to_string_lossy();
-            let records = read_stream(&url, &args.stream)
+            let ca = match &args.redis_ca_file {
+                Some(path) => Some(
+                    std::fs::read(path)
+                        .with_context(|| format!("reading the CA file {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let records = read_stream(&url, ca.as_deref(), &args.stream)
                 .with_context(|| format!("reading the stream {} at {url}", args.stream))?;
             eprintln!("{}: {} records", args.stream, records.len());
             records
@@ -97,9 +112,28 @@ pub fn run(args: OpeArgs) -> anyhow::Result<()> {
 /// Entries read per XRANGE call.
 const STREAM_PAGE: usize = 10_000;
 
-/// Every record of the Redis stream `key`, oldest first: each entry's `record` field.
-fn read_stream(url: &str, key: &str) -> anyhow::Result<Vec<LogRecord>> {
-    let mut conn = redis::Client::open(url)?.get_connection()?;
+/// Every record of the Redis stream `key`, oldest first: each entry's `record` field. The
+/// URL is one server's or a Sentinel URL, as the service takes it.
+fn read_stream(url: &str, ca_pem: Option<&[u8]>, key: &str) -> anyhow::Result<Vec<LogRecord>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(read_stream_async(url, ca_pem, key))
+}
+
+async fn read_stream_async(
+    url: &str,
+    ca_pem: Option<&[u8]>,
+    key: &str,
+) -> anyhow::Result<Vec<LogRecord>> {
+    let mut conn = RedisConn::open(
+        url,
+        ca_pem,
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_number_of_retries(1),
+    )?;
     let mut records = Vec::new();
     let mut start = "-".to_owned();
     loop {
@@ -109,7 +143,8 @@ fn read_stream(url: &str, key: &str) -> anyhow::Result<Vec<LogRecord>> {
             .arg("+")
             .arg("COUNT")
             .arg(STREAM_PAGE)
-            .query(&mut conn)?;
+            .query_async(&mut conn)
+            .await?;
         for (id, fields) in &page {
             let json = fields
                 .chunks_exact(2)

@@ -221,6 +221,20 @@ async fn the_decision_log_goes_to_a_capped_redis_stream() {
     ]);
     assert_eq!(report["counts"]["decisions"], 6, "{report}");
     assert_eq!(report["counts"]["rewards"], clicks);
+    // And through a Sentinel that names the server, as the service can be told.
+    let sentinel = RedisServer::start_sentinel(&redis);
+    let through = format!("redis+sentinel://127.0.0.1:{}/shop", sentinel.port);
+    let again = ope_cli(&[
+        "--format",
+        "redis",
+        "--log",
+        &through,
+        "--stream",
+        "test:decisions",
+        "--policy",
+        r#"{"policy": {"kind": "greedy"}}"#,
+    ]);
+    assert_eq!(again["counts"], report["counts"], "{again}");
 
     // A sink that needs Redis without a URL is refused at start, naming the setting.
     let err = Server::try_start(&["--decision-log", "redis"])
