@@ -103,7 +103,7 @@ impl Catalog {
             if line.trim().is_empty() {
                 continue;
             }
-            let item: Item =
+            let crate::types::Object(item): crate::types::Object<Item> =
                 serde_json::from_str(&line).map_err(|e| err(format!("line {n}: {e}")))?;
             item.validate().map_err(|e| err(format!("line {n}: {e}")))?;
             if let Some(first) = first_line.insert(item.item_id.clone(), n) {

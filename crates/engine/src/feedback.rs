@@ -29,10 +29,10 @@ impl Engine {
     pub async fn record(&self, event: &Event) -> Result<EventOutcome, EngineError> {
         let cfg = &self.inner.config;
         let now = now_ms();
-        if let Err(e) = event.validate(now, duration_ms(cfg.max_future_skew)) {
+        if let Err(e) = event.validate() {
             return Ok(EventOutcome::Invalid(e));
         }
-        let at = event.timestamp.unwrap_or(now);
+        let at = event.at(now, duration_ms(cfg.max_future_skew));
         let Some(shared) = self.inner.shared.get() else {
             return Ok(self.record_here(event, at));
         };
@@ -334,11 +334,8 @@ impl Engine {
     /// Checks a batch before any of it is applied: the error names the first malformed
     /// event (`[3].type`), so a batch is applied whole or not at all as far as validity goes.
     pub fn validate_batch(&self, events: &[Event]) -> Result<(), EngineError> {
-        let now = now_ms();
-        let skew = duration_ms(self.inner.config.max_future_skew);
         for (i, e) in events.iter().enumerate() {
-            e.validate(now, skew)
-                .map_err(|err| err.under(&format!("[{i}]")))?;
+            e.validate().map_err(|err| err.under(&format!("[{i}]")))?;
         }
         Ok(())
     }

@@ -103,7 +103,8 @@ pub struct EngineConfig {
     pub dedupe_capacity: usize,
     /// Popularity weight per event type.
     pub weights: EventWeights,
-    /// How far in the future an event's timestamp may lie.
+    /// How far ahead of the clock an event's timestamp is taken as given (one further
+    /// ahead counts as received now).
     pub max_future_skew: Duration,
     /// Candidates the ranker proposes to the exploration policy (at least `n` are).
     pub candidates: usize,

@@ -5,20 +5,22 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{MapAccess, Visitor, value::MapAccessDeserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::FieldError;
 
-/// Longest accepted id (user, item, event, request), in bytes.
-pub const MAX_ID_BYTES: usize = 256;
+/// Longest accepted id (user, item, event, request), in characters.
+pub const MAX_ID_CHARS: usize = 256;
 /// Most `recent_items` or `exclude` entries one request may carry.
 pub const MAX_LIST_LEN: usize = 1000;
 /// Most free-form context attributes one request may carry.
 pub const MAX_CONTEXT_ATTRIBUTES: usize = 32;
-/// Longest accepted short text (segment, device, country, page, category, tag), in bytes.
-pub const MAX_LABEL_BYTES: usize = 128;
-/// Longest accepted item title, in bytes.
-pub const MAX_TITLE_BYTES: usize = 1024;
+/// Longest accepted short text (segment, device, country, page, category, tag), in
+/// characters.
+pub const MAX_LABEL_CHARS: usize = 128;
+/// Longest accepted item title, in characters.
+pub const MAX_TITLE_CHARS: usize = 1024;
 /// Number of items returned when a request does not say.
 pub const DEFAULT_N: u32 = 10;
 
@@ -30,20 +32,32 @@ fn default_true() -> bool {
     true
 }
 
-/// Checks an identifier: non-empty, not only whitespace, at most [`MAX_ID_BYTES`], no
+/// Checks an identifier: non-empty, not only whitespace, at most [`MAX_ID_CHARS`], no
 /// control characters.
 pub fn check_id(field: &str, id: &str) -> Result<(), FieldError> {
     if id.trim().is_empty() {
         return Err(FieldError::new(field, "must not be empty"));
     }
-    check_text(field, id, MAX_ID_BYTES)
+    check_text(field, id, MAX_ID_CHARS)
 }
 
+/// Checks a segment name: an identifier of at most [`MAX_LABEL_CHARS`].
+pub fn check_segment(field: &str, name: &str) -> Result<(), FieldError> {
+    check_id(field, name)?;
+    check_text(field, name, MAX_LABEL_CHARS)
+}
+
+/// Checks a text: at most `max` characters (as JSON Schema's `maxLength` counts them), no
+/// control characters.
 fn check_text(field: &str, text: &str, max: usize) -> Result<(), FieldError> {
-    if text.len() > max {
+    // More bytes than `max` characters can take is the cheap test; counting only then.
+    if text.len() > max && text.chars().count() > max {
         return Err(FieldError::new(
             field,
-            format!("is {} bytes long; at most {max} are allowed", text.len()),
+            format!(
+                "is {} characters long; at most {max} are allowed",
+                text.chars().count()
+            ),
         ));
     }
     if text.chars().any(char::is_control) {
@@ -68,6 +82,51 @@ fn check_ids(field: &str, ids: &[String]) -> Result<(), FieldError> {
     ids.iter()
         .enumerate()
         .try_for_each(|(i, id)| check_id(&format!("{field}[{i}]"), id))
+}
+
+/// A `T` that must come as a JSON object. Serde also builds a struct from an array of
+/// its fields in order, and an internally tagged enum from an array led by its tag; the
+/// API documents objects, and takes nothing else.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Fields<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Fields(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
+/// Reads a field that must be an object (see [`Object`]).
+pub fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(Object::<T>::deserialize(d)?.0)
+}
+
+/// Reads a map whose values must be objects (see [`Object`]).
+pub fn objects_by_name<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, T>, D::Error> {
+    Ok(BTreeMap::<String, Object<T>>::deserialize(d)?
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect())
+}
+
+/// Reads an optional field that must be an object when present (see [`Object`]).
+pub fn optional_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    Ok(Option::<Object<T>>::deserialize(d)?.map(|o| o.0))
 }
 
 /// What the caller knows about the moment of the request.
@@ -101,7 +160,7 @@ impl Context {
             ("page", &self.page),
         ] {
             if let Some(v) = value {
-                check_text(name, v, MAX_LABEL_BYTES)?;
+                check_text(name, v, MAX_LABEL_CHARS)?;
             }
         }
         if let Some(hour) = self.hour
@@ -123,7 +182,7 @@ impl Context {
         }
         for (k, v) in &self.attributes {
             check_id("attributes", k)?;
-            check_text(&format!("attributes.{k}"), v, MAX_LABEL_BYTES)?;
+            check_text(&format!("attributes.{k}"), v, MAX_LABEL_CHARS)?;
         }
         Ok(())
     }
@@ -141,7 +200,11 @@ pub struct RecommendRequest {
     #[cfg_attr(feature = "openapi", schema(default = 10, minimum = 1))]
     pub n: u32,
     /// The moment of the request.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_object"
+    )]
     pub context: Option<Context>,
     /// The user's most recent items, newest last; replaces the recorded history when given.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -182,8 +245,7 @@ impl RecommendRequest {
         check_ids("recent_items", &self.recent_items)?;
         check_ids("exclude", &self.exclude)?;
         if let Some(segment) = &self.segment {
-            check_id("segment", segment)?;
-            check_text("segment", segment, MAX_LABEL_BYTES)?;
+            check_segment("segment", segment)?;
         }
         Ok(())
     }
@@ -307,8 +369,9 @@ pub const MAX_AMOUNT: f64 = 1e12;
 pub const MIN_TIMESTAMP_MS: i64 = 946_684_800_000;
 
 impl Event {
-    /// Checks every field; `now_ms` and `max_future_skew_ms` bound the timestamp.
-    pub fn validate(&self, now_ms: i64, max_future_skew_ms: i64) -> Result<(), FieldError> {
+    /// Checks every field; the error names the first bad one. (A timestamp ahead of the
+    /// server's clock is not an error: see [`Event::at`].)
+    pub fn validate(&self) -> Result<(), FieldError> {
         check_id("event_id", &self.event_id)?;
         check_id("user_id", &self.user_id)?;
         check_id("item_id", &self.item_id)?;
@@ -323,26 +386,28 @@ impl Event {
                 format!("is {value}; must be a finite number within ±{MAX_AMOUNT:e}"),
             ));
         }
-        if let Some(ts) = self.timestamp {
-            if ts < MIN_TIMESTAMP_MS {
-                return Err(FieldError::new(
-                    "timestamp",
-                    format!(
-                        "is {ts}; must be milliseconds since the Unix epoch, from 2000-01-01 ({MIN_TIMESTAMP_MS})"
-                    ),
-                ));
-            }
-            if ts > now_ms.saturating_add(max_future_skew_ms) {
-                return Err(FieldError::new(
-                    "timestamp",
-                    format!(
-                        "is {} ms ahead of the server's clock; at most {max_future_skew_ms} ms are allowed",
-                        ts - now_ms
-                    ),
-                ));
-            }
+        if let Some(ts) = self.timestamp
+            && ts < MIN_TIMESTAMP_MS
+        {
+            return Err(FieldError::new(
+                "timestamp",
+                format!(
+                    "is {ts}; must be milliseconds since the Unix epoch, from 2000-01-01 ({MIN_TIMESTAMP_MS})"
+                ),
+            ));
         }
         Ok(())
+    }
+
+    /// When the event counts as having happened: its timestamp, or `now_ms` when it has
+    /// none or one more than `max_future_skew_ms` ahead of the server's clock (a client
+    /// clock far ahead, or a timestamp in micro- or nanoseconds, would otherwise put the
+    /// event in the future, where its weight in decayed scores would outgrow every other).
+    pub fn at(&self, now_ms: i64, max_future_skew_ms: i64) -> i64 {
+        match self.timestamp {
+            Some(ts) if ts <= now_ms.saturating_add(max_future_skew_ms) => ts,
+            _ => now_ms,
+        }
     }
 }
 
@@ -482,8 +547,8 @@ impl Item {
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), FieldError> {
         check_id("item_id", &self.item_id)?;
-        check_text("title", &self.title, MAX_TITLE_BYTES)?;
-        check_text("category", &self.category, MAX_LABEL_BYTES)?;
+        check_text("title", &self.title, MAX_TITLE_CHARS)?;
+        check_text("category", &self.category, MAX_LABEL_CHARS)?;
         for (name, value) in [("price", self.price), ("popularity", self.popularity)] {
             if let Some(v) = value
                 && !(v.is_finite() && (0.0..=MAX_AMOUNT).contains(&v))
@@ -506,7 +571,7 @@ impl Item {
         self.tags
             .iter()
             .enumerate()
-            .try_for_each(|(i, t)| check_text(&format!("tags[{i}]"), t, MAX_LABEL_BYTES))
+            .try_for_each(|(i, t)| check_text(&format!("tags[{i}]"), t, MAX_LABEL_CHARS))
     }
 }
 
@@ -625,25 +690,34 @@ mod tests {
             timestamp: None,
         };
         let now = 1_800_000_000_000;
-        assert_eq!(e.validate(now, 10).unwrap_err().field, "value");
+        assert_eq!(e.validate().unwrap_err().field, "value");
         let e = Event {
             value: Some(-1e308),
             ..e
         };
-        assert_eq!(e.validate(now, 10).unwrap_err().field, "value");
+        assert_eq!(e.validate().unwrap_err().field, "value");
         let e = Event {
             value: Some(-25.5),
             timestamp: Some(now + 11),
             ..e
         };
-        assert_eq!(e.validate(now, 10).unwrap_err().field, "timestamp");
-        assert!(e.validate(now + 1, 10).is_ok());
+        assert!(e.validate().is_ok());
+        assert_eq!(e.at(now, 10), now, "too far ahead: counted as received");
+        assert_eq!(e.at(now + 1, 10), now + 11, "within the skew: as given");
+        assert_eq!(
+            Event {
+                timestamp: None,
+                ..e.clone()
+            }
+            .at(now, 10),
+            now
+        );
         for early in [0, 1_700_000_000, MIN_TIMESTAMP_MS - 1] {
             let e = Event {
                 timestamp: Some(early),
                 ..e.clone()
             };
-            assert_eq!(e.validate(now, 10).unwrap_err().field, "timestamp");
+            assert_eq!(e.validate().unwrap_err().field, "timestamp");
         }
     }
 

@@ -6,8 +6,9 @@
 //!
 //! **Weights.** Decision i served item aᵢₖ in slot k with the logged propensity pᵢₖ. The
 //! target's probability πₑ(aᵢₖ | xᵢ, earlier slots) comes from
-//! [`Policy::slot_probabilities`] on the logged candidates with the earlier *logged* slate
-//! items placed, so the estimates run the same policy code as the service; the weight is
+//! [`Policy::slate_probabilities`] on the logged candidates with the earlier *logged* slate
+//! items placed, so the estimates run the same policy code as the service (a Thompson
+//! target's slots share one set of draws per decision); the weight is
 //! wᵢₖ = πₑ(aᵢₖ | …) / pᵢₖ. The target can only choose among the logged candidates. Each
 //! slot is weighted on its own, conditional on the logged earlier slots: this is exact
 //! for one-slot decisions and for slots whose earlier slots the target would have filled
@@ -116,6 +117,40 @@ impl TargetPolicy {
     /// Checks every policy's parameters; the error names the bad one.
     pub fn validate(&self) -> Result<(), EvalError> {
         Policies::new(self).map(drop)
+    }
+
+    /// Monte Carlo draws per decision of its most expensive Thompson policy (0 when it
+    /// has none): a decision costs draws × candidates posterior samples.
+    pub fn draws(&self) -> u64 {
+        std::iter::once(&self.policy)
+            .chain(self.segments.values())
+            .map(|p| match p {
+                PolicyConfig::Thompson { draws, .. } => u64::from(*draws),
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The newest part of `records` (oldest first), from a decision on, whose decisions
+    /// cost this target at most `budget` posterior samples (see [`TargetPolicy::draws`]),
+    /// and at least the newest decision; all of them for a target that draws nothing.
+    pub fn affordable<'r>(&self, records: &'r [LogRecord], budget: u64) -> &'r [LogRecord] {
+        let draws = self.draws();
+        if draws == 0 {
+            return records;
+        }
+        let (mut spent, mut start) = (0u64, None);
+        for (i, record) in records.iter().enumerate().rev() {
+            if let LogRecord::Decision(d) = record {
+                spent = spent.saturating_add(draws.saturating_mul(d.candidates.len() as u64));
+                if spent > budget && start.is_some() {
+                    break;
+                }
+                start = Some(i);
+            }
+        }
+        start.map_or(records, |i| &records[i..])
     }
 }
 
@@ -603,11 +638,8 @@ impl Valuation<'_> {
             .iter()
             .map(|c| Candidate::new(c.item_id.clone(), c.score))
             .collect();
-        let c = &mut out.contributions;
-        let row = i * c.width;
-        let (mut logged, mut ips, mut dr) = (0.0, 0.0, 0.0);
-        let mut placed = Vec::with_capacity(decision.slate.len());
-        for (k, (slot, &reward)) in decision.slate.iter().zip(rewards).enumerate() {
+        let mut slate: Vec<usize> = Vec::with_capacity(decision.slate.len());
+        for (k, slot) in decision.slate.iter().enumerate() {
             let bad = |message: String| EvalError::record(&decision.request_id, message);
             let p = slot.propensity;
             if !(p.is_finite() && p > 0.0 && p <= 1.0 + PROPENSITY_SLACK) {
@@ -625,15 +657,28 @@ impl Valuation<'_> {
                         slot.item_id
                     ))
                 })?;
-            if placed.contains(&a) {
+            if slate.contains(&a) {
                 return Err(bad(format!(
                     "slot {k}: item {} also fills an earlier slot",
                     slot.item_id
                 )));
             }
-            let probs = self
-                .policy
-                .slot_probabilities(&candidates, self.stats, &placed, rng);
+            slate.push(a);
+        }
+        let all = self
+            .policy
+            .slate_probabilities(&candidates, self.stats, &slate, rng);
+        let c = &mut out.contributions;
+        let row = i * c.width;
+        let (mut logged, mut ips, mut dr) = (0.0, 0.0, 0.0);
+        for (k, ((slot, &reward), (&a, probs))) in decision
+            .slate
+            .iter()
+            .zip(rewards)
+            .zip(slate.iter().zip(&all))
+            .enumerate()
+        {
+            let p = slot.propensity;
             let w = probs[a] / p;
             let segment = decision.segment.as_str();
             let direct: f64 = probs
@@ -657,7 +702,6 @@ impl Valuation<'_> {
             pos.weight_sq += w * w;
             pos.dr += slot_dr;
             pos.max_weight = pos.max_weight.max(w);
-            placed.push(a);
         }
         c.logged.push(logged);
         c.ips.push(ips);
@@ -868,6 +912,30 @@ mod tests {
             reward("d3", 1, "b", 0.5),
             reward("gone", 0, "a", 1.0),
         ]
+    }
+
+    #[test]
+    fn a_drawing_target_affords_the_newest_decisions_within_its_budget() {
+        let records = four_decisions();
+        let greedy = TargetPolicy::new(PolicyConfig::Greedy {});
+        assert_eq!(greedy.draws(), 0);
+        assert_eq!(greedy.affordable(&records, 0).len(), records.len());
+        let mut thompson = TargetPolicy::new(PolicyConfig::Greedy {});
+        thompson
+            .segments
+            .insert("vip".into(), PolicyConfig::thompson(1.0, 1.0, 10));
+        assert_eq!(thompson.draws(), 10);
+        // A decision of 3 candidates costs 30 samples: 60 buy d2 and d3, and what follows.
+        let first = |kept: &[LogRecord]| match &kept[0] {
+            LogRecord::Decision(d) => d.request_id.clone(),
+            LogRecord::Reward(_) => "a reward".into(),
+        };
+        let kept = thompson.affordable(&records, 60);
+        assert_eq!((kept.len(), first(kept)), (records.len() - 3, "d2".into()));
+        assert_eq!(thompson.affordable(&records, 120).len(), records.len());
+        // Never less than the newest decision.
+        let kept = thompson.affordable(&records, 29);
+        assert_eq!((kept.len(), first(kept)), (6, "d3".into()));
     }
 
     #[test]

@@ -106,7 +106,7 @@ pub enum PolicyConfig {
     EpsilonGreedy {
         /// ε, or ε at zero traffic when it decays: 0..=1.
         epsilon: f64,
-        /// Floor of a decaying ε: 0..=epsilon.
+        /// Floor of a decaying ε: 0..=1 (a floor above `epsilon` holds a decaying ε there).
         #[serde(default)]
         epsilon_min: f64,
         /// Impressions after which a decaying ε has halved; absent keeps ε fixed.
@@ -213,10 +213,10 @@ impl PolicyConfig {
                         format!("is {epsilon}; must be 0..=1"),
                     ));
                 }
-                if !(0.0..=epsilon).contains(&epsilon_min) {
+                if !(0.0..=1.0).contains(&epsilon_min) {
                     return Err(ConfigError::new(
                         "epsilon_min",
-                        format!("is {epsilon_min}; must be 0..=epsilon"),
+                        format!("is {epsilon_min}; must be 0..=1"),
                     ));
                 }
                 if let Some(d) = decay_impressions {
@@ -557,6 +557,57 @@ fn ucb_order(candidates: &[Candidate], stats: &SegmentStats, c: f64, personal: f
     order
 }
 
+impl Policy {
+    /// [`Policy::slot_probabilities`] for every slot of `slate` (candidate indices): row
+    /// k is the distribution over candidates of slot k with `slate[..k]` placed. A
+    /// Thompson policy's rows come from one set of `draws` joint draws, shared by the
+    /// slots, so a slate costs one slot's sampling.
+    pub fn slate_probabilities<R: Rng + ?Sized>(
+        &self,
+        candidates: &[Candidate],
+        stats: &SegmentStats,
+        slate: &[usize],
+        rng: &mut R,
+    ) -> Vec<Vec<f64>> {
+        let PolicyConfig::Thompson {
+            alpha,
+            beta,
+            draws,
+            personal,
+        } = self.config
+        else {
+            return (0..slate.len())
+                .map(|k| self.slot_probabilities(candidates, stats, &slate[..k], rng))
+                .collect();
+        };
+        let m = candidates.len();
+        let mix = Mix::new(candidates, personal);
+        let mixed: Vec<f64> = Posteriors::new(candidates, stats, alpha, beta)
+            .sample_matrix(draws as usize, rng)
+            .chunks_exact(m.max(1))
+            .flat_map(|row| mix.apply(row))
+            .collect();
+        let mut taken = vec![false; m];
+        (0..slate.len())
+            .map(|k| {
+                if let Some(t) = k.checked_sub(1).and_then(|j| taken.get_mut(slate[j])) {
+                    *t = true;
+                }
+                let remaining: Vec<usize> = (0..m).filter(|&i| !taken[i]).collect();
+                let mut p = vec![0.0; m];
+                if remaining.is_empty() {
+                    return p;
+                }
+                for row in mixed.chunks_exact(m) {
+                    p[argmax(row, &remaining)] += 1.0;
+                }
+                p.iter_mut().for_each(|v| *v /= f64::from(draws));
+                p
+            })
+            .collect()
+    }
+}
+
 /// Beta posteriors of the candidates, in candidate order.
 struct Posteriors {
     dists: Vec<Result<Beta<f64>, f64>>,
@@ -711,6 +762,42 @@ mod tests {
             personal: 0.0,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn slate_probabilities_follow_each_slot_with_the_earlier_ones_placed() {
+        let c = candidates(6);
+        let s = stats(&[
+            ("item-0", 40.0, 4.0),
+            ("item-1", 40.0, 12.0),
+            ("item-2", 40.0, 8.0),
+            ("item-3", 5.0, 1.0),
+        ]);
+        let slate = [1, 2, 0];
+        let mut rng = SmallRng::seed_from_u64(5);
+        let eps = eps_policy(0.3);
+        let rows = eps.slate_probabilities(&c, &s, &slate, &mut rng);
+        for (k, row) in rows.iter().enumerate() {
+            assert_eq!(
+                row,
+                &eps.slot_probabilities(&c, &s, &slate[..k], &mut rng),
+                "slot {k}"
+            );
+        }
+        // Thompson: one set of draws for the slate, each row as the slot's own estimate.
+        let thompson = thompson_policy(20_000);
+        let rows = thompson.slate_probabilities(&c, &s, &slate, &mut rng);
+        assert_eq!(rows.len(), 3);
+        for (k, row) in rows.iter().enumerate() {
+            let alone = thompson.slot_probabilities(&c, &s, &slate[..k], &mut rng);
+            assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-9, "slot {k}");
+            for &placed in &slate[..k] {
+                assert_eq!(row[placed], 0.0, "slot {k} cannot take {placed} again");
+            }
+            for (i, (a, b)) in row.iter().zip(&alone).enumerate() {
+                assert!((a - b).abs() < 0.03, "slot {k}, item {i}: {a} vs {b}");
+            }
+        }
     }
 
     /// |observed − expected| within 4 standard deviations of a binomial count.
@@ -1044,7 +1131,7 @@ mod tests {
             (
                 PolicyConfig::EpsilonGreedy {
                     epsilon: 0.1,
-                    epsilon_min: 0.2,
+                    epsilon_min: 1.2,
                     decay_impressions: None,
                 },
                 "epsilon_min",

@@ -40,8 +40,8 @@ use crate::policy::PolicyConfig;
 
 /// The segment of requests that neither name one nor match a rule.
 pub const DEFAULT_SEGMENT: &str = "default";
-/// Longest segment name a rule or policy entry may use, in bytes.
-pub const MAX_SEGMENT_BYTES: usize = 128;
+/// Longest segment name a rule or policy entry may use, in characters.
+pub const MAX_SEGMENT_CHARS: usize = 128;
 
 /// The policy of segments without an entry, when there is no `default` entry either.
 static GREEDY: PolicyConfig = PolicyConfig::Greedy {};
@@ -142,12 +142,12 @@ fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
     if name.trim().is_empty() {
         return Err(ConfigError::new(field, "must not be empty"));
     }
-    if name.len() > MAX_SEGMENT_BYTES {
+    if name.len() > MAX_SEGMENT_CHARS && name.chars().count() > MAX_SEGMENT_CHARS {
         return Err(ConfigError::new(
             field,
             format!(
-                "is {} bytes long; at most {MAX_SEGMENT_BYTES} are allowed",
-                name.len()
+                "is {} characters long; at most {MAX_SEGMENT_CHARS} are allowed",
+                name.chars().count()
             ),
         ));
     }

@@ -223,7 +223,8 @@ pub struct Config {
     #[arg(long, env = "ONREC_WEIGHT_DISLIKE", default_value_t = -1.0, allow_negative_numbers = true)]
     pub weight_dislike: f64,
 
-    /// How far ahead of the server's clock an event timestamp may be
+    /// How far ahead of the server's clock an event timestamp is taken as given; one
+    /// further ahead counts as received now
     #[arg(long, env = "ONREC_MAX_FUTURE_SKEW", default_value = "5m", value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
     pub max_future_skew: Duration,

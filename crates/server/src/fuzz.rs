@@ -163,7 +163,7 @@ fn json_bodies() {
         }
         if let Ok(events) = parse_json::<Vec<Event>>(bytes) {
             for e in &events {
-                let _ = e.validate(onrec_engine::now_ms(), 300_000);
+                let _ = e.validate();
             }
         }
         if let Ok(items) = parse_json::<Vec<Item>>(bytes) {
@@ -232,7 +232,7 @@ fn protobuf_messages() {
         if let Ok(e) = pb::Event::decode(bytes)
             && let Ok(e) = grpc::event_from(e)
         {
-            let _ = e.validate(onrec_engine::now_ms(), 300_000);
+            let _ = e.validate();
         }
         if let Ok(i) = pb::Item::decode(bytes) {
             let _ = grpc::item_from(i).validate();

@@ -11,8 +11,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use onrec_engine::{
-    Event, EventsSummary, FieldError, Item, RecommendRequest, Recommendation, SegmentReport,
-    UpsertSummary,
+    Event, EventsSummary, FieldError, Item, Object, RecommendRequest, Recommendation,
+    SegmentReport, UpsertSummary,
 };
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
@@ -191,19 +191,55 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldEr
         return Err(FieldError::new("body", "is empty; expected JSON"));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." || path == "?" {
-            "body".to_owned()
-        } else {
-            path
-        };
-        FieldError::new(field, e.into_inner().to_string())
-    })?;
-    de.end().map_err(|e| {
-        FieldError::new("body", format!("unexpected data after the JSON value: {e}"))
-    })?;
-    Ok(value)
+    match serde_path_to_error::deserialize(&mut de).map_err(field_error) {
+        Ok(value) => {
+            de.end().map_err(|e| {
+                FieldError::new("body", format!("unexpected data after the JSON value: {e}"))
+            })?;
+            Ok(value)
+        }
+        // JSON has one kind of number: `3.0` is the integer 3 wherever one is expected.
+        Err(e) if e.message.starts_with("invalid type: floating point") => {
+            let mut json: serde_json::Value = serde_json::from_slice(bytes)
+                .map_err(|e| FieldError::new("body", e.to_string()))?;
+            integral_floats_as_integers(&mut json);
+            serde_path_to_error::deserialize(json).map_err(field_error)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The error of a failed deserialisation, naming where it failed.
+fn field_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> FieldError {
+    let path = e.path().to_string();
+    let field = if path == "." || path == "?" {
+        "body".to_owned()
+    } else {
+        path
+    };
+    FieldError::new(field, e.into_inner().to_string())
+}
+
+/// Turns every number written with a fraction of zero (`3.0`, `1e3`) into the integer it
+/// is, where an integer type can hold it.
+fn integral_floats_as_integers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0) {
+                // -2^63 and 2^64, exactly.
+                if (-(2f64.powi(63))..0.0).contains(&f) {
+                    *n = serde_json::Number::from(f as i64);
+                } else if (0.0..2f64.powi(64)).contains(&f) {
+                    *n = serde_json::Number::from(f as u64);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        serde_json::Value::Object(fields) => {
+            fields.values_mut().for_each(integral_floats_as_integers);
+        }
+        _ => {}
+    }
 }
 
 /// Top-N items for one user.
@@ -220,7 +256,7 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldEr
     security((), ("bearer" = [])))]
 async fn recommend(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
     handle_body(&app, "recommend", Access::Read, &headers, body, async |bytes| {
-        let req: RecommendRequest = parse_json(&bytes)?;
+        let Object(req) = parse_json::<Object<RecommendRequest>>(&bytes)?;
         let recommendation = app.engine().recommend(&req).await?;
         tracing::debug!(user_id = %req.user_id, request_id = %recommendation.request_id, n = recommendation.items.len(), "recommended");
         Ok(Json(recommendation))
@@ -265,7 +301,10 @@ async fn record_events(State(app): State<App>, headers: HeaderMap, body: Body) -
         &headers,
         body,
         async |bytes| {
-            let events: Vec<Event> = parse_json(&bytes)?;
+            let events: Vec<Event> = parse_json::<Vec<Object<Event>>>(&bytes)?
+                .into_iter()
+                .map(|o| o.0)
+                .collect();
             app.engine().validate_batch(&events)?;
             let mut sink = EventSink::new(&app);
             for e in &events {
@@ -369,7 +408,7 @@ async fn ndjson_line(
     if line.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
-    let parsed = parse_json::<Event>(line);
+    let parsed = parse_json::<Object<Event>>(line).map(|o| o.0);
     let event_id = match &parsed {
         Ok(e) => e.event_id.clone(),
         Err(_) => String::new(),
@@ -398,7 +437,10 @@ async fn upsert_items(State(app): State<App>, headers: HeaderMap, body: Body) ->
         &headers,
         body,
         async |bytes| {
-            let items: Vec<Item> = parse_json(&bytes)?;
+            let items: Vec<Item> = parse_json::<Vec<Object<Item>>>(&bytes)?
+                .into_iter()
+                .map(|o| o.0)
+                .collect();
             let summary = app.engine().upsert_items(items).await?;
             app.refresh_gauges();
             tracing::info!(
@@ -467,7 +509,7 @@ async fn list_segments(
     params(("segment" = String, Path, description = "The segment"), TopQuery),
     responses(
         (status = 200, description = "The segment (zero counts when it has no statistics yet)", body = SegmentReport),
-        (status = 400, description = "A bad segment name (empty, longer than 128 bytes, or with control characters) or query", body = ErrorBody),
+        (status = 400, description = "A bad segment name (empty, longer than 128 characters, or with control characters) or query", body = ErrorBody),
         (status = 401, description = "Missing or wrong read API key", body = ErrorBody),
         (status = 429, description = "At capacity; retry later", body = ErrorBody),
         (status = 503, description = "The bandit store did not answer", body = ErrorBody),
@@ -485,7 +527,7 @@ async fn get_segment(
         (Access::Read, Budget::Requests),
         &headers,
         app.timed(async {
-            onrec_engine::check_id("segment", &segment)?;
+            onrec_engine::check_segment("segment", &segment)?;
             let top = top_of(&uri)?;
             Ok(Json(app.engine().segment(&segment, top).await?))
         }),
@@ -499,10 +541,11 @@ async fn get_segment(
 pub struct OpeRequest {
     /// The candidate policy of every segment without an override, e.g.
     /// `{"kind": "epsilon_greedy", "epsilon": 0.05}`.
+    #[serde(deserialize_with = "onrec_engine::object")]
     #[schema(value_type = Object)]
     pub policy: onrec_policy::PolicyConfig,
     /// Overrides by segment name.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "onrec_engine::objects_by_name")]
     #[schema(value_type = Object)]
     pub segments: std::collections::BTreeMap<String, onrec_policy::PolicyConfig>,
     /// Bootstrap resamples for the intervals, 0..=10000 (default 1000).
@@ -531,7 +574,7 @@ pub struct OpeRequest {
     security((), ("bearer" = [])))]
 async fn evaluate_policy(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
     handle_body(&app, "ope", Access::Read, &headers, body, async |bytes| {
-        let req: OpeRequest = parse_json(&bytes)?;
+        let Object(req) = parse_json::<Object<OpeRequest>>(&bytes)?;
         let defaults = onrec_eval::OpeOptions::default();
         let options = onrec_eval::OpeOptions {
             bootstrap: req.bootstrap.unwrap_or(defaults.bootstrap),
@@ -589,8 +632,8 @@ async fn prometheus(State(app): State<App>) -> Response {
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
-async fn openapi() -> Response {
-    Json(ApiDoc::openapi()).into_response()
+async fn openapi(State(app): State<App>) -> Response {
+    Json(crate::contract::document(app.config.max_n)).into_response()
 }
 
 async fn not_found() -> Response {
@@ -679,6 +722,30 @@ mod tests {
                 .field,
             "nn"
         );
+    }
+
+    #[test]
+    fn bodies_are_objects_and_integral_numbers_are_integers() {
+        for body in [
+            &br#"["alice", 3]"#[..],
+            br#"{"user_id": "u", "context": ["mobile", "DE", 20]}"#,
+        ] {
+            let e = parse_json::<Object<RecommendRequest>>(body).unwrap_err();
+            assert!(e.message.contains("expected an object"), "{e}");
+        }
+        let e = parse_json::<Object<OpeRequest>>(br#"{"policy": ["greedy"]}"#).unwrap_err();
+        assert_eq!(e.field, "policy");
+        let Object(r) =
+            parse_json::<Object<RecommendRequest>>(br#"{"user_id": "u", "n": 3.0}"#).unwrap();
+        assert_eq!(r.n, 3);
+        let events: Vec<Object<Event>> = parse_json(
+            br#"[{"event_id":"e","user_id":"u","item_id":"i","type":"click","timestamp":1.7e12}]"#,
+        )
+        .unwrap();
+        assert_eq!(events[0].0.timestamp, Some(1_700_000_000_000));
+        let e =
+            parse_json::<Object<RecommendRequest>>(br#"{"user_id": "u", "n": 3.5}"#).unwrap_err();
+        assert_eq!(e.field, "n");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod contract;
 pub mod decision_log;
 pub mod encoder;
 pub mod error;
@@ -58,6 +59,11 @@ pub struct App {
     store_seen: Arc<AtomicBool>,
     model_version: Arc<Mutex<Option<String>>>,
 }
+
+/// Posterior samples one evaluation may draw (about two seconds of a core): a Thompson
+/// target is evaluated on the newest logged decisions that fit (decisions × draws ×
+/// candidates), which the report's `counts.decisions` says.
+pub const OPE_SAMPLE_BUDGET: u64 = 20_000_000;
 
 /// Concurrent HTTP/2 streams one connection (HTTP or gRPC) may open, advertised in its
 /// settings: one client cannot open thousands of calls on a single connection.
@@ -202,10 +208,13 @@ impl App {
         target.validate()?;
         options.validate()?;
         let records = self.engine.recent_decisions();
-        tokio::task::spawn_blocking(move || onrec_eval::evaluate(&records, &target, &options))
-            .await
-            .map_err(|e| ApiError::Internal(format!("the evaluation task failed: {e}")))?
-            .map_err(ApiError::from)
+        tokio::task::spawn_blocking(move || {
+            let records = target.affordable(&records, OPE_SAMPLE_BUDGET);
+            onrec_eval::evaluate(records, &target, &options)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("the evaluation task failed: {e}")))?
+        .map_err(ApiError::from)
     }
 
     /// Where the engine's state is kept across restarts: `data_dir` when there is no
