@@ -126,15 +126,24 @@ fn write_catalog(items: &[onrec_engine::Item], path: &std::path::Path) -> Result
 }
 
 /// The service as shipped over a catalog: the server's default configuration with the
-/// catalog written to a file, built by the same code `onrec serve` runs.
-fn shipped_service(items: Vec<onrec_engine::Item>) -> Result<onrec_engine::Engine, SimError> {
+/// catalog written to a file, built by the same code `onrec serve` runs. With `logging`,
+/// its decision log is on (the run takes the records; nothing else writes them).
+fn shipped_service(
+    items: Vec<onrec_engine::Item>,
+    logging: bool,
+) -> Result<onrec_engine::Engine, SimError> {
     let dir = std::env::temp_dir().join(format!("onrec-sim-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("catalog.jsonl");
     write_catalog(&items, &path)?;
     let command = <onrec_server::Config as clap::Args>::augment_args(clap::Command::new("onrec"));
+    let catalog = path.display().to_string();
+    let mut args = vec!["onrec", "--catalog", catalog.as_str()];
+    if logging {
+        args.extend(["--decision-log", "file"]);
+    }
     let matches = command
-        .try_get_matches_from(["onrec", "--catalog", &path.display().to_string()])
+        .try_get_matches_from(args)
         .map_err(|e| SimError::config("service", e.to_string()))?;
     let engine = onrec_server::Config::from_matches(&matches)
         .and_then(|config| onrec_server::build_engine(&config))

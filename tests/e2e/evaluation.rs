@@ -152,6 +152,66 @@ async fn the_decision_log_rotates_on_disk_and_feeds_off_policy_estimates() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn a_simulated_fresh_shop_logs_the_shipped_service_for_ope() {
+    let dir = std::env::temp_dir().join(format!("onrec-sim-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_onrec"))
+        .args([
+            "simulate",
+            "--scenario",
+            "fresh",
+            "--rounds",
+            "300",
+            "--users",
+            "60",
+            "--items",
+            "40",
+            "--categories",
+            "4",
+            "--policies",
+            "uniform,onrec",
+            "--json",
+            "--log-dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "onrec simulate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let onrec = &report["policies"][1];
+    assert_eq!(
+        (&onrec["policy"], &onrec["rounds"]),
+        (&json!("onrec"), &json!(300))
+    );
+    // The service as shipped wrote a decision per round; the log takes `onrec ope`.
+    let log = dir.join("onrec.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let decisions = text
+        .lines()
+        .filter(|l| l.contains(r#""type":"decision""#))
+        .count();
+    assert_eq!(decisions, 300);
+    let estimate = ope_cli(&[
+        "--log",
+        &log.display().to_string(),
+        "--policy",
+        r#"{"policy": {"kind": "greedy"}}"#,
+    ]);
+    assert_eq!(estimate["counts"]["decisions"], 300, "{estimate}");
+    let rewards = estimate["counts"]["rewards"].as_u64().unwrap();
+    assert!(
+        rewards >= onrec["clicks"].as_u64().unwrap(),
+        "every click is a reward: {estimate}"
+    );
+    assert_eq!(estimate["counts"]["orphan_rewards"], 0, "{estimate}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `onrec ope ARGS --json`, parsed.
 fn ope_cli(args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_onrec"))

@@ -47,8 +47,9 @@ pub const SETTLE_EVERY: usize = 50;
 /// Longest wait for the online encoder to catch up.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Builds the service as shipped over a catalog.
-pub type ServiceFactory = dyn Fn(Vec<onrec_engine::Item>) -> Result<Engine, SimError>;
+/// Builds the service as shipped over a catalog; with `true`, one whose decision log
+/// records can be taken ([`Engine::decision_records`]).
+pub type ServiceFactory = dyn Fn(Vec<onrec_engine::Item>, bool) -> Result<Engine, SimError>;
 
 /// How the Q-network takes part in `+q` policies (live mode always).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -434,7 +435,7 @@ impl Simulation {
             let factory = self.service.as_ref().ok_or_else(|| {
                 SimError::config("policies", "'onrec' needs the service (with_service)")
             })?;
-            return Ok((factory(self.world.catalog())?, None));
+            return Ok((factory(self.world.catalog(), logging)?, None));
         }
         let mut segments = SegmentConfig {
             rules: self.config.segment_rules.clone(),
