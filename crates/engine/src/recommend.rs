@@ -228,7 +228,8 @@ impl Engine {
 
     /// Stage 3: the `m` candidates: the encoder's items still in the catalog and not
     /// hidden, popular items (ties broken by the request id) for the rest, re-ordered by
-    /// the Q-network when it is live. The encoder's items join the user's hidden ones.
+    /// the Q-network when it is live (outside the ranking lock). The encoder's items join
+    /// the user's hidden ones.
     fn rescore(&self, retrieved: Retrieved, view: &mut UserView, asked: &Asked) -> Shortlist {
         let (n, m) = (asked.n, asked.m);
         let hidden = &mut view.hidden;
@@ -264,6 +265,9 @@ impl Engine {
                     .map(|idx| (idx, ranking.popularity.score_at(idx, now))),
             );
         }
+        // The Q-network re-scores without the lock, so events are not held up by it;
+        // catalog indices stay valid (items are only ever added).
+        drop(ranking);
         let model_version = match learner
             .as_ref()
             .and_then(|link| link.rescore(&q_state, &mut picked, n))
@@ -271,6 +275,7 @@ impl Engine {
             Some(v) => format!("{}+q{v}", view.version),
             None => view.version.clone(),
         };
+        let ranking = self.inner.ranking.read();
         Shortlist {
             candidates: picked
                 .iter()
