@@ -41,10 +41,11 @@ pub fn check_id(field: &str, id: &str) -> Result<(), FieldError> {
     check_text(field, id, MAX_ID_CHARS)
 }
 
-/// Checks a segment name: an identifier of at most [`MAX_LABEL_CHARS`].
+/// Checks a segment name: an identifier of at most
+/// [`onrec_policy::segment::MAX_SEGMENT_CHARS`], as segment rules and policies take them.
 pub fn check_segment(field: &str, name: &str) -> Result<(), FieldError> {
     check_id(field, name)?;
-    check_text(field, name, MAX_LABEL_CHARS)
+    check_text(field, name, onrec_policy::segment::MAX_SEGMENT_CHARS)
 }
 
 /// Checks a text: at most `max` characters (as JSON Schema's `maxLength` counts them), no

@@ -424,25 +424,51 @@ impl Policy {
                     p[next] = 1.0;
                 }
             }
-            PolicyConfig::Thompson {
-                alpha,
-                beta,
-                draws,
-                personal,
-            } => {
-                let posteriors = Posteriors::new(candidates, stats, alpha, beta);
-                let mix = Mix::new(candidates, personal);
-                let draws = draws as usize;
-                let theta = posteriors.sample_matrix(draws, rng);
-                let m = candidates.len();
-                for row in theta.chunks_exact(m) {
-                    p[argmax(&mix.apply(row), &remaining)] += 1.0;
-                }
-                p.iter_mut().for_each(|v| *v /= draws as f64);
+            PolicyConfig::Thompson { .. } => {
+                let mixed = self.mixed_draws(candidates, stats, rng);
+                p = win_shares(&mixed, candidates.len(), &remaining);
             }
         }
         p
     }
+
+    /// A Thompson policy's `draws` joint draws of the candidates' values, row-major, each
+    /// row mixed with the personal ranking as [`Policy::select`] mixes it; empty for
+    /// other policies.
+    fn mixed_draws<R: Rng + ?Sized>(
+        &self,
+        candidates: &[Candidate],
+        stats: &SegmentStats,
+        rng: &mut R,
+    ) -> Vec<f64> {
+        let PolicyConfig::Thompson {
+            alpha,
+            beta,
+            draws,
+            personal,
+        } = self.config
+        else {
+            return Vec::new();
+        };
+        let mix = Mix::new(candidates, personal);
+        Posteriors::new(candidates, stats, alpha, beta)
+            .sample_matrix(draws as usize, rng)
+            .chunks_exact(candidates.len().max(1))
+            .flat_map(|row| mix.apply(row))
+            .collect()
+    }
+}
+
+/// For the rows of `mixed` (`m` values each, one per candidate), the share of rows in
+/// which each candidate is the best of `remaining` (not empty).
+fn win_shares(mixed: &[f64], m: usize, remaining: &[usize]) -> Vec<f64> {
+    let mut p = vec![0.0; m];
+    let rows = mixed.len() / m.max(1);
+    for row in mixed.chunks_exact(m.max(1)) {
+        p[argmax(row, remaining)] += 1.0;
+    }
+    p.iter_mut().for_each(|v| *v /= rows.max(1) as f64);
+    p
 }
 
 fn epsilon_greedy<R: Rng + ?Sized>(
@@ -569,24 +595,13 @@ impl Policy {
         slate: &[usize],
         rng: &mut R,
     ) -> Vec<Vec<f64>> {
-        let PolicyConfig::Thompson {
-            alpha,
-            beta,
-            draws,
-            personal,
-        } = self.config
-        else {
+        if !matches!(self.config, PolicyConfig::Thompson { .. }) {
             return (0..slate.len())
                 .map(|k| self.slot_probabilities(candidates, stats, &slate[..k], rng))
                 .collect();
-        };
+        }
         let m = candidates.len();
-        let mix = Mix::new(candidates, personal);
-        let mixed: Vec<f64> = Posteriors::new(candidates, stats, alpha, beta)
-            .sample_matrix(draws as usize, rng)
-            .chunks_exact(m.max(1))
-            .flat_map(|row| mix.apply(row))
-            .collect();
+        let mixed = self.mixed_draws(candidates, stats, rng);
         let mut taken = vec![false; m];
         (0..slate.len())
             .map(|k| {
@@ -594,15 +609,10 @@ impl Policy {
                     *t = true;
                 }
                 let remaining: Vec<usize> = (0..m).filter(|&i| !taken[i]).collect();
-                let mut p = vec![0.0; m];
                 if remaining.is_empty() {
-                    return p;
+                    return vec![0.0; m];
                 }
-                for row in mixed.chunks_exact(m) {
-                    p[argmax(row, &remaining)] += 1.0;
-                }
-                p.iter_mut().for_each(|v| *v /= f64::from(draws));
-                p
+                win_shares(&mixed, m, &remaining)
             })
             .collect()
     }

@@ -33,11 +33,9 @@ fn id(max: usize) -> Value {
     })
 }
 
-/// A list of at most `max` entries, each as `entry` says.
+/// A list of at most `max` strings, each as `entry` says.
 fn list(max: usize, entry: Value) -> Value {
-    let mut items = json!({"type": "string"});
-    merge(&mut items, entry);
-    json!({"maxItems": max, "items": items})
+    json!({"maxItems": max, "items": merge_into(json!({"type": "string"}), entry)})
 }
 
 /// A number within `min..=max`.
@@ -54,8 +52,8 @@ fn merge(schema: &mut Value, extra: Value) {
 
 /// The schema of one exploration policy, as `onrec_policy::PolicyConfig` reads and checks
 /// it: `kind` selects the variant, and no other field is allowed.
-pub fn policy_schema() -> Value {
-    let weight = range(0.0, 1.0);
+fn policy_schema() -> Value {
+    let weight = json!({"type": "number", "minimum": 0.0, "maximum": 1.0});
     let variant = |kind: &str, required: &[&str], fields: Value| {
         let mut properties = Map::new();
         properties.insert("kind".into(), json!({"type": "string", "enum": [kind]}));
@@ -76,19 +74,19 @@ pub fn policy_schema() -> Value {
         "oneOf": [
             variant("greedy", &[], json!({})),
             variant("epsilon_greedy", &["epsilon"], json!({
-                "epsilon": merge_into(json!({"type": "number"}), weight.clone()),
-                "epsilon_min": merge_into(json!({"type": "number"}), weight.clone()),
+                "epsilon": weight,
+                "epsilon_min": weight,
                 "decay_impressions": {"type": ["number", "null"], "exclusiveMinimum": 0},
             })),
             variant("ucb1", &[], json!({
                 "c": {"type": "number", "minimum": 0},
-                "personal": merge_into(json!({"type": "number"}), weight.clone()),
+                "personal": weight,
             })),
             variant("thompson", &[], json!({
                 "alpha": {"type": "number", "exclusiveMinimum": 0},
                 "beta": {"type": "number", "exclusiveMinimum": 0},
                 "draws": {"type": "integer", "minimum": 1, "maximum": onrec_policy::policy::MAX_DRAWS},
-                "personal": merge_into(json!({"type": "number"}), weight),
+                "personal": weight,
             })),
         ],
     })
@@ -101,7 +99,7 @@ fn merge_into(mut schema: Value, extra: Value) -> Value {
 
 /// A segment name.
 fn segment() -> Value {
-    id(MAX_SEGMENT_CHARS.min(MAX_LABEL_CHARS))
+    id(MAX_SEGMENT_CHARS)
 }
 
 /// What each (schema, property) of the derived document gains.

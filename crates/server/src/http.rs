@@ -209,6 +209,14 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldEr
     }
 }
 
+/// A JSON array of objects (see [`Object`]), parsed as [`parse_json`] parses.
+fn parse_objects<T: DeserializeOwned>(bytes: &[u8]) -> Result<Vec<T>, FieldError> {
+    Ok(parse_json::<Vec<Object<T>>>(bytes)?
+        .into_iter()
+        .map(|o| o.0)
+        .collect())
+}
+
 /// The error of a failed deserialisation, naming where it failed.
 fn field_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> FieldError {
     let path = e.path().to_string();
@@ -301,10 +309,7 @@ async fn record_events(State(app): State<App>, headers: HeaderMap, body: Body) -
         &headers,
         body,
         async |bytes| {
-            let events: Vec<Event> = parse_json::<Vec<Object<Event>>>(&bytes)?
-                .into_iter()
-                .map(|o| o.0)
-                .collect();
+            let events: Vec<Event> = parse_objects(&bytes)?;
             app.engine().validate_batch(&events)?;
             let mut sink = EventSink::new(&app);
             for e in &events {
@@ -437,10 +442,7 @@ async fn upsert_items(State(app): State<App>, headers: HeaderMap, body: Body) ->
         &headers,
         body,
         async |bytes| {
-            let items: Vec<Item> = parse_json::<Vec<Object<Item>>>(&bytes)?
-                .into_iter()
-                .map(|o| o.0)
-                .collect();
+            let items: Vec<Item> = parse_objects(&bytes)?;
             let summary = app.engine().upsert_items(items).await?;
             app.refresh_gauges();
             tracing::info!(
