@@ -70,6 +70,7 @@ async fn main() {
                         context: ContextIds::from_parts(Some((i % 24) as u8), None),
                         exclude: Vec::new(),
                         k: 100,
+                        shift: None,
                     };
                     let t = Instant::now();
                     encoder.top_k(query).await.unwrap();

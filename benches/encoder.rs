@@ -66,6 +66,7 @@ fn queries(b: usize, num_items: usize) -> Vec<Query> {
             context: ContextIds::from_parts(Some((u % 24) as u8), Some("mobile")),
             exclude: Vec::new(),
             k: 100,
+            shift: None,
         })
         .collect()
 }

@@ -152,10 +152,10 @@ async fn the_decision_log_rotates_on_disk_and_feeds_off_policy_estimates() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn a_simulated_fresh_shop_logs_the_shipped_service_for_ope() {
-    let dir = std::env::temp_dir().join(format!("onrec-sim-log-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+/// A small fresh shop simulated with the service as shipped, its decision logs in `dir`:
+/// the report, and the request ids of the `onrec` log in order.
+fn simulate_small_shop(dir: &std::path::Path) -> (Value, Vec<String>) {
+    let _ = std::fs::remove_dir_all(dir);
     let out = Command::new(env!("CARGO_BIN_EXE_onrec"))
         .args([
             "simulate",
@@ -174,7 +174,7 @@ fn a_simulated_fresh_shop_logs_the_shipped_service_for_ope() {
             "--json",
             "--log-dir",
         ])
-        .arg(&dir)
+        .arg(dir)
         .output()
         .unwrap();
     assert!(
@@ -182,7 +182,24 @@ fn a_simulated_fresh_shop_logs_the_shipped_service_for_ope() {
         "onrec simulate failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for policy in report["policies"].as_array_mut().unwrap() {
+        policy.as_object_mut().unwrap().remove("wall_seconds");
+    }
+    let ids = std::fs::read_to_string(dir.join("onrec.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["type"] == "decision")
+        .map(|r| r["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    (report, ids)
+}
+
+#[test]
+fn a_simulated_fresh_shop_logs_the_shipped_service_for_ope_and_replays_exactly() {
+    let dir = std::env::temp_dir().join(format!("onrec-sim-log-{}", std::process::id()));
+    let (report, ids) = simulate_small_shop(&dir);
     let onrec = &report["policies"][1];
     assert_eq!(
         (&onrec["policy"], &onrec["rounds"]),
@@ -209,7 +226,13 @@ fn a_simulated_fresh_shop_logs_the_shipped_service_for_ope() {
         "every click is a reward: {estimate}"
     );
     assert_eq!(estimate["counts"]["orphan_rewards"], 0, "{estimate}");
+    // The same seed replays the run exactly: the same requests, slates, clicks, learning.
+    let again = dir.with_extension("again");
+    let (replayed, replayed_ids) = simulate_small_shop(&again);
+    assert_eq!(replayed, report);
+    assert_eq!(replayed_ids, ids);
     std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&again).unwrap();
 }
 
 /// `onrec ope ARGS --json`, parsed.

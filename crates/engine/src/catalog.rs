@@ -18,6 +18,9 @@ pub struct Catalog {
     items: Vec<Item>,
     index: HashMap<String, u32>,
     available: usize,
+    /// The category group of every item: categories numbered in the order they appeared.
+    groups: Vec<u32>,
+    group_index: HashMap<String, u32>,
 }
 
 /// Whether an insert made a new item or replaced one.
@@ -60,6 +63,21 @@ impl Catalog {
         &self.items
     }
 
+    /// The category group of the item at `idx`.
+    pub fn group(&self, idx: u32) -> u32 {
+        self.groups[idx as usize]
+    }
+
+    /// Number of category groups.
+    pub fn num_groups(&self) -> usize {
+        self.group_index.len()
+    }
+
+    fn group_of(&mut self, category: &str) -> u32 {
+        let next = self.group_index.len() as u32;
+        *self.group_index.entry(category.to_owned()).or_insert(next)
+    }
+
     /// All item ids in index order.
     pub fn ids(&self) -> Vec<String> {
         self.items.iter().map(|i| i.item_id.clone()).collect()
@@ -70,8 +88,10 @@ impl Catalog {
         if item.available {
             self.available += 1;
         }
+        let group = self.group_of(&item.category);
         match self.index.get(&item.item_id) {
             Some(&idx) => {
+                self.groups[idx as usize] = group;
                 let old = std::mem::replace(&mut self.items[idx as usize], item);
                 if old.available {
                     self.available -= 1;
@@ -82,6 +102,7 @@ impl Catalog {
                 let idx = u32::try_from(self.items.len()).unwrap_or(u32::MAX);
                 self.index.insert(item.item_id.clone(), idx);
                 self.items.push(item);
+                self.groups.push(group);
                 Inserted::Created(idx)
             }
         }
@@ -223,6 +244,25 @@ pub fn demo_catalog(n: usize) -> Vec<Item> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn categories_are_numbered_in_the_order_they_appear() {
+        let mut c = Catalog::default();
+        for (id, cat) in [("a", "x"), ("b", "y"), ("c", "x"), ("d", "")] {
+            c.upsert(Item::new(id, cat));
+        }
+        assert_eq!(c.num_groups(), 3);
+        assert_eq!(
+            [c.group(0), c.group(1), c.group(2), c.group(3)],
+            [0, 1, 0, 2]
+        );
+        c.upsert(Item::new("a", "z"));
+        assert_eq!(
+            (c.group(0), c.num_groups()),
+            (3, 4),
+            "a replaced item moves"
+        );
+    }
 
     #[test]
     fn demo_catalog_is_deterministic_and_valid() {

@@ -24,6 +24,8 @@ pub struct EncoderLink {
     model_to_catalog: Vec<u32>,
     /// Model items that may not be returned: absent from the catalog, or unavailable.
     blocked: Vec<u32>,
+    /// The catalog's category group of every model index (`u32::MAX`: none).
+    groups: std::sync::Arc<[u32]>,
     /// Whether users with no known history are ranked too (by their context alone): the
     /// encoder learned first choices as well.
     pub newcomers: bool,
@@ -40,6 +42,7 @@ impl EncoderLink {
             catalog_to_model: Vec::new(),
             model_to_catalog: Vec::new(),
             blocked: Vec::new(),
+            groups: std::sync::Arc::from(Vec::new()),
             newcomers: false,
         };
         link.sync(catalog);
@@ -60,6 +63,17 @@ impl EncoderLink {
                 self.model_to_catalog[m as usize] = c as u32;
             }
         }
+        self.groups = self
+            .model_to_catalog
+            .iter()
+            .map(|&c| {
+                if c == u32::MAX {
+                    u32::MAX
+                } else {
+                    catalog.group(c)
+                }
+            })
+            .collect();
         self.blocked = (1..vocab as u32)
             .filter(|&m| self.model_to_catalog[m as usize] == u32::MAX)
             .collect();
@@ -78,6 +92,7 @@ impl EncoderLink {
         hidden: &HashSet<u32>,
         context: ContextIds,
         k: usize,
+        offsets: Option<Vec<f32>>,
     ) -> Option<Query> {
         let known: Vec<u32> = history
             .iter()
@@ -99,6 +114,10 @@ impl EncoderLink {
             context,
             exclude,
             k,
+            shift: offsets.map(|offsets| onrec_model::serve::GroupShift {
+                groups: self.groups.clone(),
+                offsets,
+            }),
         })
     }
 

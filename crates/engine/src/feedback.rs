@@ -11,7 +11,7 @@ use crate::decisions::{LogRecord, RewardRecord};
 use crate::shared::{Interaction, RedisShared, SharedEvent};
 use crate::{
     Engine, EngineError, Event, EventOutcome, EventType, Impression, ImpressionSource, Shown,
-    UserState, duration_ms, event_digest, now_ms,
+    UserState, duration_ms, event_digest,
 };
 
 /// The response an event is attributed to.
@@ -28,7 +28,7 @@ impl Engine {
     /// cannot take the event; then nothing was applied and retrying is safe.
     pub async fn record(&self, event: &Event) -> Result<EventOutcome, EngineError> {
         let cfg = &self.inner.config;
-        let now = now_ms();
+        let now = self.now();
         if let Err(e) = event.validate() {
             return Ok(EventOutcome::Invalid(e));
         }
@@ -178,6 +178,11 @@ impl Engine {
         {
             let (context, slate) = Self::observed(shown.as_ref(), at);
             online.observe(&event.user_id, idx, context, slate);
+        }
+        if event.kind == EventType::Click {
+            self.inner
+                .category_rates
+                .count(&self.inner.ranking.read().catalog, &[idx], true);
         }
         let mut users = self.inner.users.shard(&event.user_id);
         let user = users.get_or_insert_with(event.user_id.clone(), UserState::default);

@@ -19,6 +19,7 @@ mod ranking;
 mod recommend;
 pub mod shared;
 pub mod state;
+pub mod taste;
 pub mod types;
 mod users;
 
@@ -95,6 +96,9 @@ pub struct EngineConfig {
     /// [`SHOWN_WINDOW`] shown slots without a click since; it returns when it falls out of
     /// that window (0: never rest).
     pub rest_after: u32,
+    /// Weight of the user's taste for categories (see [`taste`]) in the encoder's ranking
+    /// (0: none).
+    pub category_taste: f64,
     /// Items kept per user history.
     pub history_len: usize,
     /// Users whose state is kept; the least recently active are forgotten first.
@@ -142,6 +146,7 @@ impl Default for EngineConfig {
             half_life: Duration::from_secs(6 * 3600),
             hide_purchased: true,
             rest_after: 3,
+            category_taste: 1.0,
             history_len: 50,
             max_users: 1_000_000,
             dedupe_capacity: 1_000_000,
@@ -196,6 +201,10 @@ struct Inner {
     users: Sharded<String, UserState>,
     /// 128-bit digests of event ids: a fixed size per id, whatever its length.
     seen_events: Sharded<u128, ()>,
+    category_rates: taste::CategoryRates,
+    /// The clock and request ids: the system's, or a driver's (see
+    /// [`Engine::make_deterministic`]).
+    pace: Pace,
     explorer: Explorer,
     impressions: Sharded<String, Impression>,
     /// `None` once closed for shutdown.
@@ -230,6 +239,40 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("config", &self.inner.config)
             .finish_non_exhaustive()
+    }
+}
+
+/// Where the engine's time and request ids come from.
+#[derive(Debug)]
+struct Pace {
+    /// The driver's clock in milliseconds since the Unix epoch; [`i64::MIN`]: the system's.
+    clock_ms: std::sync::atomic::AtomicI64,
+    /// Draws request ids when a driver seeded them; random v4 ids otherwise.
+    ids: parking_lot::Mutex<Option<rand::rngs::SmallRng>>,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self {
+            clock_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+            ids: parking_lot::Mutex::new(None),
+        }
+    }
+}
+
+impl Pace {
+    fn now_ms(&self) -> i64 {
+        match self.clock_ms.load(std::sync::atomic::Ordering::Acquire) {
+            i64::MIN => now_ms(),
+            ms => ms,
+        }
+    }
+
+    fn request_id(&self) -> uuid::Uuid {
+        match self.ids.lock().as_mut() {
+            Some(rng) => uuid::Builder::from_random_bytes(rand::Rng::random(rng)).into_uuid(),
+            None => uuid::Uuid::new_v4(),
+        }
     }
 }
 
@@ -282,6 +325,8 @@ impl Engine {
             inner: Arc::new(Inner {
                 users: Sharded::new(config.max_users),
                 seen_events: Sharded::new(config.dedupe_capacity),
+                category_rates: taste::CategoryRates::default(),
+                pace: Pace::default(),
                 impressions: Sharded::new(config.impression_log_capacity),
                 ranking: RwLock::new(ranking),
                 explorer,
@@ -620,6 +665,51 @@ impl Engine {
         self.inner.online.read().clone()
     }
 
+    /// Hands time, request ids and training to a driver, so that a run replays exactly
+    /// (the simulator): the clock stands at the system's time now and moves only by
+    /// [`Engine::advance`]; request ids (and so every tie-break and exploration draw) come
+    /// from `seed`; the online encoder and the Q-network learner train only in
+    /// [`Engine::settle`]. For one process driven by one caller, one request at a time.
+    pub fn make_deterministic(&self, seed: u64) {
+        let pace = &self.inner.pace;
+        pace.clock_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Release);
+        *pace.ids.lock() = Some(rand::SeedableRng::seed_from_u64(seed));
+        if let Some(online) = self.online_encoder() {
+            online.pace();
+        }
+        if let Some(learner) = self.q_learner() {
+            learner.pace();
+        }
+    }
+
+    /// Moves a driver's clock (see [`Engine::make_deterministic`]) `ms` forward.
+    pub fn advance(&self, ms: i64) {
+        let clock = &self.inner.pace.clock_ms;
+        let now = clock.load(std::sync::atomic::Ordering::Acquire);
+        if now != i64::MIN {
+            clock.store(now.saturating_add(ms), std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Waits, at most `timeout` for each, until the online encoder and the Q-network
+    /// learner have trained on everything handed to them and published it; `false` when
+    /// one of them did not answer in time.
+    pub fn settle(&self, timeout: Duration) -> bool {
+        let encoder = self
+            .online_encoder()
+            .is_none_or(|online| online.settle(timeout).is_some());
+        let learner = self
+            .q_learner()
+            .is_none_or(|learner| learner.settle(timeout).is_some());
+        encoder && learner
+    }
+
+    /// Now by the engine's clock, in milliseconds since the Unix epoch.
+    pub(crate) fn now(&self) -> i64 {
+        self.inner.pace.now_ms()
+    }
+
     /// Stops the online encoder's training, if any.
     pub(crate) fn shutdown_online_encoder(&self) -> Result<(), onrec_learn::LearnError> {
         match self.online_encoder() {
@@ -804,7 +894,7 @@ impl Engine {
 
     /// Inserts or replaces valid items in this process's catalog.
     fn apply_items(&self, items: Vec<Item>) -> UpsertSummary {
-        let now = now_ms();
+        let now = self.now();
         let mut ranking = self.inner.ranking.write();
         let (mut created, mut updated) = (Vec::new(), 0);
         for item in items {
@@ -917,6 +1007,49 @@ mod tests {
 
     fn ids(r: &Recommendation) -> Vec<&str> {
         r.items.iter().map(|i| i.item_id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_deterministic_engine_replays_its_ids_draws_and_clock() {
+        let run = |seed: u64| {
+            let mut segments = onrec_policy::SegmentConfig::default();
+            segments.policies.insert(
+                onrec_policy::DEFAULT_SEGMENT.to_owned(),
+                onrec_policy::PolicyConfig::epsilon_greedy(0.5),
+            );
+            let store =
+                onrec_policy::MemoryStore::new(onrec_policy::StatsConfig::default()).unwrap();
+            let explorer = Explorer::new(segments, Arc::new(store)).unwrap();
+            let e = Engine::new(
+                EngineConfig::default(),
+                catalog::demo_catalog(200),
+                explorer,
+            )
+            .unwrap();
+            e.make_deterministic(seed);
+            let start = e.now();
+            e.advance(1500);
+            assert_eq!(e.now(), start + 1500, "the clock moves only when told");
+            let mut served = Vec::new();
+            for round in 0..20 {
+                let user = format!("u{}", round % 3);
+                let r = rec(&e, &RecommendRequest::new(user.clone(), 5)).unwrap();
+                let clicked = r.items[round % 5].item_id.clone();
+                let mut click = event(&format!("e{round}"), &user, &clicked, EventType::Click);
+                click.request_id = Some(r.request_id.clone());
+                assert_eq!(put(&e, &click), EventOutcome::Accepted);
+                served.push((r.request_id.clone(), ids(&r).join(",")));
+            }
+            assert!(e.settle(Duration::from_secs(5)), "nothing to wait for");
+            served
+        };
+        let first = run(7);
+        assert_eq!(
+            first,
+            run(7),
+            "the same seed serves the same ids and slates"
+        );
+        assert_ne!(first, run(8));
     }
 
     #[test]

@@ -108,6 +108,8 @@ enum Msg {
     },
     Grow(Vec<(String, String)>),
     Settle(Sender<u64>),
+    /// From now on, train only while a settle waits.
+    Pace,
 }
 
 /// A handle to the online encoder's thread.
@@ -197,6 +199,14 @@ impl OnlineEncoder {
         }
     }
 
+    /// Makes training follow [`OnlineEncoder::settle`] calls instead of running whenever
+    /// there is something to learn: interactions are taken as they come, and trained on
+    /// (and published) only while a settle waits. A driver that settles at fixed points
+    /// (the simulator) then serves the same weights at the same requests in every run.
+    pub fn pace(&self) {
+        let _ = self.send(Msg::Pace);
+    }
+
     /// Waits until everything handed over before this call is trained on and published,
     /// at most `timeout`; returns the number of publications then (`None` on time-out).
     pub fn settle(&self, timeout: Duration) -> Option<u64> {
@@ -260,6 +270,8 @@ struct Worker {
     since_publish: u64,
     /// When it last checkpointed, and at how many steps.
     saved_at: (Instant, u64),
+    /// Whether it trains only while a settle waits (see [`OnlineEncoder::pace`]).
+    paced: bool,
 }
 
 /// Time between checkpoints while training goes on.
@@ -333,6 +345,7 @@ impl Worker {
             steps,
             since_publish,
             saved_at,
+            paced: false,
         })
     }
 
@@ -380,8 +393,8 @@ impl Worker {
     fn run(&mut self, rx: &Receiver<Msg>) {
         let mut waiters: Vec<Sender<u64>> = Vec::new();
         loop {
-            // Block only when there is nothing to train on.
-            if !self.trainer.pending() {
+            // Block only when there is nothing to train on (or, paced, no settle waits).
+            if !self.trainer.pending() || (self.paced && waiters.is_empty()) {
                 self.publish_if_trained();
                 for w in waiters.drain(..) {
                     let _ = w.send(self.published.load(Ordering::Acquire));
@@ -413,6 +426,9 @@ impl Worker {
                         return;
                     }
                 }
+            }
+            if self.paced && waiters.is_empty() {
+                continue;
             }
             match self.trainer.step() {
                 Ok(Some(loss)) => {
@@ -451,6 +467,7 @@ impl Worker {
                 }
             }
             Msg::Settle(reply) => waiters.push(reply),
+            Msg::Pace => self.paced = true,
         }
     }
 

@@ -19,7 +19,7 @@ use crate::shared::{Served, SharedImpression};
 use crate::users::{Impression, MAX_RECENT_REQUESTS, UserState};
 use crate::{
     Engine, EngineError, ImpressionSource, RANKER, RANKER_ENCODER, RecommendRequest,
-    Recommendation, RecommendedItem, now_ms,
+    Recommendation, RecommendedItem,
 };
 
 /// What a request asks for.
@@ -162,8 +162,14 @@ impl Engine {
             if let Some(user) = user {
                 user.hide(&self.inner.config, &mut hidden);
             }
-            history
+            let taste = user.and_then(|u| {
+                self.inner
+                    .category_rates
+                    .taste(u, catalog, self.inner.config.category_taste)
+            });
+            (history, taste)
         };
+        let (history, taste) = history;
         let ctx = req.context.as_ref();
         let facts = UserFacts {
             device: ctx.and_then(|c| c.device.as_deref()),
@@ -180,14 +186,14 @@ impl Engine {
                 Plan::Popularity(Some("the encoder has not learned from any event yet"))
             }
             EncoderState::Ready(link) => {
-                match link.query(&history, &hidden, asked.context, asked.m) {
+                match link.query(&history, &hidden, asked.context, asked.m, taste) {
                     Some(q) => Plan::Encoder(link.encoder().clone(), q),
                     None => Plan::Popularity(Some("the user has no history the encoder knows")),
                 }
             }
         };
         let view = UserView {
-            request_id: uuid::Uuid::new_v4(),
+            request_id: self.inner.pace.request_id(),
             hidden,
             segment,
             history,
@@ -239,7 +245,7 @@ impl Engine {
             .map(|l| l.state(&view.history, asked.context, retrieved.user))
             .unwrap_or_default();
         let mut fallback = retrieved.fallback;
-        let now = now_ms();
+        let now = self.now();
         let ranking = self.inner.ranking.read();
         let mut picked: Vec<(u32, f64)> = Vec::with_capacity(m);
         let mut ranker = RANKER;
@@ -324,7 +330,7 @@ impl Engine {
         if self.shared().is_none() {
             self.queue_stats(std::mem::take(&mut impressions));
         }
-        let now = now_ms();
+        let now = self.now();
         if self.inner.decisions.enabled {
             self.log_decision(LogRecord::Decision(Box::new(DecisionRecord {
                 request_id: request_id.to_owned(),
@@ -397,6 +403,9 @@ impl Engine {
                 updates: impressions,
             });
         }
+        self.inner
+            .category_rates
+            .count(&self.inner.ranking.read().catalog, &slate_idx, false);
         let mut users = self.inner.users.shard(&req.user_id);
         let user = users.get_or_insert_with(req.user_id.clone(), UserState::default);
         user.last_segment = Some(segment.to_owned());

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -206,6 +206,10 @@ pub fn double_dqn_targets(
 enum Msg {
     Feedback(Transition, Instant),
     Wake,
+    /// From now on, train only while a settle waits.
+    Pace,
+    /// Train on everything queued before it, publish, and answer the version.
+    Settle(Sender<u64>),
 }
 
 /// The item ids the network knows, in index order (index i + 1 is `ids[i]`), shared by
@@ -349,6 +353,24 @@ impl Learner {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Makes training follow [`Learner::settle`] calls instead of the clock: the learner
+    /// takes transitions as they come but trains only while a settle waits, on everything
+    /// it owes, with no rest between steps. With its queue never full between settles,
+    /// what it learns then depends only on what it was given: a driver that settles it
+    /// at fixed points (the simulator) replays a run exactly.
+    pub fn pace(&self) {
+        let _ = self.tx.send(Msg::Pace);
+    }
+
+    /// Waits until the learner has trained on everything submitted before this call and
+    /// published the result, at most `timeout`; returns the published version (`None` on
+    /// time-out or when stopped).
+    pub fn settle(&self, timeout: Duration) -> Option<u64> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.tx.send(Msg::Settle(reply)).ok()?;
+        answer.recv_timeout(timeout).ok()
+    }
+
     /// Stops the thread promptly: transitions still queued are discarded and training
     /// steps not yet run are skipped, but weights trained and not yet published are
     /// published, and the final checkpoint (with the optimiser's moments and the replay
@@ -432,6 +454,10 @@ pub(crate) struct Trainer {
     /// Submission times of transitions trained on but not yet published.
     trained: Vec<Instant>,
     published: Arc<ArcSwap<Published>>,
+    /// Whether it trains only while a settle waits (see [`Learner::pace`]).
+    paced: bool,
+    /// Settles waiting for training to catch up.
+    waiters: Vec<Sender<u64>>,
 }
 
 impl Trainer {
@@ -478,6 +504,8 @@ impl Trainer {
             checkpointed: (0, Instant::now()),
             fresh: Vec::new(),
             trained: Vec::new(),
+            paced: false,
+            waiters: Vec::new(),
         };
         if let Some(dir) = dir
             && let Some(resumed) = checkpoint::resume(&mut trainer, dir)?
@@ -516,7 +544,13 @@ impl Trainer {
             if stop.load(Ordering::Acquire) {
                 break;
             }
-            match rx.recv_timeout(self.wait()) {
+            self.answer_settled()?;
+            let wait = if self.settling() {
+                Duration::ZERO
+            } else {
+                self.wait()
+            };
+            match rx.recv_timeout(wait) {
                 Ok(msg) => {
                     self.take(msg);
                     // Bounded, so a steady stream cannot postpone training forever.
@@ -531,12 +565,17 @@ impl Trainer {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             let training = Instant::now();
-            while self.owed >= 1.0 && !stop.load(Ordering::Acquire) {
+            while self.owed >= 1.0
+                && (!self.paced || self.settling())
+                && !stop.load(Ordering::Acquire)
+            {
                 self.owed -= 1.0;
                 self.follow_vocabulary();
                 let started = Instant::now();
                 logged("training step", self.step());
-                self.rest(started.elapsed());
+                if !self.paced {
+                    self.rest(started.elapsed());
+                }
                 if self.since_publish >= self.cfg.publish_every {
                     logged("publication", self.publish());
                 }
@@ -557,7 +596,8 @@ impl Trainer {
             // Items added since the last publication reach serving now, trained or not.
             let grown = self.published.load().net.num_items() < self.items.len();
             if grown
-                || (self.since_publish > 0
+                || (!self.paced
+                    && self.since_publish > 0
                     && self.last_publish.elapsed() >= self.cfg.publish_interval)
             {
                 logged("publication", self.publish());
@@ -571,6 +611,25 @@ impl Trainer {
         }
         if self.dir.is_some() {
             self.checkpoint(true)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a settle waits for training to catch up.
+    fn settling(&self) -> bool {
+        !self.waiters.is_empty()
+    }
+
+    /// Publishes and answers the waiting settles once nothing is owed.
+    fn answer_settled(&mut self) -> Result<(), LearnError> {
+        if !self.settling() || self.owed >= 1.0 {
+            return Ok(());
+        }
+        if self.since_publish > 0 {
+            self.publish()?;
+        }
+        for w in self.waiters.drain(..) {
+            let _ = w.send(self.version);
         }
         Ok(())
     }
@@ -609,8 +668,17 @@ impl Trainer {
     }
 
     fn take(&mut self, msg: Msg) {
-        let Msg::Feedback(t, submitted) = msg else {
-            return;
+        let (t, submitted) = match msg {
+            Msg::Feedback(t, submitted) => (t, submitted),
+            Msg::Wake => return,
+            Msg::Pace => {
+                self.paced = true;
+                return;
+            }
+            Msg::Settle(reply) => {
+                self.waiters.push(reply);
+                return;
+            }
         };
         self.follow_vocabulary();
         self.replay.push(t);
@@ -1025,6 +1093,45 @@ mod tests {
             Err(LearnError::Stopped)
         ));
         learner.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_paced_learner_trains_only_when_settled_and_replays_exactly() {
+        let cfg = LearnConfig {
+            queue: 4096,
+            ..small()
+        };
+        let mut rng = SplitMix64::new(8);
+        let ts: Vec<Transition> = (0..200)
+            .map(|i| transition(&mut rng, if i % 2 == 0 { 9 } else { 21 }, i % 3 == 0))
+            .collect();
+        let probe = [state(&[2, 5], 9)];
+        let lists = [(1..=10).collect::<Vec<u32>>()];
+        let run = || {
+            let learner = Learner::start(cfg.clone(), ids(10), None).unwrap();
+            learner.pace();
+            submit_all(&learner, &ts[..100]);
+            // Nothing trains between settles, however long it waits.
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(learner.current().updates, 0);
+            let first = learner.settle(Duration::from_secs(120)).expect("settled");
+            let trained = learner.current();
+            assert_eq!(trained.version, first);
+            let owed = ((100 - cfg.min_replay + 1) as f64 * cfg.replay_ratio
+                / cfg.batch_size as f64) as u64;
+            assert_eq!(trained.updates, owed, "every step it owes, at once");
+            submit_all(&learner, &ts[100..]);
+            learner.settle(Duration::from_secs(120)).expect("settled");
+            let q = learner.current().net.q_values(&probe, &lists).unwrap();
+            learner.shutdown().unwrap();
+            assert_eq!(learner.settle(Duration::from_secs(1)), None, "stopped");
+            q
+        };
+        assert_eq!(
+            run(),
+            run(),
+            "the same transitions and settles, the same weights"
+        );
     }
 
     #[test]

@@ -908,6 +908,7 @@ mod tests {
             context: ContextIds::default(),
             exclude: vec![],
             k,
+            shift: None,
         };
         score_batch(model, &Device::Cpu, &[&q]).unwrap()[0]
             .iter()
@@ -1078,6 +1079,7 @@ mod tests {
                 context: ContextIds::default(),
                 exclude: vec![],
                 k: items.len() - 1,
+                shift: None,
             };
             score_batch(m, &Device::Cpu, &[&q]).unwrap()[0]
                 .iter()

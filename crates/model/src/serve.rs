@@ -23,6 +23,9 @@ pub struct Query {
     pub exclude: Vec<u32>,
     /// How many items to return.
     pub k: usize,
+    /// A shift of the scores of groups of items: item i's score gains
+    /// `shift.offsets[shift.groups[i]]`.
+    pub shift: Option<GroupShift>,
 }
 
 /// Why a query got no answer.
@@ -162,7 +165,12 @@ fn top_ks(
     Ok(queries
         .iter()
         .zip(scores)
-        .map(|(q, s)| top_k(s, &q.exclude, q.k))
+        .map(|(q, mut s)| {
+            if let Some(shift) = &q.shift {
+                shift.apply(&mut s);
+            }
+            top_k(s, &q.exclude, q.k)
+        })
         .collect())
 }
 
@@ -179,6 +187,26 @@ pub fn score_with_users(
         .zip(users.to_vec2::<f32>()?)
         .map(|(items, user)| Scored { items, user })
         .collect())
+}
+
+/// Score offsets by group of items (e.g. by category).
+#[derive(Debug, Clone)]
+pub struct GroupShift {
+    /// The group of every model item index (index 0, padding, too).
+    pub groups: std::sync::Arc<[u32]>,
+    /// The offset of every group.
+    pub offsets: Vec<f32>,
+}
+
+impl GroupShift {
+    /// Adds the groups' offsets to `scores` (by model item index).
+    pub fn apply(&self, scores: &mut [f32]) {
+        for (s, &g) in scores.iter_mut().zip(self.groups.iter()) {
+            if let Some(o) = self.offsets.get(g as usize) {
+                *s += o;
+            }
+        }
+    }
 }
 
 /// The `k` best (index, score) pairs of `scores[1..]`, best first, skipping `exclude`.
@@ -221,6 +249,21 @@ pub fn user_vectors(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_shift_moves_the_scores_of_its_groups() {
+        let shift = GroupShift {
+            groups: std::sync::Arc::from(vec![u32::MAX, 0, 1, 0, 2]),
+            offsets: vec![1.0, -0.5],
+        };
+        let mut scores = vec![100.0, 0.1, 0.9, 0.5, 0.7];
+        shift.apply(&mut scores);
+        let want = [100.0, 1.1, 0.4, 1.5, 0.7];
+        assert!(
+            scores.iter().zip(want).all(|(s, w)| (s - w).abs() < 1e-6),
+            "group 2 has no offset: {scores:?}"
+        );
+    }
 
     #[test]
     fn top_k_skips_padding_and_exclusions() {

@@ -366,6 +366,7 @@ mod training_tests {
             context: crate::context::ContextIds::from_parts(Some(9), Some("app")),
             exclude: vec![],
             k: 5,
+            shift: None,
         };
         score_batch(model, &Device::Cpu, &[&q]).unwrap()
     }

@@ -191,6 +191,12 @@ pub struct Config {
     #[arg(long, env = "ONREC_REST_AFTER", default_value_t = 3)]
     pub rest_after: u32,
 
+    /// Weight of each user's taste for categories in the encoder's ranking: the log-ratio
+    /// of their click rate in a category (what they clicked among what they were shown,
+    /// shrunk toward everyone's rate there) to everyone's; 0 ranks by the encoder alone
+    #[arg(long, env = "ONREC_CATEGORY_TASTE", default_value_t = 1.0)]
+    pub category_taste: f64,
+
     /// Items kept per user history
     #[arg(long, env = "ONREC_HISTORY_LEN", default_value_t = 50)]
     pub history_len: usize,
@@ -600,6 +606,7 @@ impl Config {
             ("reward_click", self.reward_click),
             ("reward_add_to_cart", self.reward_add_to_cart),
             ("reward_purchase", self.reward_purchase),
+            ("category_taste", self.category_taste),
         ] {
             if !(value.is_finite() && value >= 0.0) {
                 bail!("{name} must be a finite, non-negative number");
@@ -671,6 +678,7 @@ impl Config {
             half_life: self.half_life,
             hide_purchased: self.hide_purchased,
             rest_after: self.rest_after,
+            category_taste: self.category_taste,
             history_len: self.history_len,
             max_users: self.max_users,
             dedupe_capacity: self.dedupe_capacity,

@@ -6,15 +6,16 @@
 //! store, its statistics written by the engine's background work
 //! ([`Engine::start_background`]) on a current-thread tokio runtime (the loop yields after
 //! every round so the writer keeps up). The service as shipped (`onrec`) comes from a factory the caller gives
-//! ([`Simulation::with_service`]); every `SETTLE_EVERY` rounds the run waits for its
-//! online encoder to train on what it was sent, as it would keep up with a shop's
-//! traffic. The world, the traffic and the outcome draws come from the world's seed, so every
-//! policy meets the same users in the same moments; the engine's exploration draws from
-//! its random request ids, so two runs of a randomised policy (ε-greedy, Thompson) differ
-//! a little, while greedy and UCB1 runs replay exactly. Runs with the encoder or the
-//! Q-network also depend on the timing of their threads (the Q-network trains while the
-//! run goes on and drops transitions when behind). Time is the wall clock: a run lasts
-//! seconds, so the popularity half-life and any statistics half-life hardly act in it.
+//! ([`Simulation::with_service`]).
+//!
+//! A run in process replays exactly for a seed ([`Engine::make_deterministic`]): the
+//! world, the traffic and the outcome draws come from the world's seed, so every policy
+//! meets the same users in the same moments; the engine's request ids, and with them its
+//! tie-breaks and exploration draws, come from it too; its clock advances [`ROUND_MS`]
+//! per round; and its online encoder and Q-network learner train only every
+//! [`SETTLE_EVERY`] rounds, on everything they were sent, as they would keep up with a
+//! shop's traffic. Driven over HTTP (`--url`), the servers keep their own clocks, ids and
+//! threads.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,10 +42,17 @@ use crate::world::{DEVICES, Oracle, Rewards, World};
 /// Decision log records queued between the engine and a sink; drained every round.
 const LOG_QUEUE: usize = 4096;
 
-/// Rounds between waits for the online encoder to catch up.
+/// Rounds between waits for the online encoder and the Q-network learner to catch up.
 pub const SETTLE_EVERY: usize = 50;
 
-/// Longest wait for the online encoder to catch up.
+/// Milliseconds the engine's clock advances per round: about the pace of a run on two
+/// cores, so the popularity half-life hardly acts in it.
+pub const ROUND_MS: i64 = 2;
+
+/// The stream of the engine's request ids, from the world's seed.
+const STREAM_ENGINE: u64 = 0x00e4_9100;
+
+/// Longest wait for the online encoder or the learner to catch up.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Builds the service as shipped over a catalog; with `true`, one whose decision log
@@ -403,6 +411,7 @@ impl Simulation {
             return Ok(run);
         }
         let (engine, learner) = self.engine(spec, sink.is_some())?;
+        engine.make_deterministic(self.world.config().seed ^ STREAM_ENGINE);
         let background = {
             let _runtime = runtime.enter();
             engine.start_background(BackgroundSettings::default())
@@ -536,17 +545,17 @@ impl Simulation {
         let tenth = config.rounds.div_ceil(10);
         let (mut tenth_clicks, mut tenth_impressions) = (0u64, 0u64);
         let mut preferred = 0u64;
-        let online = engine.and_then(Engine::online_encoder);
         for (round, (u, moment)) in world.traffic().take(config.rounds).enumerate() {
-            if round > 0
-                && round % SETTLE_EVERY == 0
-                && let Some(online) = &online
-                && online.settle(SETTLE_TIMEOUT).is_none()
-            {
-                return Err(SimError::config(
-                    "encoder",
-                    format!("the online encoder did not catch up within {SETTLE_TIMEOUT:?}"),
-                ));
+            if let Some(engine) = engine {
+                if round > 0 && round % SETTLE_EVERY == 0 && !engine.settle(SETTLE_TIMEOUT) {
+                    return Err(SimError::config(
+                        "learners",
+                        format!(
+                            "the online encoder or the learner did not catch up within {SETTLE_TIMEOUT:?}"
+                        ),
+                    ));
+                }
+                engine.advance(ROUND_MS);
             }
             let user_id = World::user_id(u);
             // The oracle's slate is the best the truth allows, whatever the engine hides.
