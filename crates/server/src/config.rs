@@ -345,7 +345,7 @@ pub struct Config {
     pub redis_write_timeout: Duration,
 
     /// Exploration policy of segments without their own: greedy, epsilon_greedy, ucb1 or thompson
-    #[arg(long, env = "ONREC_POLICY", default_value = "epsilon_greedy")]
+    #[arg(long, env = "ONREC_POLICY", default_value = "thompson")]
     pub policy: PolicyKind,
 
     /// ε of the epsilon_greedy policy: the probability that a slot explores
