@@ -162,7 +162,9 @@ impl Engine {
             if let Some(user) = user {
                 user.hide(&self.inner.config, &mut hidden);
             }
-            let taste = user.and_then(|u| {
+            // Only the encoder's ranking takes the user's category tastes.
+            let encoder_ranks = matches!(ranking.encoder, EncoderState::Ready(_));
+            let taste = user.filter(|_| encoder_ranks).and_then(|u| {
                 self.inner
                     .category_rates
                     .taste(u, catalog, self.inner.config.category_taste)
