@@ -156,33 +156,25 @@ async fn the_decision_log_rotates_on_disk_and_feeds_off_policy_estimates() {
 /// the report, and the request ids of the `onrec` log in order.
 fn simulate_small_shop(dir: &std::path::Path) -> (Value, Vec<String>) {
     let _ = std::fs::remove_dir_all(dir);
-    let out = Command::new(env!("CARGO_BIN_EXE_onrec"))
-        .args([
-            "simulate",
-            "--scenario",
-            "fresh",
-            "--rounds",
-            "300",
-            "--users",
-            "60",
-            "--items",
-            "40",
-            "--categories",
-            "4",
-            "--policies",
-            "uniform,onrec",
-            "--json",
-            "--log-dir",
-        ])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "onrec simulate failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dir_arg = dir.display().to_string();
+    let mut report = onrec_json(&[
+        "simulate",
+        "--scenario",
+        "fresh",
+        "--rounds",
+        "300",
+        "--users",
+        "60",
+        "--items",
+        "40",
+        "--categories",
+        "4",
+        "--policies",
+        "uniform,onrec",
+        "--json",
+        "--log-dir",
+        &dir_arg,
+    ]);
     for policy in report["policies"].as_array_mut().unwrap() {
         policy.as_object_mut().unwrap().remove("wall_seconds");
     }
@@ -237,15 +229,22 @@ fn a_simulated_fresh_shop_logs_the_shipped_service_for_ope_and_replays_exactly()
 
 /// `onrec ope ARGS --json`, parsed.
 fn ope_cli(args: &[&str]) -> Value {
+    let mut all = vec!["ope"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    onrec_json(&all)
+}
+
+/// `onrec ARGS`, which must succeed, its output parsed as JSON.
+fn onrec_json(args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_onrec"))
-        .arg("ope")
         .args(args)
-        .arg("--json")
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "onrec ope failed: {}",
+        "onrec {} failed: {}",
+        args.first().copied().unwrap_or_default(),
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
