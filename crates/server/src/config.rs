@@ -302,6 +302,20 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams: u32,
 
+    /// The largest share of each of those two budgets one client may hold at once; past
+    /// it that client gets 429 / RESOURCE_EXHAUSTED while others are still served. A
+    /// client is the address it connects from, or behind trusted_proxies the address
+    /// they forwarded. 1: no per-client limit
+    #[arg(long, env = "ONREC_MAX_CLIENT_SHARE", default_value_t = 0.25)]
+    pub max_client_share: f64,
+
+    /// Proxies and load balancers (addresses or networks, e.g. 10.0.0.0/8) whose
+    /// X-Forwarded-For header names the client; from any other peer the header is
+    /// ignored, so a client cannot pass itself off as many
+    #[arg(long, env = "ONREC_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::client::IpNet>,
+
     /// Longest time a client may take to send a request's headers (HTTP/1); a slower
     /// one's connection is closed
     #[arg(long, env = "ONREC_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -650,6 +664,9 @@ impl Config {
         if self.half_life.is_zero() {
             bail!("half_life must be longer than zero");
         }
+        if !(self.max_client_share > 0.0 && self.max_client_share <= 1.0) {
+            bail!("max_client_share must be within (0, 1]");
+        }
         if self.max_n == 0 || self.max_concurrent_requests == 0 {
             bail!("max_n and max_concurrent_requests must be at least 1");
         }
@@ -811,7 +828,7 @@ mod tests {
     fn file_fills_in_and_flags_win() {
         let path = temp_toml(
             "merge",
-            "max_n = 7\nhalf_life = \"2h\"\nhttp_addr = \"127.0.0.1:9\"\nwrite_api_keys = [\"k1\"]\n",
+            "max_n = 7\nhalf_life = \"2h\"\nhttp_addr = \"127.0.0.1:9\"\nwrite_api_keys = [\"k1\"]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n",
         );
         let p = path.to_str().unwrap();
         let c = load(&["--config", p, "--max-n", "9"]).unwrap();
@@ -819,6 +836,8 @@ mod tests {
         assert_eq!(c.half_life, Duration::from_secs(7200));
         assert_eq!(c.http_addr, "127.0.0.1:9".parse().unwrap());
         assert_eq!(c.write_api_keys, vec!["k1"]);
+        let proxies: Vec<String> = c.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(proxies, ["10.0.0.0/8", "::1/128"]);
         std::fs::remove_file(path).unwrap();
     }
 
@@ -843,6 +862,12 @@ mod tests {
         assert!(load(&["--max-n", "0"]).is_err());
         assert!(load(&["--half-life", "0s"]).is_err());
         assert!(load(&["--write-api-keys", "a,,b"]).is_err());
+        assert!(load(&["--max-client-share", "0"]).is_err());
+        assert!(load(&["--max-client-share", "1.5"]).is_err());
+        let err = load(&["--trusted-proxies", "10.0.0.0/8,lb"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'lb' is not an IP address"), "{err}");
     }
 
     #[test]

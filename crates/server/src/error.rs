@@ -20,6 +20,12 @@ pub enum ApiError {
     /// The server is at a concurrency limit: its size, and what it counts.
     #[error("the server is at capacity ({0} {1} in flight); retry later")]
     Overloaded(u32, &'static str),
+    /// The client holds the most places of a budget one client may: that number, and
+    /// what the budget counts.
+    #[error(
+        "this client has {0} {1} in flight, the most one client may (max_client_share); retry later"
+    )]
+    ClientLimit(u32, &'static str),
     /// A stage of the pipeline is saturated (e.g. the encoder queue).
     #[error("{0}; retry later")]
     Busy(String),
@@ -61,7 +67,10 @@ impl ApiError {
             Self::Unavailable(m) => Self::Unavailable(add(m)),
             Self::FailedPrecondition(m) => Self::FailedPrecondition(add(m)),
             Self::Internal(m) => Self::Internal(add(m)),
-            other @ (Self::Unauthenticated | Self::Overloaded(..) | Self::ShuttingDown) => other,
+            other @ (Self::Unauthenticated
+            | Self::Overloaded(..)
+            | Self::ClientLimit(..)
+            | Self::ShuttingDown) => other,
         }
     }
 }
@@ -111,7 +120,7 @@ impl ApiError {
         match self {
             Self::InvalidArgument(_) | Self::BadRequest(_) => "invalid_argument",
             Self::Unauthenticated => "unauthenticated",
-            Self::Overloaded(..) | Self::Busy(_) => "overloaded",
+            Self::Overloaded(..) | Self::ClientLimit(..) | Self::Busy(_) => "overloaded",
             Self::Timeout(_) => "timeout",
             Self::FailedPrecondition(_) => "failed_precondition",
             Self::PayloadTooLarge(_) => "payload_too_large",
@@ -124,7 +133,9 @@ impl ApiError {
         match self {
             Self::InvalidArgument(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Self::Overloaded(..) | Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded(..) | Self::ClientLimit(..) | Self::Busy(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::FailedPrecondition(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -137,7 +148,9 @@ impl ApiError {
         match self {
             Self::InvalidArgument(_) | Self::BadRequest(_) => tonic::Code::InvalidArgument,
             Self::Unauthenticated => tonic::Code::Unauthenticated,
-            Self::Overloaded(..) | Self::Busy(_) => tonic::Code::ResourceExhausted,
+            Self::Overloaded(..) | Self::ClientLimit(..) | Self::Busy(_) => {
+                tonic::Code::ResourceExhausted
+            }
             Self::Timeout(_) => tonic::Code::DeadlineExceeded,
             Self::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Self::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,

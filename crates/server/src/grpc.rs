@@ -18,6 +18,7 @@ use tonic::transport::server::Router;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Access;
+use crate::client::{Caller, Client, FORWARDED_FOR};
 use crate::error::ApiError;
 use crate::events::EventSink;
 use crate::metrics::{self, Transport};
@@ -320,21 +321,38 @@ pub(crate) fn item_from(i: pb::Item) -> engine::Item {
 }
 
 impl GrpcApi {
+    /// Who made `req`: its key, and its client (the peer, or behind trusted proxies the
+    /// address they forwarded in `x-forwarded-for`).
+    fn caller<T>(&self, req: &Request<T>) -> Caller {
+        let forwarded: Vec<&str> = req
+            .metadata()
+            .get_all(FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        Caller {
+            authorization: authorization(req).map(str::to_owned),
+            client: Client::resolve(
+                req.remote_addr().map(|a| a.ip()),
+                forwarded.into_iter(),
+                &self.app.config().trusted_proxies,
+            ),
+        }
+    }
+
     /// Runs a unary call: key check, admission, time limit, metrics, status mapping.
     async fn unary<T>(
         &self,
         endpoint: &'static str,
         access: Access,
-        authorization: Option<&str>,
+        caller: &Caller,
         work: impl Future<Output = Result<T, ApiError>>,
     ) -> Result<Response<T>, Status> {
         self.app
             .serve(
-                Transport::Grpc,
-                endpoint,
-                access,
-                Budget::Requests,
-                authorization,
+                (Transport::Grpc, endpoint),
+                (access, Budget::Requests),
+                caller,
                 self.app.timed(work),
             )
             .await
@@ -382,9 +400,9 @@ impl Recommender for GrpcApi {
         &self,
         request: Request<pb::RecommendRequest>,
     ) -> Result<Response<pb::RecommendResponse>, Status> {
-        let auth = authorization(&request).map(str::to_owned);
+        let caller = self.caller(&request);
         let req = recommend_request_from(request.into_inner());
-        self.unary("recommend", Access::Read, auth.as_deref(), async {
+        self.unary("recommend", Access::Read, &caller, async {
             Ok(recommendation_to(self.app.engine().recommend(&req).await?))
         })
         .await
@@ -394,7 +412,7 @@ impl Recommender for GrpcApi {
         &self,
         request: Request<Streaming<pb::Event>>,
     ) -> Result<Response<pb::RecordEventsSummary>, Status> {
-        let auth = authorization(&request).map(str::to_owned);
+        let caller = self.caller(&request);
         let work = async {
             let mut stream = request.into_inner();
             let mut sink = EventSink::new(&self.app);
@@ -427,11 +445,9 @@ impl Recommender for GrpcApi {
         };
         self.app
             .serve(
-                Transport::Grpc,
-                "record_events",
-                Access::Write,
-                Budget::Streams,
-                auth.as_deref(),
+                (Transport::Grpc, "record_events"),
+                (Access::Write, Budget::Streams),
+                &caller,
                 work,
             )
             .await
@@ -446,11 +462,14 @@ impl Recommender for GrpcApi {
         request: Request<Streaming<pb::Event>>,
     ) -> Result<Response<AckStream>, Status> {
         let started = Instant::now();
+        let caller = self.caller(&request);
         let admitted = match self
             .app
-            .authorize(Access::Write, authorization(&request))
-            .and_then(|()| self.app.admit(Transport::Grpc, Budget::Streams))
-        {
+            .authorize(Access::Write, caller.authorization.as_deref())
+            .and_then(|()| {
+                self.app
+                    .admit(Transport::Grpc, Budget::Streams, caller.client)
+            }) {
             Ok(admitted) => admitted,
             Err(e) => {
                 metrics::request(
@@ -517,9 +536,9 @@ impl Recommender for GrpcApi {
         &self,
         request: Request<pb::ListSegmentsRequest>,
     ) -> Result<Response<pb::ListSegmentsResponse>, Status> {
-        let auth = authorization(&request).map(str::to_owned);
+        let caller = self.caller(&request);
         let top = top_or_default(request.into_inner().top);
-        self.unary("list_segments", Access::Read, auth.as_deref(), async {
+        self.unary("list_segments", Access::Read, &caller, async {
             let segments = self.app.engine().segments(top).await?;
             Ok(pb::ListSegmentsResponse {
                 segments: segments.into_iter().map(segment_to).collect(),
@@ -532,9 +551,9 @@ impl Recommender for GrpcApi {
         &self,
         request: Request<pb::GetSegmentRequest>,
     ) -> Result<Response<pb::Segment>, Status> {
-        let auth = authorization(&request).map(str::to_owned);
+        let caller = self.caller(&request);
         let req = request.into_inner();
-        self.unary("get_segment", Access::Read, auth.as_deref(), async {
+        self.unary("get_segment", Access::Read, &caller, async {
             engine::check_id("segment", &req.segment)?;
             let report = self
                 .app
@@ -550,9 +569,9 @@ impl Recommender for GrpcApi {
         &self,
         request: Request<pb::EvaluatePolicyRequest>,
     ) -> Result<Response<pb::EvaluatePolicyResponse>, Status> {
-        let auth = authorization(&request).map(str::to_owned);
+        let caller = self.caller(&request);
         let req = request.into_inner();
-        self.unary("ope", Access::Read, auth.as_deref(), async {
+        self.unary("ope", Access::Read, &caller, async {
             let policy = policy_from("policy", req.policy)?;
             let segments = req
                 .segments
@@ -578,14 +597,14 @@ impl Recommender for GrpcApi {
         &self,
         request: Request<pb::UpsertItemsRequest>,
     ) -> Result<Response<pb::UpsertItemsResponse>, Status> {
-        let auth = authorization(&request).map(str::to_owned);
+        let caller = self.caller(&request);
         let items = request
             .into_inner()
             .items
             .into_iter()
             .map(item_from)
             .collect();
-        self.unary("upsert_items", Access::Write, auth.as_deref(), async {
+        self.unary("upsert_items", Access::Write, &caller, async {
             let s = self.app.engine().upsert_items(items).await?;
             self.app.refresh_gauges();
             Ok(pb::UpsertItemsResponse {

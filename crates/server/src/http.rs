@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use utoipa::OpenApi;
 
 use crate::auth::Access;
+use crate::client::{Caller, Client, FORWARDED_FOR};
 use crate::error::{ApiError, ErrorBody};
 use crate::events::EventSink;
 use crate::metrics::{self, Transport};
@@ -70,10 +71,10 @@ pub async fn serve(app: App, listener: TcpListener) -> anyhow::Result<()> {
         .max_concurrent_streams(crate::MAX_STREAMS_PER_CONNECTION);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = token.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) => (stream, Peer(peer.ip())),
                 Err(e) => {
                     // Out of file descriptors, or a connection reset while queued: wait
                     // a little rather than spin.
@@ -86,7 +87,12 @@ pub async fn serve(app: App, listener: TcpListener) -> anyhow::Result<()> {
         let connection = builder
             .serve_connection_with_upgrades(
                 TokioIo::new(stream),
-                TowerToHyperService::new(service.clone()),
+                TowerToHyperService::new(service.clone().map_request(
+                    move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(peer);
+                        req
+                    },
+                )),
             )
             .into_owned();
         let connection = graceful.watch(connection);
@@ -101,10 +107,34 @@ pub async fn serve(app: App, listener: TcpListener) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn authorization(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+/// The address an HTTP connection comes from, put on each of its requests.
+#[derive(Debug, Clone, Copy)]
+struct Peer(std::net::IpAddr);
+
+impl axum::extract::FromRequestParts<App> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        app: &App,
+    ) -> Result<Self, Self::Rejection> {
+        let headers = &parts.headers;
+        let forwarded = headers
+            .get_all(FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        Ok(Caller {
+            authorization: headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            client: Client::resolve(
+                parts.extensions.get::<Peer>().map(|p| p.0),
+                forwarded,
+                &app.config().trusted_proxies,
+            ),
+        })
+    }
 }
 
 /// Runs one API request without a body to read first (or an event stream, which reads
@@ -113,23 +143,16 @@ async fn handle<T, F>(
     app: &App,
     endpoint: &'static str,
     (access, budget): (Access, Budget),
-    headers: &HeaderMap,
+    caller: &Caller,
     work: F,
 ) -> Response
 where
     T: IntoResponse,
     F: Future<Output = Result<T, ApiError>>,
 {
-    app.serve(
-        Transport::Http,
-        endpoint,
-        access,
-        budget,
-        authorization(headers),
-        work,
-    )
-    .await
-    .into_response()
+    app.serve((Transport::Http, endpoint), (access, budget), caller, work)
+        .await
+        .into_response()
 }
 
 /// Runs one API request with a JSON body: the key is checked, then the whole body is read
@@ -140,7 +163,7 @@ async fn handle_body<T, F, Fut>(
     app: &App,
     endpoint: &'static str,
     access: Access,
-    headers: &HeaderMap,
+    caller: &Caller,
     body: Body,
     work: F,
 ) -> Response
@@ -151,7 +174,7 @@ where
 {
     let started = Instant::now();
     let result = async {
-        app.authorize(access, authorization(headers))?;
+        app.authorize(access, caller.authorization.as_deref())?;
         let limit = app.config().body_timeout;
         let bytes = tokio::time::timeout(limit, read_body(body, app.config().max_body_bytes))
             .await
@@ -160,7 +183,7 @@ where
                     "the request body did not arrive within {limit:?} (body_timeout)"
                 ))
             })??;
-        let _admitted = app.admit(Transport::Http, Budget::Requests)?;
+        let _admitted = app.admit(Transport::Http, Budget::Requests, caller.client)?;
         app.timed(work(bytes)).await
     }
     .await;
@@ -262,8 +285,8 @@ fn integral_floats_as_integers(v: &mut serde_json::Value) {
         (status = 429, description = "At capacity; retry later", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
-async fn recommend(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
-    handle_body(&app, "recommend", Access::Read, &headers, body, async |bytes| {
+async fn recommend(State(app): State<App>, caller: Caller, body: Body) -> Response {
+    handle_body(&app, "recommend", Access::Read, &caller, body, async |bytes| {
         let Object(req) = parse_json::<Object<RecommendRequest>>(&bytes)?;
         let recommendation = app.engine().recommend(&req).await?;
         tracing::debug!(user_id = %req.user_id, request_id = %recommendation.request_id, n = recommendation.items.len(), "recommended");
@@ -286,7 +309,12 @@ async fn recommend(State(app): State<App>, headers: HeaderMap, body: Body) -> Re
         (status = 429, description = "At capacity (requests, or event streams); retry later", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
-async fn record_events(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+async fn record_events(
+    State(app): State<App>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let is_ndjson = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -297,7 +325,7 @@ async fn record_events(State(app): State<App>, headers: HeaderMap, body: Body) -
             &app,
             "record_events",
             (Access::Write, Budget::Streams),
-            &headers,
+            &caller,
             async { ndjson_events(&app, body).await.map(Json) },
         )
         .await;
@@ -306,7 +334,7 @@ async fn record_events(State(app): State<App>, headers: HeaderMap, body: Body) -
         &app,
         "record_events",
         Access::Write,
-        &headers,
+        &caller,
         body,
         async |bytes| {
             let events: Vec<Event> = parse_objects(&bytes)?;
@@ -434,12 +462,12 @@ async fn ndjson_line(
         (status = 429, description = "At capacity; retry later", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
-async fn upsert_items(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+async fn upsert_items(State(app): State<App>, caller: Caller, body: Body) -> Response {
     handle_body(
         &app,
         "upsert_items",
         Access::Write,
-        &headers,
+        &caller,
         body,
         async |bytes| {
             let items: Vec<Item> = parse_objects(&bytes)?;
@@ -488,16 +516,12 @@ fn top_of(uri: &axum::http::Uri) -> Result<usize, ApiError> {
         (status = 503, description = "The bandit store did not answer", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
-async fn list_segments(
-    State(app): State<App>,
-    headers: HeaderMap,
-    uri: axum::http::Uri,
-) -> Response {
+async fn list_segments(State(app): State<App>, caller: Caller, uri: axum::http::Uri) -> Response {
     handle(
         &app,
         "list_segments",
         (Access::Read, Budget::Requests),
-        &headers,
+        &caller,
         app.timed(async {
             let top = top_of(&uri)?;
             Ok(Json(app.engine().segments(top).await?))
@@ -519,7 +543,7 @@ async fn list_segments(
     security((), ("bearer" = [])))]
 async fn get_segment(
     State(app): State<App>,
-    headers: HeaderMap,
+    caller: Caller,
     axum::extract::Path(segment): axum::extract::Path<String>,
     uri: axum::http::Uri,
 ) -> Response {
@@ -527,7 +551,7 @@ async fn get_segment(
         &app,
         "get_segment",
         (Access::Read, Budget::Requests),
-        &headers,
+        &caller,
         app.timed(async {
             onrec_engine::check_segment("segment", &segment)?;
             let top = top_of(&uri)?;
@@ -574,8 +598,8 @@ pub struct OpeRequest {
         (status = 429, description = "At capacity; retry later", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
-async fn evaluate_policy(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
-    handle_body(&app, "ope", Access::Read, &headers, body, async |bytes| {
+async fn evaluate_policy(State(app): State<App>, caller: Caller, body: Body) -> Response {
+    handle_body(&app, "ope", Access::Read, &caller, body, async |bytes| {
         let Object(req) = parse_json::<Object<OpeRequest>>(&bytes)?;
         let defaults = onrec_eval::OpeOptions::default();
         let options = onrec_eval::OpeOptions {

@@ -5,6 +5,7 @@
 //! semaphore and the shutdown token. Errors map to HTTP and gRPC in [`error`] only.
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod contract;
 pub mod decision_log;
@@ -39,6 +40,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Access, ApiKeys};
+use crate::client::{Caller, Client, ClientLimit, ClientPlace};
 pub use crate::config::Config;
 use crate::config::{LearnerMode, LearnerPriority, Role};
 use crate::error::ApiError;
@@ -52,6 +54,9 @@ pub struct App {
     keys: ApiKeys,
     admission: Arc<Semaphore>,
     streams: Arc<Semaphore>,
+    /// The most places of each budget one client may hold; `None`: no per-client limit.
+    client_requests: Option<Arc<ClientLimit>>,
+    client_streams: Option<Arc<ClientLimit>>,
     shutdown: CancellationToken,
     ready: Arc<AtomicBool>,
     /// Set at SIGTERM: the server still serves, but says it is draining.
@@ -78,10 +83,12 @@ pub enum Budget {
     Streams,
 }
 
-/// What a request holds while it runs: its admission permit and in-flight count.
+/// What a request holds while it runs: its admission permit, its client's place and
+/// the in-flight count.
 #[derive(Debug)]
 pub struct Admitted {
     _permit: OwnedSemaphorePermit,
+    _client: Option<ClientPlace>,
     _inflight: Inflight,
 }
 
@@ -92,6 +99,11 @@ impl App {
             keys: ApiKeys::new(&config.read_api_keys, &config.write_api_keys),
             admission: Arc::new(Semaphore::new(config.max_concurrent_requests as usize)),
             streams: Arc::new(Semaphore::new(config.max_streams as usize)),
+            client_requests: ClientLimit::new(
+                config.max_concurrent_requests,
+                config.max_client_share,
+            ),
+            client_streams: ClientLimit::new(config.max_streams, config.max_client_share),
             engine,
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
@@ -145,40 +157,59 @@ impl App {
         self.keys.check(access, authorization)
     }
 
-    /// Takes a place in `budget` for a request whose key was checked, or says why not.
-    pub fn admit(&self, transport: Transport, budget: Budget) -> Result<Admitted, ApiError> {
-        let (permits, limit, what) = match budget {
+    /// Takes a place in `budget` for a request from `client` whose key was checked, or
+    /// says why not: the budget is full, or the client holds its share of it already.
+    pub fn admit(
+        &self,
+        transport: Transport,
+        budget: Budget,
+        client: Client,
+    ) -> Result<Admitted, ApiError> {
+        let (permits, per_client, limit, what) = match budget {
             Budget::Requests => (
                 &self.admission,
+                &self.client_requests,
                 self.config.max_concurrent_requests,
                 "requests",
             ),
-            Budget::Streams => (&self.streams, self.config.max_streams, "event streams"),
+            Budget::Streams => (
+                &self.streams,
+                &self.client_streams,
+                self.config.max_streams,
+                "event streams",
+            ),
+        };
+        let place = match per_client {
+            Some(per_client) => Some(per_client.take(client).ok_or_else(|| {
+                metrics::client_limited(transport, what);
+                ApiError::ClientLimit(per_client.most, what)
+            })?),
+            None => None,
         };
         let permit = Arc::clone(permits)
             .try_acquire_owned()
             .map_err(|_| ApiError::Overloaded(limit, what))?;
         Ok(Admitted {
             _permit: permit,
+            _client: place,
             _inflight: Inflight::start(transport),
         })
     }
 
-    /// Runs one request: key check and admission to `budget`, then `work`, counted in the
-    /// request metrics under `transport` and `endpoint` with its outcome and duration.
+    /// Runs one request: the caller's key check and admission to `budget`, then `work`,
+    /// counted in the request metrics under `transport` and `endpoint` with its outcome
+    /// and duration.
     pub async fn serve<T>(
         &self,
-        transport: Transport,
-        endpoint: &'static str,
-        access: Access,
-        budget: Budget,
-        authorization: Option<&str>,
+        (transport, endpoint): (Transport, &'static str),
+        (access, budget): (Access, Budget),
+        caller: &Caller,
         work: impl Future<Output = Result<T, ApiError>>,
     ) -> Result<T, ApiError> {
         let started = Instant::now();
         let result = match self
-            .authorize(access, authorization)
-            .and_then(|()| self.admit(transport, budget))
+            .authorize(access, caller.authorization.as_deref())
+            .and_then(|()| self.admit(transport, budget, caller.client))
         {
             Ok(_admitted) => work.await,
             Err(e) => Err(e),

@@ -22,6 +22,9 @@ pub const EVENTS: &str = "onrec_events_total";
 pub const CATALOG_ITEMS: &str = "onrec_catalog_items";
 /// Users whose state is kept.
 pub const USERS_TRACKED: &str = "onrec_users_tracked";
+/// Requests and streams refused because their client held its share of the budget, by
+/// `transport` and `budget`.
+pub const CLIENT_LIMITED: &str = "onrec_client_limited_total";
 /// Requests in flight, by `transport`.
 pub const INFLIGHT: &str = "onrec_inflight_requests";
 /// Always 1, labelled with the `ranker` and model `version` serving now.
@@ -74,6 +77,11 @@ fn describe() {
         "Users whose state is kept in memory."
     );
     describe_gauge!(INFLIGHT, Unit::Count, "Requests in flight, by transport.");
+    describe_counter!(
+        CLIENT_LIMITED,
+        Unit::Count,
+        "Requests and streams refused because their client held its share of the budget (max_client_share), by transport and budget."
+    );
     describe_gauge!(
         MODEL_INFO,
         "Always 1, labelled with the ranker and model version serving now."
@@ -125,6 +133,11 @@ pub fn finish<T>(
 ) {
     let outcome = result.as_ref().map_or_else(ApiError::code, |_| "ok");
     request(transport, endpoint, outcome, started.elapsed());
+}
+
+/// Counts a request or stream refused for its client's share of `budget`.
+pub fn client_limited(transport: Transport, budget: &'static str) {
+    counter!(CLIENT_LIMITED, "transport" => transport.as_str(), "budget" => budget).increment(1);
 }
 
 /// Records one event's outcome.
