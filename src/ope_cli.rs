@@ -20,7 +20,7 @@ pub enum LogFormat {
     /// An Open Bandit Dataset CSV file, e.g. bts/all/all.csv
     Obd,
     /// The service's decision log stream in Redis: --log is the Redis URL (redis://,
-    /// rediss:// or redis+sentinel://, as the service's redis_url)
+    /// rediss://, redis+sentinel:// or redis+cluster://, as the service's redis_url)
     Redis,
 }
 

@@ -5,13 +5,20 @@
 
 use serde_json::{Value, json};
 
-use crate::common::{RedisServer, Server, click, eventually, item_ids, segment};
+use crate::common::{RedisCluster, RedisServer, Server, click, eventually, item_ids, segment};
 
-/// Whether the response `request_id` is in the shared state yet (it is written just
-/// after the response goes out).
-async fn response_shared(redis: &mut redis::aio::MultiplexedConnection, request_id: &str) -> bool {
+/// The shared state's key prefix on one Redis server.
+const STATE: &str = "onrec:state";
+
+/// Whether the response `request_id` is in the shared state under `prefix` yet (it is
+/// written just after the response goes out).
+async fn response_shared(
+    redis: &mut impl redis::aio::ConnectionLike,
+    prefix: &str,
+    request_id: &str,
+) -> bool {
     redis::cmd("EXISTS")
-        .arg(format!("onrec:state:imp:{request_id}"))
+        .arg(format!("{prefix}:imp:{request_id}"))
         .query_async::<bool>(redis)
         .await
         .unwrap()
@@ -67,7 +74,7 @@ async fn three_processes_on_one_redis_share_attribution_dedupe_users_and_the_cat
     let request_id = served["request_id"].as_str().unwrap().to_owned();
     let shown = item_ids(&served);
     eventually("A's response is in the shared state", async || {
-        response_shared(&mut conn, &request_id).await
+        response_shared(&mut conn, STATE, &request_id).await
     })
     .await;
     let mut ev = click("rep-click-1", "u1", &shown[2]);
@@ -196,12 +203,12 @@ async fn events_that_redis_cannot_take_answer_503_and_count_once_when_re_sent() 
 /// acknowledged).
 async fn stats_backlog(redis: &mut redis::aio::MultiplexedConnection) -> (u64, u64) {
     let len: u64 = redis::cmd("XLEN")
-        .arg("onrec:state:stats")
+        .arg(format!("{STATE}:stats"))
         .query_async(redis)
         .await
         .unwrap();
     let pending: redis::Value = redis::cmd("XPENDING")
-        .arg("onrec:state:stats")
+        .arg(format!("{STATE}:stats"))
         .arg("learners")
         .query_async(redis)
         .await
@@ -216,12 +223,13 @@ async fn stats_backlog(redis: &mut redis::aio::MultiplexedConnection) -> (u64, u
     (len, pending)
 }
 
-/// One round of traffic through three replicas: a response from replica `i % 3`; every
-/// third one is clicked through the next replica and the click re-sent through the one
-/// after (a duplicate). Returns whether it was clicked.
+/// One round of traffic through three replicas sharing the state under `prefix`: a
+/// response from replica `i % 3`; every third one is clicked through the next replica
+/// and the click re-sent through the one after (a duplicate). Returns whether it was
+/// clicked.
 async fn round(
     replicas: &[Server; 3],
-    redis: &mut redis::aio::MultiplexedConnection,
+    (redis, prefix): (&mut impl redis::aio::ConnectionLike, &str),
     i: usize,
 ) -> bool {
     let user = format!("rr-{}", i % 7);
@@ -237,7 +245,7 @@ async fn round(
     }
     let request_id = served["request_id"].as_str().unwrap().to_owned();
     eventually("the response is in the shared state", async || {
-        response_shared(redis, &request_id).await
+        response_shared(redis, prefix, &request_id).await
     })
     .await;
     let mut ev = click(&format!("rr-click-{i}"), &user, &item_ids(&served)[1]);
@@ -271,7 +279,7 @@ async fn serve_replicas_and_a_learner_killed_mid_stream_count_exactly() {
 
     let (mut rounds, mut clicks) = (0, 0);
     for _ in 0..20 {
-        clicks += u32::from(round(&replicas, &mut conn, rounds).await);
+        clicks += u32::from(round(&replicas, (&mut conn, STATE), rounds).await);
         rounds += 1;
     }
     // The active learner is stopped while its read is outstanding: Redis hands that read
@@ -283,7 +291,7 @@ async fn serve_replicas_and_a_learner_killed_mid_stream_count_exactly() {
         })
         .await;
         first.signal("STOP");
-        clicks += u32::from(round(&replicas, &mut conn, rounds).await);
+        clicks += u32::from(round(&replicas, (&mut conn, STATE), rounds).await);
         rounds += 1;
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         if stats_backlog(&mut conn).await.1 > 0 {
@@ -292,14 +300,14 @@ async fn serve_replicas_and_a_learner_killed_mid_stream_count_exactly() {
         first.signal("CONT");
     }
     for _ in 0..20 {
-        clicks += u32::from(round(&replicas, &mut conn, rounds).await);
+        clicks += u32::from(round(&replicas, (&mut conn, STATE), rounds).await);
         rounds += 1;
     }
     // Killed holding entries it never acknowledged; the standby takes the lease over
     // and applies those too.
     first.sigkill();
     for _ in 0..20 {
-        clicks += u32::from(round(&replicas, &mut conn, rounds).await);
+        clicks += u32::from(round(&replicas, (&mut conn, STATE), rounds).await);
         rounds += 1;
     }
     standby.logged("took the learner lease").await;
@@ -502,4 +510,67 @@ async fn through_sentinel_the_service_follows_a_failover_and_counts_once() {
         )
         .await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn on_a_redis_cluster_replicas_and_a_learner_count_exactly() {
+    let cluster = RedisCluster::start();
+    // Two of the three nodes: the third is learned from them.
+    let url = cluster.url(2);
+    let serve = [
+        "--redis-url",
+        url.as_str(),
+        "--role",
+        "serve",
+        "--decision-log",
+        "redis",
+    ];
+    let replicas = [
+        Server::start(&serve),
+        Server::start(&serve),
+        Server::start(&serve),
+    ];
+    let learner = Server::start_learner(&["--redis-url", &url]);
+    learner.logged("took the learner lease").await;
+    let mut conn = cluster.connection().await;
+    // On a cluster the shared state's prefix is a hash tag: all of its keys in one slot.
+    let prefix = "{onrec:state}";
+    let mut clicks = 0;
+    let rounds = 30;
+    for i in 0..rounds {
+        clicks += u32::from(round(&replicas, (&mut conn, prefix), i).await);
+    }
+    let impressions = 5.0 * rounds as f64;
+    eventually("every impression and click is counted once", async || {
+        let seg = segment(&replicas[2], "rr").await;
+        seg["impressions"] == impressions && seg["reward"] == f64::from(clicks)
+    })
+    .await;
+    let total: bool = redis::cmd("EXISTS")
+        .arg("{onrec:bandit}:rr:total")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(total, "the statistics live under the hash-tagged prefix");
+    let logged: u64 = redis::cmd("XLEN")
+        .arg("onrec:decisions")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(logged >= rounds as u64, "{logged} decision log records");
+    // A catalog change made on one replica reaches the others.
+    let (status, body) = replicas[0]
+        .put(
+            "/v1/items",
+            json!([{"item_id": "cluster-new", "category": "c0"}]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let mut attempt = 0;
+    eventually("the new item is known on another replica", async || {
+        attempt += 1;
+        let event = json!([{"event_id": format!("cl-{attempt}"), "user_id": "cl", "item_id": "cluster-new", "type": "click"}]);
+        events(&replicas[1], event).await["accepted"] == 1
+    })
+    .await;
 }

@@ -40,8 +40,9 @@
 //! connection of its own and applies what other processes accepted, so popularity and
 //! the catalog agree everywhere, and every online encoder learns from every interaction. User keys expire `user_ttl` after their last write.
 //!
-//! The script touches keys of several users and streams, so this layout targets a
-//! standalone Redis (or a primary with replicas), not Redis Cluster.
+//! The script touches keys of several users and streams, which a Redis Cluster runs only
+//! within one slot: on a cluster (`redis+cluster://`) `P` is a hash tag (`{onrec:state}`),
+//! so all of these keys live on one node of it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +51,7 @@ use ::redis::aio::ConnectionManagerConfig;
 use ::redis::{RedisError, Script};
 use onrec_model::context::ContextIds;
 use onrec_policy::RedisConn;
+use onrec_policy::store::connection::cluster_prefix;
 use serde::{Deserialize, Serialize};
 
 use onrec_policy::{BanditStore, BatchId, StatUpdate, StoreError};
@@ -366,7 +368,8 @@ impl RedisShared {
     /// The shared state at `config.url`, trimming users' lists to `limits`. It does not
     /// connect yet, so it is built whether or not Redis answers. Must be called inside a
     /// Tokio runtime.
-    pub fn new(config: SharedConfig, limits: UserLimits) -> Result<Self, EngineError> {
+    pub fn new(mut config: SharedConfig, limits: UserLimits) -> Result<Self, EngineError> {
+        config.key_prefix = cluster_prefix(&config.url, &config.key_prefix);
         if config.key_prefix.is_empty() {
             return Err(unavailable("configuration", "key_prefix must not be empty"));
         }

@@ -334,8 +334,9 @@ pub struct Config {
     pub role: Role,
 
     /// Redis for the bandit statistics and the shared state, e.g. redis://127.0.0.1:6379/0,
-    /// rediss:// for TLS, or redis+sentinel://host:port[,host:port]/master[/db] for the
-    /// master a set of Sentinels names; without it everything is kept in memory
+    /// rediss:// for TLS, redis+sentinel://host:port[,host:port]/master[/db] for the
+    /// master a set of Sentinels names, or redis+cluster://host:port[,host:port] for a
+    /// Redis Cluster; without it everything is kept in memory
     #[arg(long, env = "ONREC_REDIS_URL", hide_env_values = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,

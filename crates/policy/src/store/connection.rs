@@ -1,6 +1,12 @@
-//! Connections to Redis: to one server (`redis://`, `rediss://`), or to the master that a
+//! Connections to Redis: to one server (`redis://`, `rediss://`), to the master that a
 //! set of Sentinels names (`redis+sentinel://`, `rediss+sentinel://`), followed across
-//! failovers.
+//! failovers, or to a Redis Cluster (`redis+cluster://`, `rediss+cluster://`).
+//!
+//! A Cluster URL lists some of its nodes: `redis+cluster://[user:password@]host:port[,host:port…]`;
+//! the others are learned from them, and commands go to the node that holds their keys'
+//! slot (following `MOVED` and `ASK` as slots move). onrec's scripts and transactions
+//! touch several keys, which a cluster runs only when they share a slot, so on a cluster
+//! every key prefix is a hash tag ([`cluster_prefix`]): each store's keys live in one slot.
 //!
 //! A Sentinel URL lists the Sentinels and names the master:
 //! `redis+sentinel://[user:password@]host:port[,host:port…]/master[/db]`. The credentials
@@ -14,6 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::{ClusterClient, ClusterClientBuilder};
+use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value};
 
 /// How long asking a Sentinel may take.
@@ -48,6 +56,25 @@ pub enum RedisConn {
     Direct(ConnectionManager),
     /// The master the Sentinels name.
     Sentinel(Arc<Followed>),
+    /// A Redis Cluster.
+    Cluster(Arc<Clustered>),
+}
+
+/// Whether `url` names a Redis Cluster (`redis+cluster://`, `rediss+cluster://`).
+pub fn is_cluster_url(url: &str) -> bool {
+    url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://")
+}
+
+/// The key prefix to use with `url`: on a Redis Cluster, `prefix` as a hash tag
+/// (`onrec:state` becomes `{onrec:state}`) unless it holds one already, so that every
+/// key under it lies in one slot and the scripts and transactions over them run;
+/// elsewhere `prefix` as it is.
+pub fn cluster_prefix(url: &str, prefix: &str) -> String {
+    if is_cluster_url(url) && !(prefix.contains('{') && prefix.contains('}')) {
+        format!("{{{prefix}}}")
+    } else {
+        prefix.to_owned()
+    }
 }
 
 impl std::fmt::Debug for RedisConn {
@@ -59,6 +86,7 @@ impl std::fmt::Debug for RedisConn {
                 .field("sentinels", &s.sentinels)
                 .field("master", &s.master)
                 .finish(),
+            Self::Cluster(_) => f.write_str("RedisConn::Cluster"),
         }
     }
 }
@@ -71,6 +99,11 @@ impl RedisConn {
         ca_pem: Option<&[u8]>,
         config: ConnectionManagerConfig,
     ) -> Result<Self, RedisError> {
+        if is_cluster_url(url) {
+            return Ok(Self::Cluster(Arc::new(Clustered::new(
+                url, ca_pem, &config,
+            )?)));
+        }
         match SentinelUrl::parse(url)? {
             None => Ok(Self::Direct(ConnectionManager::new_lazy_with_config(
                 client(url, ca_pem)?,
@@ -157,6 +190,89 @@ impl SentinelUrl {
             master,
             master_url: format!("{scheme}://{auth}{{addr}}{db}"),
         }))
+    }
+}
+
+/// A Redis Cluster client and, once a command ran, its connection (which follows the
+/// cluster's slots and reconnects to its nodes by itself).
+pub struct Clustered {
+    client: ClusterClient,
+    connection: tokio::sync::OnceCell<ClusterConnection>,
+}
+
+impl Clustered {
+    /// The client for a Cluster URL, with `config`'s timeouts and retries.
+    fn new(
+        url: &str,
+        ca_pem: Option<&[u8]>,
+        config: &ConnectionManagerConfig,
+    ) -> Result<Self, RedisError> {
+        let invalid = |what: &str| {
+            RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "invalid Cluster URL",
+                format!("{what}; expected redis+cluster://[user:password@]host:port[,host:port…]"),
+            ))
+        };
+        let (scheme, rest) = match url.split_once("://") {
+            Some(("rediss+cluster", rest)) => ("rediss", rest),
+            Some((_, rest)) => ("redis", rest),
+            None => return Err(invalid("no scheme")),
+        };
+        let (auth, hosts) = match rest.rsplit_once('@') {
+            Some((auth, hosts)) => (format!("{auth}@"), hosts),
+            None => (String::new(), rest),
+        };
+        let hosts = hosts.trim_end_matches('/');
+        if hosts.contains('/') {
+            return Err(invalid(
+                "a cluster has no databases but 0, and the URL no path",
+            ));
+        }
+        let nodes: Vec<String> = hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| {
+                let h = if h.contains(':') {
+                    h.to_owned()
+                } else {
+                    format!("{h}:6379")
+                };
+                format!("{scheme}://{auth}{h}")
+            })
+            .collect();
+        if nodes.is_empty() {
+            return Err(invalid("no node address"));
+        }
+        // rustls needs a crypto provider; the first call installs ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = ClusterClientBuilder::new(nodes)
+            .retries(u32::try_from(config.number_of_retries()).unwrap_or(u32::MAX));
+        if let Some(t) = config.connection_timeout() {
+            builder = builder.connection_timeout(t);
+        }
+        if let Some(t) = config.response_timeout() {
+            builder = builder.response_timeout(t);
+        }
+        if let Some(ca) = ca_pem {
+            builder = builder.certs(::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.to_vec()),
+            });
+        }
+        Ok(Self {
+            client: builder.build()?,
+            connection: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// The connection, made on first use (a failed attempt is tried again next time).
+    async fn connection(&self) -> Result<ClusterConnection, RedisError> {
+        self.connection
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
     }
 }
 
@@ -279,6 +395,9 @@ impl ConnectionLike for RedisConn {
                 }
                 result
             }),
+            Self::Cluster(cluster) => {
+                Box::pin(async move { cluster.connection().await?.req_packed_command(cmd).await })
+            }
         }
     }
 
@@ -298,6 +417,13 @@ impl ConnectionLike for RedisConn {
                 }
                 result
             }),
+            Self::Cluster(cluster) => Box::pin(async move {
+                cluster
+                    .connection()
+                    .await?
+                    .req_packed_commands(pipeline, offset, count)
+                    .await
+            }),
         }
     }
 
@@ -309,6 +435,7 @@ impl ConnectionLike for RedisConn {
                 .lock()
                 .as_ref()
                 .map_or(0, |(_, conn)| conn.get_db()),
+            Self::Cluster(_) => 0,
         }
     }
 }
@@ -316,6 +443,35 @@ impl ConnectionLike for RedisConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_urls_are_recognised_and_their_prefixes_become_hash_tags() {
+        assert!(is_cluster_url("redis+cluster://a:7000,b:7001"));
+        assert!(is_cluster_url("rediss+cluster://a"));
+        assert!(!is_cluster_url("redis://a:6379"));
+        assert!(!is_cluster_url("redis+sentinel://s/m"));
+        assert_eq!(
+            cluster_prefix("redis+cluster://a", "onrec:state"),
+            "{onrec:state}"
+        );
+        assert_eq!(cluster_prefix("redis+cluster://a", "{shop}:x"), "{shop}:x");
+        assert_eq!(cluster_prefix("redis://a", "onrec:state"), "onrec:state");
+    }
+
+    #[tokio::test]
+    async fn bad_cluster_urls_are_errors_that_say_why() {
+        let open = |url: &str| {
+            RedisConn::open(url, None, ConnectionManagerConfig::new())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert!(open("redis+cluster://a:7000,b").is_ok());
+        assert!(open("rediss+cluster://user:pw@a:7000").is_ok());
+        let err = open("redis+cluster://").unwrap_err();
+        assert!(err.contains("no node address"), "{err}");
+        let err = open("redis+cluster://a:7000/2").unwrap_err();
+        assert!(err.contains("no databases"), "{err}");
+    }
 
     #[test]
     fn sentinel_urls_name_sentinels_master_credentials_and_database() {

@@ -22,8 +22,9 @@
 //! batch atomically and at most once: it sets the batch's key first and does nothing
 //! when the key was already set, so a batch re-sent after its answer was lost (a timeout,
 //! a dropped connection) counts once. Then decay bookkeeping, increments, TTLs, limits. The script derives the keys
-//! of evicted segments from the prefix, so this layout targets a standalone Redis (or
-//! a primary with replicas), not Redis Cluster.
+//! of evicted segments from the prefix, which a Redis Cluster allows only within one
+//! slot: on a cluster (`redis+cluster://`) `P` is a hash tag (`{onrec:bandit}`), so every
+//! key of the store lives on one node of it.
 //!
 //! The connection is a [`ConnectionManager`] created lazily: the store is built without
 //! Redis answering, connects on first use, and reconnects after failures.
@@ -34,7 +35,7 @@ use std::time::Duration;
 
 use ::redis::aio::ConnectionManagerConfig;
 
-use super::connection::RedisConn;
+use super::connection::{RedisConn, cluster_prefix};
 use ::redis::{RedisError, Script};
 
 use super::{BATCH_MEMORY, BanditStore, StoreFuture};
@@ -120,8 +121,9 @@ impl RedisStore {
     }
 
     /// A store on `clock` (see [`RedisStore::new`]).
-    pub fn with_clock(config: RedisConfig, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+    pub fn with_clock(mut config: RedisConfig, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         config.stats.validate()?;
+        config.key_prefix = cluster_prefix(&config.url, &config.key_prefix);
         if config.key_prefix.is_empty() {
             return Err(StoreError::Config("key_prefix must not be empty".into()));
         }
