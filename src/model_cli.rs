@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
+use onrec_model::checkpoint;
 use onrec_model::data::{self, Format, Sequences, Split};
 use onrec_model::device::{self, DeviceChoice};
-use onrec_model::eval::{self, Report};
+use onrec_model::eval::{self, Ranks, Report};
+use onrec_model::metrics::{Interval, METRIC_NAMES, Metrics, bootstrap};
 use onrec_model::sasrec::Config;
 use onrec_model::train::{self, TrainConfig};
-use onrec_model::{checkpoint, metrics::Metrics};
 
 /// Settings of `onrec train`.
 #[derive(Debug, clap::Args)]
@@ -78,28 +79,95 @@ pub struct EvalArgs {
     /// cpu, or cuda (falls back to cpu without a GPU)
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
+    /// A second checkpoint to compare with the first on the same users: its metrics, and
+    /// the paired differences (second − first) with their intervals. It must know the
+    /// same items
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    /// Resamples of the users for the bootstrap 95% intervals (0: no intervals)
+    #[arg(long, default_value_t = 1000)]
+    bootstrap: usize,
+    /// Seed of the bootstrap
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
-fn row(label: &str, m: &Metrics) -> String {
-    format!(
-        "{label:<28}{:>8.4}{:>8.4}{:>9.4}{:>9.4}{:>8.4}",
-        m.hr10, m.hr20, m.ndcg10, m.ndcg20, m.mrr10
-    )
+/// Confidence of the printed intervals.
+const CONFIDENCE: f64 = 0.95;
+
+/// One table row: a label, then one cell per metric, right-aligned in `width`.
+fn row(label: &str, cells: [String; 5], width: usize) -> String {
+    let cells: String = cells.iter().map(|c| format!("{c:>width$}")).collect();
+    format!("{label:<30}{cells}")
 }
 
-/// The metrics table: encoder and popularity, history included and excluded.
-fn table(model: &Report, popularity: &Report) -> String {
-    [
-        format!(
-            "{:<28}{:>8}{:>8}{:>9}{:>9}{:>8}",
-            "", "HR@10", "HR@20", "NDCG@10", "NDCG@20", "MRR@10"
+fn values(m: &Metrics) -> [String; 5] {
+    m.values().map(|v| format!("{v:.4}"))
+}
+
+/// The metrics table: one row per ranker (label, report), history included, then
+/// excluded.
+fn table(rankers: &[(&str, Report)]) -> String {
+    let mut lines = vec![row("", METRIC_NAMES.map(String::from), 9)];
+    for (mode, pick) in [
+        (
+            "history included",
+            (|r: &Report| r.history_included) as fn(&Report) -> Metrics,
         ),
-        row("history included  encoder", &model.history_included),
-        row("                  popularity", &popularity.history_included),
-        row("history excluded  encoder", &model.history_excluded),
-        row("                  popularity", &popularity.history_excluded),
+        ("history excluded", |r: &Report| r.history_excluded),
+    ] {
+        for (i, (label, report)) in rankers.iter().enumerate() {
+            let head = if i == 0 { mode } else { "" };
+            lines.push(row(&format!("{head:<18}{label}"), values(&pick(report)), 9));
+        }
+    }
+    lines.join("\n")
+}
+
+/// Bootstrap intervals of every metric, both ways, from per-case rows.
+fn intervals(
+    args: &EvalArgs,
+    rows: impl Fn(&[usize], &[usize]) -> Vec<[f64; 5]>,
+    ranks: (&Ranks, &Ranks),
+) -> [[Interval; 5]; 2] {
+    let (a, b) = ranks;
+    [
+        bootstrap(
+            &rows(&a.included, &b.included),
+            args.bootstrap,
+            CONFIDENCE,
+            args.seed,
+        ),
+        bootstrap(
+            &rows(&a.excluded, &b.excluded),
+            args.bootstrap,
+            CONFIDENCE,
+            args.seed,
+        ),
     ]
-    .join("\n")
+}
+
+/// The interval table: one row per ranker (label, intervals both ways).
+fn interval_table(rankers: &[(&str, [[Interval; 5]; 2])], signed: bool) -> String {
+    let cell = |iv: &Interval| {
+        if signed {
+            format!("[{:+.4}, {:+.4}]", iv.low, iv.high)
+        } else {
+            format!("[{:.4}, {:.4}]", iv.low, iv.high)
+        }
+    };
+    let mut lines = vec![row("", METRIC_NAMES.map(String::from), 20)];
+    for (k, mode) in ["history included", "history excluded"].iter().enumerate() {
+        for (i, (label, ivs)) in rankers.iter().enumerate() {
+            let head = if i == 0 { *mode } else { "" };
+            lines.push(row(
+                &format!("{head:<18}{label}"),
+                ivs[k].each_ref().map(cell),
+                20,
+            ));
+        }
+    }
+    lines.join("\n")
 }
 
 /// Trains, evaluates on the test cases, and writes the checkpoint.
@@ -146,7 +214,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         seqs.num_items(),
         split.test.len()
     );
-    println!("{}", table(&test, &popularity));
+    println!(
+        "{}",
+        table(&[("encoder", test), ("popularity", popularity)])
+    );
     let record = serde_json::json!({
         "interactions": args.interactions.display().to_string(),
         "train": tc,
@@ -173,14 +244,89 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         );
     }
     let split = Split::leave_one_out(&seqs);
-    let test = eval::evaluate(&ckpt.model, &split.test, &device)?;
-    let popularity = eval::evaluate_popularity(&split, seqs.num_items())?;
+    let test = eval::encoder_ranks(&ckpt.model, &split.test, &device)?;
+    let popularity = eval::popularity_ranks(&split, seqs.num_items())?;
+    let other = match &args.compare {
+        Some(path) => {
+            let other = checkpoint::load(path, &device)
+                .with_context(|| format!("loading {}", path.display()))?;
+            if other.items != ckpt.items {
+                anyhow::bail!(
+                    "{} and {} know different items; a paired comparison needs checkpoints trained on the same catalog",
+                    args.checkpoint.display(),
+                    path.display()
+                );
+            }
+            Some(eval::encoder_ranks(&other.model, &split.test, &device)?)
+        }
+        None => None,
+    };
     println!(
         "test, chronological leave-one-out, full ranking over {} items, {} users ({:.1}s):",
         seqs.num_items(),
         split.test.len(),
         started.elapsed().as_secs_f64()
     );
-    println!("{}", table(&test, &popularity));
+    let mut rankers = vec![("encoder", &test)];
+    rankers.extend(other.iter().map(|o| ("compared", o)));
+    rankers.push(("popularity", &popularity));
+    let reports: Vec<(&str, Report)> = rankers.iter().map(|(l, r)| (*l, r.report())).collect();
+    println!("{}", table(&reports));
+    if args.bootstrap == 0 {
+        return Ok(());
+    }
+    let own = |a: &[usize], _: &[usize]| a.iter().map(|&r| Metrics::of_rank(r)).collect();
+    let own_intervals: Vec<(&str, [[Interval; 5]; 2])> = rankers
+        .iter()
+        .map(|(label, r)| (*label, intervals(&args, own, (r, r))))
+        .collect();
+    println!(
+        "95% intervals, bootstrap over the users ({} resamples, seed {}):",
+        args.bootstrap, args.seed
+    );
+    println!("{}", interval_table(&own_intervals, false));
+    if let Some(other) = &other {
+        let diff = |a: &[usize], b: &[usize]| {
+            a.iter()
+                .zip(b)
+                .map(|(&ra, &rb)| {
+                    let (ma, mb) = (Metrics::of_rank(ra), Metrics::of_rank(rb));
+                    std::array::from_fn(|k| mb[k] - ma[k])
+                })
+                .collect()
+        };
+        let (a, b) = (test.report(), other.report());
+        let mean_diff = |pick: fn(&Report) -> Metrics| {
+            let (ma, mb) = (pick(&a).values(), pick(&b).values());
+            std::array::from_fn::<String, 5, _>(|k| format!("{:+.4}", mb[k] - ma[k]))
+        };
+        println!(
+            "compared − encoder, paired on the same {} users ({}):",
+            split.test.len(),
+            args.compare
+                .as_ref()
+                .map_or(String::new(), |p| p.display().to_string())
+        );
+        let table = interval_table(&[("95%", intervals(&args, diff, (&test, other)))], true);
+        let (header, rest) = table.split_once('\n').unwrap_or((&table, ""));
+        println!("{header}");
+        println!(
+            "{}",
+            row(
+                "history included  mean",
+                mean_diff(|r| r.history_included),
+                20
+            )
+        );
+        println!(
+            "{}",
+            row(
+                "history excluded  mean",
+                mean_diff(|r| r.history_excluded),
+                20
+            )
+        );
+        println!("{rest}");
+    }
     Ok(())
 }

@@ -21,6 +21,36 @@ fn onrec(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `onrec train` on the CSV `data` into `out`, with `extra` settings.
+fn train(data: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
+    let (data, out) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let args = [
+        "train",
+        "--interactions",
+        data,
+        "--format",
+        "csv",
+        "--out",
+        out,
+    ];
+    onrec(&[&args[..], extra].concat())
+}
+
+/// `onrec eval` of `ckpt` on the CSV `data`, with `extra` settings.
+fn eval(ckpt: &Path, data: &Path, extra: &[&str]) -> (bool, String) {
+    let (ckpt, data) = (ckpt.to_str().unwrap(), data.to_str().unwrap());
+    let args = [
+        "eval",
+        "--checkpoint",
+        ckpt,
+        "--interactions",
+        data,
+        "--format",
+        "csv",
+    ];
+    onrec(&[&args[..], extra].concat())
+}
+
 /// Synthetic sessions over the first `items` demo-catalog items, as CSV.
 fn write_sessions(path: &Path, items: usize) {
     let catalog = onrec_engine::catalog::demo_catalog(items);
@@ -42,27 +72,24 @@ async fn train_eval_and_serve_a_checkpoint() {
     let data = dir.join("sessions.csv");
     write_sessions(&data, 120);
     let ckpt = dir.join("ckpt");
-    let (ok, out) = onrec(&[
-        "train",
-        "--interactions",
-        data.to_str().unwrap(),
-        "--format",
-        "csv",
-        "--out",
-        ckpt.to_str().unwrap(),
-        "--epochs",
-        "8",
-        "--patience",
-        "3",
-        "--hidden",
-        "32",
-        "--layers",
-        "1",
-        "--max-len",
-        "20",
-        "--lr",
-        "0.003",
-    ]);
+    let (ok, out) = train(
+        &data,
+        &ckpt,
+        &[
+            "--epochs",
+            "8",
+            "--patience",
+            "3",
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--max-len",
+            "20",
+            "--lr",
+            "0.003",
+        ],
+    );
     assert!(ok, "{out}");
     assert!(out.contains("history excluded  encoder"), "{out}");
     for file in [
@@ -73,15 +100,7 @@ async fn train_eval_and_serve_a_checkpoint() {
     ] {
         assert!(ckpt.join(file).exists(), "{file} missing");
     }
-    let (ok, out) = onrec(&[
-        "eval",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--interactions",
-        data.to_str().unwrap(),
-        "--format",
-        "csv",
-    ]);
+    let (ok, out) = eval(&ckpt, &data, &[]);
     assert!(ok, "{out}");
     // The sessions follow category rings that popularity cannot see.
     let ndcg = |label: &str| -> f64 {
@@ -100,6 +119,40 @@ async fn train_eval_and_serve_a_checkpoint() {
         ndcg("history excluded  encoder") > 2.0 * ndcg("                  popularity"),
         "{out}"
     );
+    // Each metric comes with a bootstrap interval over the users that holds its mean.
+    let interval_row = out
+        .lines()
+        .filter(|l| l.starts_with("history excluded  encoder"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no interval row in {out}"));
+    let bounds: Vec<f64> = interval_row
+        .split(['[', ']', ','])
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    assert_eq!(bounds.len(), 10, "{interval_row}");
+    let mean = ndcg("history excluded  encoder");
+    assert!(bounds[4] < mean && mean < bounds[5], "{out}");
+    // A checkpoint compared with itself, paired on the same users: no difference.
+    let (ok, out) = eval(&ckpt, &data, &["--compare", ckpt.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let paired = out
+        .split("compared − encoder, paired on the same")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no paired comparison in {out}"));
+    assert_eq!(paired.matches("[+0.0000, +0.0000]").count(), 10, "{out}");
+    assert_eq!(paired.matches("+0.0000").count(), 30, "{out}");
+    // Checkpoints of different catalogs cannot be paired.
+    let other_data = dir.join("other.csv");
+    write_sessions(&other_data, 60);
+    let other = dir.join("other");
+    let (ok, out) = train(
+        &other_data,
+        &other,
+        &["--epochs", "1", "--hidden", "16", "--layers", "1"],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = eval(&ckpt, &data, &["--compare", other.to_str().unwrap()]);
+    assert!(!ok && out.contains("know different items"), "{out}");
 
     let s = Server::start(&[
         "--model",
@@ -183,15 +236,7 @@ async fn bad_training_input_is_a_clear_error() {
     std::fs::create_dir_all(&dir).unwrap();
     let data = dir.join("bad.csv");
     std::fs::write(&data, "u1,i1,1\nu1,i2\n").unwrap();
-    let (ok, out) = onrec(&[
-        "train",
-        "--interactions",
-        data.to_str().unwrap(),
-        "--format",
-        "csv",
-        "--out",
-        dir.join("x").to_str().unwrap(),
-    ]);
+    let (ok, out) = train(&data, &dir.join("x"), &[]);
     assert!(!ok);
     assert!(
         out.contains("line 2") && out.contains("expected 3 comma-separated fields"),

@@ -18,34 +18,48 @@ pub struct Report {
     pub history_excluded: Metrics,
 }
 
+/// The rank of every case's target (0 = first), both ways, in the order of the cases.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ranks {
+    /// History items left in the ranking.
+    pub included: Vec<usize>,
+    /// History items removed from the ranking.
+    pub excluded: Vec<usize>,
+}
+
+impl Ranks {
+    /// The metrics' averages.
+    pub fn report(&self) -> Report {
+        let mean = |ranks: &[usize]| {
+            let mut m = Metrics::default();
+            for &r in ranks {
+                m.add_rank(r);
+            }
+            m.mean()
+        };
+        Report {
+            history_included: mean(&self.included),
+            history_excluded: mean(&self.excluded),
+        }
+    }
+}
+
 /// Ranks every case's target against the scores `score` gives its batch of cases.
-pub fn rank_cases(
+pub fn rank_all(
     cases: &[Case],
     batch: usize,
     mut score: impl FnMut(&[Case]) -> Result<Vec<Vec<f32>>, ModelError>,
-) -> Result<Report, ModelError> {
-    let (mut inc, mut exc) = (Metrics::default(), Metrics::default());
+) -> Result<Ranks, ModelError> {
+    let mut ranks = Ranks::default();
     for chunk in cases.chunks(batch.max(1)) {
         let scores = score(chunk)?;
         for (case, s) in chunk.iter().zip(&scores) {
-            inc.add_rank(rank_of(
-                s,
-                case.target,
-                &case.history,
-                HistoryMode::Included,
-            ));
-            exc.add_rank(rank_of(
-                s,
-                case.target,
-                &case.history,
-                HistoryMode::Excluded,
-            ));
+            let rank = |mode| rank_of(s, case.target, &case.history, mode);
+            ranks.included.push(rank(HistoryMode::Included));
+            ranks.excluded.push(rank(HistoryMode::Excluded));
         }
     }
-    Ok(Report {
-        history_included: inc.mean(),
-        history_excluded: exc.mean(),
-    })
+    Ok(ranks)
 }
 
 /// Encoder scores for a batch of cases: `[cases, num_items + 1]`.
@@ -63,7 +77,12 @@ pub fn encoder_scores(
 
 /// Evaluates the encoder on `cases`.
 pub fn evaluate(model: &SasRec, cases: &[Case], device: &Device) -> Result<Report, ModelError> {
-    rank_cases(cases, 256, |chunk| encoder_scores(model, chunk, device))
+    Ok(encoder_ranks(model, cases, device)?.report())
+}
+
+/// The encoder's rank of every case's target.
+pub fn encoder_ranks(model: &SasRec, cases: &[Case], device: &Device) -> Result<Ranks, ModelError> {
+    rank_all(cases, 256, |chunk| encoder_scores(model, chunk, device))
 }
 
 /// Interaction counts per item index: the training sequences, plus the validation targets
@@ -83,8 +102,13 @@ pub fn popularity_scores(split: &Split, num_items: usize, for_test: bool) -> Vec
 
 /// Evaluates the popularity baseline on the test cases.
 pub fn evaluate_popularity(split: &Split, num_items: usize) -> Result<Report, ModelError> {
+    Ok(popularity_ranks(split, num_items)?.report())
+}
+
+/// The popularity baseline's rank of every test case's target.
+pub fn popularity_ranks(split: &Split, num_items: usize) -> Result<Ranks, ModelError> {
     let scores = popularity_scores(split, num_items, true);
-    rank_cases(&split.test, 256, |chunk| {
+    rank_all(&split.test, 256, |chunk| {
         Ok(vec![scores.clone(); chunk.len()])
     })
 }

@@ -72,6 +72,70 @@ impl Metrics {
     }
 }
 
+/// The metrics' names, in the order of [`Metrics::values`].
+pub const METRIC_NAMES: [&str; 5] = ["HR@10", "HR@20", "NDCG@10", "NDCG@20", "MRR@10"];
+
+impl Metrics {
+    /// HR@10, HR@20, NDCG@10, NDCG@20 and MRR@10, in that order.
+    pub fn values(&self) -> [f64; 5] {
+        [self.hr10, self.hr20, self.ndcg10, self.ndcg20, self.mrr10]
+    }
+
+    /// The five metrics of one case whose target ranked `rank`.
+    pub fn of_rank(rank: usize) -> [f64; 5] {
+        let mut m = Metrics::default();
+        m.add_rank(rank);
+        m.values()
+    }
+}
+
+/// A two-sided confidence interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Interval {
+    /// Lower bound.
+    pub low: f64,
+    /// Upper bound.
+    pub high: f64,
+}
+
+/// Percentile bootstrap over cases (users): for each of the five metrics, the
+/// `confidence` interval of the mean of `per_case` (one row per case, in
+/// [`Metrics::values`] order), from `resamples` resamples of the cases with replacement
+/// drawn from `seed`. The same seed gives the same intervals.
+pub fn bootstrap(
+    per_case: &[[f64; 5]],
+    resamples: usize,
+    confidence: f64,
+    seed: u64,
+) -> [Interval; 5] {
+    let n = per_case.len();
+    if n == 0 || resamples == 0 {
+        return [Interval::default(); 5];
+    }
+    let mut rng = crate::rng::SplitMix64::new(seed);
+    let mut means: Vec<[f64; 5]> = Vec::with_capacity(resamples);
+    for _ in 0..resamples {
+        let mut sum = [0.0; 5];
+        for _ in 0..n {
+            let row = &per_case[rng.below(n as u64) as usize];
+            for (s, v) in sum.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+        means.push(sum.map(|s| s / n as f64));
+    }
+    let tail = (1.0 - confidence) / 2.0;
+    let at = |q: f64| ((q * (resamples - 1) as f64).round() as usize).min(resamples - 1);
+    std::array::from_fn(|k| {
+        let mut column: Vec<f64> = means.iter().map(|m| m[k]).collect();
+        column.sort_by(f64::total_cmp);
+        Interval {
+            low: column[at(tail)],
+            high: column[at(1.0 - tail)],
+        }
+    })
+}
+
 impl std::fmt::Display for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -132,5 +196,30 @@ mod tests {
         assert!((m.ndcg20 - (1.5 + 1.0 / 17f64.log2()) / 4.0).abs() < 1e-12);
         assert!((m.mrr10 - (1.0 + 1.0 / 3.0) / 4.0).abs() < 1e-12);
         assert_eq!(m.cases, 4);
+        assert_eq!(Metrics::of_rank(2)[2], 0.5);
+    }
+
+    #[test]
+    fn bootstrap_intervals_hold_the_mean_shrink_with_more_cases_and_replay() {
+        // Half the cases hit at rank 0, half miss.
+        let cases = |n: usize| -> Vec<[f64; 5]> {
+            (0..n)
+                .map(|i| Metrics::of_rank(if i % 2 == 0 { 0 } else { 100 }))
+                .collect()
+        };
+        let small = bootstrap(&cases(100), 1000, 0.95, 7);
+        let large = bootstrap(&cases(10_000), 1000, 0.95, 7);
+        for iv in [small[0], large[0]] {
+            assert!(iv.low < 0.5 && 0.5 < iv.high, "{iv:?}");
+        }
+        // About ±1.96·√(0.25/n): 0.098 at 100 cases, 0.0098 at 10,000.
+        let width = |iv: Interval| iv.high - iv.low;
+        assert!((0.15..0.25).contains(&width(small[0])), "{small:?}");
+        assert!((0.015..0.025).contains(&width(large[0])), "{large:?}");
+        assert_eq!(bootstrap(&cases(100), 1000, 0.95, 7), small);
+        // Every case the same: no spread at all.
+        let same = bootstrap(&[Metrics::of_rank(3); 50], 200, 0.95, 1);
+        assert_eq!(same[2].low, same[2].high);
+        assert_eq!(bootstrap(&[], 100, 0.95, 1), [Interval::default(); 5]);
     }
 }
