@@ -59,7 +59,9 @@ async fn measure(store: Arc<dyn BanditStore>, label: &str) {
         let mut times = Vec::with_capacity(ROUNDS);
         for _ in 0..ROUNDS {
             let t = Instant::now();
-            let slate = explorer.rerank("bench", &candidates, 10, &mut rng).await;
+            let slate = explorer
+                .rerank("bench", (&candidates, true), 10, &mut rng)
+                .await;
             times.push(t.elapsed().as_secs_f64() * 1e6);
             assert!(!slate.fallback);
         }

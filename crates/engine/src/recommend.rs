@@ -91,7 +91,12 @@ impl Engine {
         let slate = self
             .inner
             .explorer
-            .rerank(&view.segment, &shortlist.candidates, n, &mut rng)
+            .rerank(
+                &view.segment,
+                (&shortlist.candidates, shortlist.ranker == RANKER_ENCODER),
+                n,
+                &mut rng,
+            )
             .await;
         let request_id = view.request_id.to_string();
         self.log_response(req, &asked, &view, &shortlist, &slate);
@@ -339,7 +344,7 @@ impl Engine {
                 timestamp: now,
                 segment: segment.to_owned(),
                 context: req.context.clone(),
-                policy: self.inner.explorer.policy(segment).config().clone(),
+                policy: slate.config.clone(),
                 fallback: slate.fallback,
                 ranker: shortlist.ranker.to_owned(),
                 model_version: shortlist.model_version.clone(),

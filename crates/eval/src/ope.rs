@@ -560,8 +560,17 @@ fn replay(
         match record {
             LogRecord::Decision(decision) => {
                 let segment = decision.segment.as_str();
+                // As the service applies it: with no personal ranking when popularity
+                // ranked the candidates.
+                let impersonal;
+                let policy = if decision.ranker == onrec_engine::RANKER {
+                    impersonal = policies.of(segment).impersonal();
+                    &impersonal
+                } else {
+                    policies.of(segment)
+                };
                 let valuation = Valuation {
-                    policy: policies.of(segment),
+                    policy,
                     stats: stats.get(segment).unwrap_or(&no_stats),
                     // The model fitted on the other fold.
                     model: &models[1 - next % 2],

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use rand::Rng;
 
 use crate::error::ConfigError;
-use crate::policy::{Candidate, Policy, Slot, exploit};
+use crate::policy::{Candidate, Policy, PolicyConfig, Slot, exploit};
 use crate::segment::{DEFAULT_SEGMENT, SegmentConfig, UserFacts};
 use crate::stats::{SegmentStats, StatUpdate};
 use crate::store::BanditStore;
@@ -18,6 +18,9 @@ pub struct Reranked {
     pub slots: Vec<Slot>,
     /// The `kind` of the policy that chose them (`greedy` on a fallback).
     pub policy: &'static str,
+    /// The segment's policy as it was applied: [`Policy::impersonal`] when the
+    /// candidates came with no personal ranking.
+    pub config: PolicyConfig,
     /// Whether the statistics could not be read, so the ranker's order was kept.
     pub fallback: bool,
 }
@@ -120,18 +123,23 @@ impl Explorer {
         self.policies.get(segment).unwrap_or(&self.default)
     }
 
-    /// Re-ranks `candidates` (best first) into `n` slots with `segment`'s policy. When the
-    /// statistics cannot be read in time, keeps the ranker's order (propensity 1, nothing
-    /// explored) and counts `onrec_bandit_fallbacks_total`. The future is `Send` when the
-    /// RNG is (e.g. `SmallRng`).
+    /// Re-ranks `candidates` (best first) into `n` slots with `segment`'s policy, or its
+    /// [`Policy::impersonal`] form unless the candidates' scores are a `personal`
+    /// ranking. When the statistics cannot be read in time, keeps the ranker's order
+    /// (propensity 1, nothing explored) and counts `onrec_bandit_fallbacks_total`. The
+    /// future is `Send` when the RNG is (e.g. `SmallRng`).
     pub async fn rerank<R: Rng + ?Sized>(
         &self,
         segment: &str,
-        candidates: &[Candidate],
+        (candidates, personal): (&[Candidate], bool),
         n: usize,
         rng: &mut R,
     ) -> Reranked {
-        let policy = self.policy(segment);
+        let policy = if personal {
+            self.policy(segment).clone()
+        } else {
+            self.policy(segment).impersonal()
+        };
         let stats = if policy.needs_stats() && !candidates.is_empty() && n > 0 {
             let ids: Vec<&str> = candidates.iter().map(|c| c.item_id.as_str()).collect();
             let others = if policy.explores_by_item() {
@@ -155,6 +163,7 @@ impl Explorer {
                     return Reranked {
                         slots: exploit(candidates, n),
                         policy: Policy::greedy().kind(),
+                        config: policy.config().clone(),
                         fallback: true,
                     };
                 }
@@ -165,6 +174,7 @@ impl Explorer {
         Reranked {
             slots: policy.select(candidates, &stats, n, rng),
             policy: policy.kind(),
+            config: policy.config().clone(),
             fallback: false,
         }
     }
@@ -241,14 +251,66 @@ mod tests {
     async fn falls_back_to_the_ranker_order_when_the_store_fails() {
         let explorer = Explorer::new(config(), Arc::new(Down)).unwrap();
         let mut rng = SmallRng::seed_from_u64(1);
-        let r = explorer.rerank("vip", &candidates(), 3, &mut rng).await;
+        let r = explorer
+            .rerank("vip", (&candidates(), true), 3, &mut rng)
+            .await;
         assert!(r.fallback);
         assert_eq!(r.policy, "greedy");
         assert_eq!(r.slots, exploit(&candidates(), 3));
         // A policy that needs no statistics does not ask for them.
-        let r = explorer.rerank("fixed", &candidates(), 3, &mut rng).await;
+        let r = explorer
+            .rerank("fixed", (&candidates(), true), 3, &mut rng)
+            .await;
         assert!(!r.fallback);
         assert_eq!(r.policy, "epsilon_greedy");
+    }
+
+    #[tokio::test]
+    async fn candidates_without_a_personal_ranking_are_served_on_the_statistics_alone() {
+        let store = Arc::new(MemoryStore::new(StatsConfig::default()).unwrap());
+        // item-3, last in ranking order, earned a reward on half of its 200 impressions;
+        // the others on 2 of theirs.
+        let mut updates = Vec::new();
+        for c in candidates() {
+            updates.push(StatUpdate {
+                impressions: 200.0,
+                ..StatUpdate::impression("t", c.item_id.clone())
+            });
+            let reward = if c.item_id == "item-3" { 100.0 } else { 2.0 };
+            updates.push(StatUpdate::reward("t", c.item_id.clone(), reward));
+        }
+        store.record(&updates).await.unwrap();
+        let mut cfg = SegmentConfig::default();
+        cfg.policies.insert(
+            "t".into(),
+            PolicyConfig::Thompson {
+                alpha: 1.0,
+                beta: 1.0,
+                draws: 100,
+                personal: 1.0,
+            },
+        );
+        let explorer = Explorer::new(cfg, store).unwrap().with_prior(0.0).unwrap();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let personal = explorer
+            .rerank("t", (&candidates(), true), 1, &mut rng)
+            .await;
+        assert_eq!(
+            personal.slots[0].item_id, "item-0",
+            "the personal ranking alone"
+        );
+        let PolicyConfig::Thompson { personal: w, .. } = personal.config else {
+            panic!("{:?}", personal.config);
+        };
+        assert_eq!(w, 1.0);
+        let popular = explorer
+            .rerank("t", (&candidates(), false), 1, &mut rng)
+            .await;
+        assert_eq!(popular.slots[0].item_id, "item-3", "the statistics alone");
+        let PolicyConfig::Thompson { personal: w, .. } = popular.config else {
+            panic!("{:?}", popular.config);
+        };
+        assert_eq!(w, 0.0, "the decision log records the policy as applied");
     }
 
     #[tokio::test]
@@ -259,7 +321,9 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(1);
         let mut seen = Vec::new();
         for _ in 0..4 {
-            let r = explorer.rerank("s", &candidates(), 1, &mut rng).await;
+            let r = explorer
+                .rerank("s", (&candidates(), true), 1, &mut rng)
+                .await;
             assert!(!r.fallback);
             seen.push(r.slots[0].item_id.clone());
             store
@@ -286,7 +350,9 @@ mod tests {
         store.record(&updates).await.unwrap();
         let first = |explorer: Explorer| async move {
             let mut rng = SmallRng::seed_from_u64(1);
-            let r = explorer.rerank("vip", &candidates(), 1, &mut rng).await;
+            let r = explorer
+                .rerank("vip", (&candidates(), true), 1, &mut rng)
+                .await;
             r.slots[0].item_id.clone()
         };
         let with = Explorer::new(config(), store.clone()).unwrap();

@@ -21,7 +21,7 @@
 //! let explorer = Explorer::new(SegmentConfig::default(), store.clone()).expect("valid");
 //! let segment = explorer.segment(None, &UserFacts::default());
 //! let candidates = vec![Candidate::new("sku-1", 9.0), Candidate::new("sku-2", 7.5)];
-//! let slate = explorer.rerank(&segment, &candidates, 1, &mut SmallRng::seed_from_u64(1)).await;
+//! let slate = explorer.rerank(&segment, (&candidates, true), 1, &mut SmallRng::seed_from_u64(1)).await;
 //! assert_eq!(slate.slots[0].item_id, "sku-1");
 //! store.record(&Explorer::impressions(&segment, &slate.slots)).await?;
 //! # Ok::<(), onrec_policy::StoreError>(()) }).unwrap();

@@ -32,7 +32,8 @@
 //! each candidate's value is `personal`·z(ranker score) + (1 − `personal`)·z(bandit
 //! value), both standardised over the candidates, so two users of one segment still get
 //! different slates, and the segment's statistics move items up and down within them.
-//! `personal` 0 is the segment bandit alone.
+//! `personal` 0 is the segment bandit alone, and so is a policy for candidates that come
+//! with no personal ranking ([`Policy::impersonal`]).
 //!
 //! All randomness comes from the caller's RNG, so a seeded RNG replays a slate exactly.
 
@@ -302,6 +303,19 @@ impl Policy {
     /// Its configuration.
     pub fn config(&self) -> &PolicyConfig {
         &self.config
+    }
+
+    /// The policy for candidates whose scores are no personal ranking (popularity, for a
+    /// user the encoder cannot rank): UCB1 and Thompson on the segment's statistics alone
+    /// (`personal` 0); other kinds as they are.
+    pub fn impersonal(&self) -> Policy {
+        let mut config = self.config.clone();
+        if let PolicyConfig::Ucb1 { personal, .. } | PolicyConfig::Thompson { personal, .. } =
+            &mut config
+        {
+            *personal = 0.0;
+        }
+        Self { config }
     }
 
     /// The `kind` name.

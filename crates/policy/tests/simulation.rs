@@ -134,13 +134,15 @@ async fn explorer_serves_segments_with_their_own_policies_and_statistics() {
     let cands = candidates();
     // Impressions in the default segment do not move the mobile one.
     for _ in 0..3 {
-        let r = explorer.rerank("default", &cands, 2, &mut rng).await;
+        let r = explorer
+            .rerank("default", (&cands, true), 2, &mut rng)
+            .await;
         store
             .record(&Explorer::impressions("default", &r.slots))
             .await
             .unwrap();
     }
-    let r = explorer.rerank("mobile", &cands, 2, &mut rng).await;
+    let r = explorer.rerank("mobile", (&cands, true), 2, &mut rng).await;
     assert_eq!(r.policy, "greedy");
     assert_eq!(r.slots[0].item_id, "item-0");
     let d = store.fetch("default", &["item-4"]).await.unwrap();
