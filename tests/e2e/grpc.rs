@@ -74,30 +74,62 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
 
 #[tokio::test]
 async fn malformed_protobuf_is_invalid_argument() {
-    let s = Server::start(&[]);
+    let s = Server::start(&["--max-body-bytes", "1024"]);
     let client = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()
         .unwrap();
-    // A gRPC frame (uncompressed, 4 bytes) holding a field tag with a truncated varint.
-    let body = vec![0u8, 0, 0, 0, 4, 0x0a, 0xff, 0xff, 0xff];
-    let r = client
-        .post(format!("http://{}/onrec.v1.Recommender/Recommend", s.grpc))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    // Code 3 is INVALID_ARGUMENT; an error before any message is a trailers-only answer.
-    assert_eq!(
-        r.headers()
-            .get("grpc-status")
-            .map(|v| v.to_str().unwrap().to_owned()),
-        Some("3".into()),
-        "{:?}",
-        r.headers()
-    );
+    // gRPC frames: a compressed flag, a length, the message. Code 3 is INVALID_ARGUMENT,
+    // 8 RESOURCE_EXHAUSTED; an error before any message is a trailers-only answer.
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        (
+            "a field tag with a truncated varint",
+            vec![0, 0, 0, 0, 4, 0x0a, 0xff, 0xff, 0xff],
+            "3",
+        ),
+        ("a frame cut short", vec![0, 0, 0, 0, 10, 0x0a, 0x01], "3"),
+        (
+            "a compressed flag without an encoding",
+            vec![1, 0, 0, 0, 2, 0x0a, 0x00],
+            "3",
+        ),
+        (
+            "a message over max_body_bytes",
+            vec![0, 0, 0, 0x10, 0x00, 0x0a, 0x00],
+            "8",
+        ),
+    ];
+    for (what, body, code) in cases {
+        let r = client
+            .post(format!("http://{}/onrec.v1.Recommender/Recommend", s.grpc))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.headers()
+                .get("grpc-status")
+                .map(|v| v.to_str().unwrap().to_owned()),
+            Some(code.into()),
+            "{what}: {:?}",
+            r.headers()
+        );
+    }
+    // Counted like every other refused call.
+    let (_, metrics) = s.get_text("/metrics").await;
+    let counted = |outcome: &str| {
+        let series = format!(
+            "onrec_requests_total{{transport=\"grpc\",endpoint=\"recommend\",outcome=\"{outcome}\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map(|v| v.parse::<f64>().unwrap())
+    };
+    assert_eq!(counted("invalid_argument"), Some(3.0), "{metrics}");
+    assert_eq!(counted("payload_too_large"), Some(1.0), "{metrics}");
 }
 
 #[tokio::test]

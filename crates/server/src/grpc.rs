@@ -17,10 +17,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Router;
 use tonic::{Request, Response, Status, Streaming};
 
+/// The layers around the gRPC routes.
+pub type Layers = tower::layer::util::Stack<DecodeFailuresLayer, tower::layer::util::Identity>;
+
 use crate::auth::Access;
 use crate::client::{Caller, Client, FORWARDED_FOR};
 use crate::error::ApiError;
 use crate::events::EventSink;
+use crate::grpc_status::DecodeFailuresLayer;
 use crate::metrics::{self, Transport};
 use crate::{App, Budget};
 
@@ -32,7 +36,7 @@ pub struct GrpcApi {
 
 /// The gRPC server with every service, and the reporter that switches
 /// `grpc.health.v1` between serving and not.
-pub fn server(app: App) -> anyhow::Result<(tonic_health::server::HealthReporter, Router)> {
+pub fn server(app: App) -> anyhow::Result<(tonic_health::server::HealthReporter, Router<Layers>)> {
     let limit = app.config().max_body_bytes;
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -44,6 +48,7 @@ pub fn server(app: App) -> anyhow::Result<(tonic_health::server::HealthReporter,
         .max_encoding_message_size(limit);
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(crate::MAX_STREAMS_PER_CONNECTION)
+        .layer(DecodeFailuresLayer)
         .add_service(health)
         .add_service(reflection)
         .add_service(recommender);
@@ -52,7 +57,7 @@ pub fn server(app: App) -> anyhow::Result<(tonic_health::server::HealthReporter,
 
 /// Serves until `token` is cancelled, then lets in-flight calls and streams finish.
 pub async fn serve(
-    router: Router,
+    router: Router<Layers>,
     listener: TcpListener,
     token: CancellationToken,
 ) -> anyhow::Result<()> {

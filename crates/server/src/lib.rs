@@ -15,6 +15,7 @@ pub mod events;
 #[cfg(test)]
 mod fuzz;
 pub mod grpc;
+pub mod grpc_status;
 pub mod http;
 pub mod metrics;
 pub mod telemetry;
