@@ -302,6 +302,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams: u32,
 
+    /// How long a request waits for one of the max_concurrent_requests places before it
+    /// gets 429 (0: none); streams never wait
+    #[arg(long, env = "ONREC_ADMISSION_WAIT", default_value = "50ms", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub admission_wait: Duration,
+
     /// The largest share of each of those two budgets one client may hold at once; past
     /// it that client gets 429 / RESOURCE_EXHAUSTED while others are still served. A
     /// client is the address it connects from, or behind trusted_proxies the address
@@ -793,9 +799,10 @@ fn read_toml(path: &Path) -> anyhow::Result<toml::Table> {
     toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
 }
 
+/// The configuration that the command-line arguments `args` (after the program's name)
+/// give, for tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) fn load(args: &[&str]) -> anyhow::Result<Config> {
     use clap::{CommandFactory, Parser};
 
     #[derive(Parser)]
@@ -804,11 +811,14 @@ mod tests {
         config: Config,
     }
 
-    fn load(args: &[&str]) -> anyhow::Result<Config> {
-        let matches = Cli::command()
-            .try_get_matches_from(std::iter::once("onrec").chain(args.iter().copied()))?;
-        Config::from_matches(&matches)
-    }
+    let matches = Cli::command()
+        .try_get_matches_from(std::iter::once("onrec").chain(args.iter().copied()))?;
+    Config::from_matches(&matches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn temp_toml(name: &str, text: &str) -> PathBuf {
         let path = std::env::temp_dir().join(format!("onrec-{}-{name}.toml", std::process::id()));

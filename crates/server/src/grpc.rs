@@ -471,10 +471,15 @@ impl Recommender for GrpcApi {
         let admitted = match self
             .app
             .authorize(Access::Write, caller.authorization.as_deref())
-            .and_then(|()| {
+        {
+            Ok(()) => {
                 self.app
                     .admit(Transport::Grpc, Budget::Streams, caller.client)
-            }) {
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let admitted = match admitted {
             Ok(admitted) => admitted,
             Err(e) => {
                 metrics::request(

@@ -183,7 +183,9 @@ where
                     "the request body did not arrive within {limit:?} (body_timeout)"
                 ))
             })??;
-        let _admitted = app.admit(Transport::Http, Budget::Requests, caller.client)?;
+        let _admitted = app
+            .admit(Transport::Http, Budget::Requests, caller.client)
+            .await?;
         app.timed(work(bytes)).await
     }
     .await;

@@ -160,7 +160,7 @@ impl App {
 
     /// Takes a place in `budget` for a request from `client` whose key was checked, or
     /// says why not: the budget is full, or the client holds its share of it already.
-    pub fn admit(
+    pub async fn admit(
         &self,
         transport: Transport,
         budget: Budget,
@@ -187,9 +187,22 @@ impl App {
             })?),
             None => None,
         };
-        let permit = Arc::clone(permits)
-            .try_acquire_owned()
-            .map_err(|_| ApiError::Overloaded(limit, what))?;
+        let overloaded = || ApiError::Overloaded(limit, what);
+        let permit = match Arc::clone(permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            // A request waits a moment for a place: turning it away at once would have
+            // it back at once, and answering those retries costs the places' work.
+            Err(_) if budget == Budget::Requests && !self.config.admission_wait.is_zero() => {
+                tokio::time::timeout(
+                    self.config.admission_wait,
+                    Arc::clone(permits).acquire_owned(),
+                )
+                .await
+                .map_err(|_| overloaded())?
+                .map_err(|_| overloaded())?
+            }
+            Err(_) => return Err(overloaded()),
+        };
         Ok(Admitted {
             _permit: permit,
             _client: place,
@@ -208,10 +221,11 @@ impl App {
         work: impl Future<Output = Result<T, ApiError>>,
     ) -> Result<T, ApiError> {
         let started = Instant::now();
-        let result = match self
-            .authorize(access, caller.authorization.as_deref())
-            .and_then(|()| self.admit(transport, budget, caller.client))
-        {
+        let admitted = match self.authorize(access, caller.authorization.as_deref()) {
+            Ok(()) => self.admit(transport, budget, caller.client).await,
+            Err(e) => Err(e),
+        };
+        let result = match admitted {
             Ok(_admitted) => work.await,
             Err(e) => Err(e),
         };
@@ -630,5 +644,71 @@ impl Starved {
             }
             self.interactions = dropped;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(args: &[&str]) -> App {
+        let config = config::load(args).unwrap();
+        let store = MemoryStore::new(StatsConfig::default()).unwrap();
+        let explorer = Explorer::new(config.segments_with_default(), Arc::new(store)).unwrap();
+        let engine = Engine::new(config.engine(), catalog::demo_catalog(10), explorer).unwrap();
+        App::new(engine, config)
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_a_moment_for_a_place_and_then_is_turned_away() {
+        let waits = app(&["--max-concurrent-requests", "1", "--admission-wait", "30s"]);
+        let client = Client::default();
+        let first = waits
+            .admit(Transport::Http, Budget::Requests, client)
+            .await
+            .unwrap();
+        let second = tokio::spawn({
+            let waits = waits.clone();
+            async move {
+                waits
+                    .admit(Transport::Http, Budget::Requests, client)
+                    .await
+                    .map(drop)
+            }
+        });
+        // The second request waits for the place rather than being turned away ...
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished());
+        // ... and takes it once the first gives it back.
+        drop(first);
+        second.await.unwrap().expect("admitted after the wait");
+
+        let at_once = app(&["--max-concurrent-requests", "1", "--admission-wait", "0s"]);
+        let _held = at_once
+            .admit(Transport::Http, Budget::Requests, client)
+            .await
+            .unwrap();
+        let refused = at_once
+            .admit(Transport::Http, Budget::Requests, client)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, ApiError::Overloaded(1, "requests")),
+            "{refused}"
+        );
+        // Streams never wait.
+        let streams = app(&["--max-streams", "1", "--admission-wait", "30s"]);
+        let _open = streams
+            .admit(Transport::Grpc, Budget::Streams, client)
+            .await
+            .unwrap();
+        let refused = streams
+            .admit(Transport::Grpc, Budget::Streams, client)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, ApiError::Overloaded(1, "event streams")),
+            "{refused}"
+        );
     }
 }
