@@ -289,7 +289,8 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
 
-    /// Requests served at once; beyond it requests get 429 / RESOURCE_EXHAUSTED. A request
+    /// Requests served at once; beyond it requests wait up to admission_wait, then get 429
+    /// / RESOURCE_EXHAUSTED. A request
     /// takes its place only once its body has arrived, so slow or idle uploads hold none
     #[arg(long, env = "ONREC_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
