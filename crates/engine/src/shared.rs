@@ -369,10 +369,10 @@ impl RedisShared {
     /// connect yet, so it is built whether or not Redis answers. Must be called inside a
     /// Tokio runtime.
     pub fn new(mut config: SharedConfig, limits: UserLimits) -> Result<Self, EngineError> {
-        config.key_prefix = cluster_prefix(&config.url, &config.key_prefix);
         if config.key_prefix.is_empty() {
             return Err(unavailable("configuration", "key_prefix must not be empty"));
         }
+        config.key_prefix = cluster_prefix(&config.url, &config.key_prefix);
         let conn = connect(&config, config.write_timeout.max(config.timeout))
             .map_err(|e| unavailable("redis url", e))?;
         let follow_conn = connect(&config, FOLLOW_BLOCK + config.write_timeout)

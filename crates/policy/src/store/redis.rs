@@ -123,10 +123,10 @@ impl RedisStore {
     /// A store on `clock` (see [`RedisStore::new`]).
     pub fn with_clock(mut config: RedisConfig, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         config.stats.validate()?;
-        config.key_prefix = cluster_prefix(&config.url, &config.key_prefix);
         if config.key_prefix.is_empty() {
             return Err(StoreError::Config("key_prefix must not be empty".into()));
         }
+        config.key_prefix = cluster_prefix(&config.url, &config.key_prefix);
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(StoreError::Config(
                 "the Redis store must be created inside a Tokio runtime".into(),
