@@ -470,16 +470,9 @@ impl Recommender for GrpcApi {
         let caller = self.caller(&request);
         let admitted = match self
             .app
-            .authorize(Access::Write, caller.authorization.as_deref())
+            .enter(Transport::Grpc, (Access::Write, Budget::Streams), &caller)
+            .await
         {
-            Ok(()) => {
-                self.app
-                    .admit(Transport::Grpc, Budget::Streams, caller.client)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        let admitted = match admitted {
             Ok(admitted) => admitted,
             Err(e) => {
                 metrics::request(

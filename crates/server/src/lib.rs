@@ -210,6 +210,17 @@ impl App {
         })
     }
 
+    /// The caller's key check, then admission to `budget` (see [`App::admit`]).
+    pub async fn enter(
+        &self,
+        transport: Transport,
+        (access, budget): (Access, Budget),
+        caller: &Caller,
+    ) -> Result<Admitted, ApiError> {
+        self.authorize(access, caller.authorization.as_deref())?;
+        self.admit(transport, budget, caller.client).await
+    }
+
     /// Runs one request: the caller's key check and admission to `budget`, then `work`,
     /// counted in the request metrics under `transport` and `endpoint` with its outcome
     /// and duration.
@@ -221,11 +232,7 @@ impl App {
         work: impl Future<Output = Result<T, ApiError>>,
     ) -> Result<T, ApiError> {
         let started = Instant::now();
-        let admitted = match self.authorize(access, caller.authorization.as_deref()) {
-            Ok(()) => self.admit(transport, budget, caller.client).await,
-            Err(e) => Err(e),
-        };
-        let result = match admitted {
+        let result = match self.enter(transport, (access, budget), caller).await {
             Ok(_admitted) => work.await,
             Err(e) => Err(e),
         };
