@@ -409,6 +409,126 @@ async fn serve_replicas_rank_with_the_encoder_the_learner_publishes() {
     }
 }
 
+/// The sum of a metric's samples in a Prometheus text page (0 when absent).
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The Q-network version a response was re-scored with (`…+q{version}`), if any.
+fn q_version(body: &Value) -> Option<u64> {
+    body["model_version"]
+        .as_str()?
+        .rsplit_once("+q")?
+        .1
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn serve_replicas_send_feedback_to_the_learners_q_network_and_serve_its_weights() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    // Live from the first publication, so responses name the version they were
+    // re-scored with.
+    let common = [
+        "--redis-url",
+        url.as_str(),
+        "--learner",
+        "live",
+        "--q-min-updates",
+        "0",
+    ];
+    let serve: Vec<&str> = common.iter().copied().chain(["--role", "serve"]).collect();
+    let replicas = [
+        Server::start(&serve),
+        Server::start(&serve),
+        Server::start(&serve),
+    ];
+    let learner = Server::start_learner(&common);
+    learner.logged("took the learner lease").await;
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+
+    // Each response gets a click through another replica and one through its own.
+    let rounds = 30;
+    for u in 0..rounds {
+        let user = format!("q{u}");
+        let (status, served) = replicas[u % 3]
+            .post("/v1/recommend", json!({"user_id": user, "n": 5}))
+            .await;
+        assert_eq!(status, 200, "{served}");
+        let request_id = served["request_id"].as_str().unwrap().to_owned();
+        eventually("the response is in the shared state", async || {
+            response_shared(&mut conn, STATE, &request_id).await
+        })
+        .await;
+        let items = item_ids(&served);
+        for (k, replica) in [(0, (u + 1) % 3), (1, u % 3)] {
+            let mut ev = click(&format!("{user}-{k}"), &user, &items[k]);
+            ev["request_id"] = json!(request_id);
+            let summary = events(&replicas[replica], json!([ev])).await;
+            assert_eq!(summary["accepted"], 1, "{summary}");
+        }
+    }
+
+    // Every click reaches the learner once, whichever replica took it.
+    eventually("the learner trained on every click", async || {
+        let (_, page) = learner.get_text("/metrics").await;
+        metric(&page, "onrec_learner_feedback_total") == 2.0 * rounds as f64
+    })
+    .await;
+    let (_, page) = learner.get_text("/metrics").await;
+    assert!(
+        metric(&page, "onrec_learn_transitions_total") >= 2.0 * rounds as f64,
+        "{page}"
+    );
+    for s in &replicas {
+        let (_, page) = s.get_text("/metrics").await;
+        assert_eq!(
+            metric(&page, "onrec_learn_transitions_total"),
+            0.0,
+            "a serve replica trains nothing itself"
+        );
+    }
+
+    // All replicas re-score with the learner's latest weights, a version it trained.
+    eventually(
+        "all replicas serve the learner's latest Q-network",
+        async || {
+            let published: Option<u64> = redis::cmd("HGET")
+                .arg(format!("{STATE}:qnet"))
+                .arg("version")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let Some(published) = published.filter(|&v| v > 0) else {
+                return false;
+            };
+            let mut all = true;
+            for s in &replicas {
+                let (_, body) = s
+                    .post("/v1/recommend", json!({"user_id": "q0", "n": 5}))
+                    .await;
+                all &= q_version(&body) == Some(published);
+            }
+            all
+        },
+    )
+    .await;
+    for s in &replicas {
+        s.logged("published Q-network loaded").await;
+    }
+}
+
 #[tokio::test]
 async fn redis_over_tls_with_a_private_ca() {
     let redis = RedisServer::start_tls();

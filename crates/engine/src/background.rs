@@ -9,6 +9,10 @@
 //!   statistics stream while holding the learner lease ([`RedisShared::run_learner`], when
 //!   the process may learn), and ranking with the encoder the lease holder publishes (on
 //!   serve replicas).
+//! - With a shared state and a Q-network: where it may learn, training it on the feedback
+//!   serve replicas send and publishing its weights while holding the lease
+//!   ([`Engine::run_q_learner`]); on serve replicas, re-scoring with the weights the lease
+//!   holder publishes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +62,9 @@ struct SharedTasks {
     writer: JoinHandle<()>,
     learner: Option<JoinHandle<()>>,
     weights: Option<JoinHandle<()>>,
+    /// Training the Q-network on serve replicas' feedback (where it may learn), or
+    /// following the weights the learner publishes (on serve replicas).
+    q: Option<JoinHandle<()>>,
 }
 
 /// The engine's running background work; stop it with [`Background::shutdown`].
@@ -91,6 +98,21 @@ impl Engine {
                 let shared = Arc::clone(&shared);
                 tokio::spawn(async move { shared.run_writer().await })
             };
+            let q = match self.q_link().map(|link| link.learner().is_some()) {
+                Some(true) if settings.learn_into.is_some() => {
+                    let (engine, shared) = (self.clone(), Arc::clone(&shared));
+                    Some(tokio::spawn(
+                        async move { engine.run_q_learner(shared).await },
+                    ))
+                }
+                Some(false) => {
+                    let (engine, shared) = (self.clone(), Arc::clone(&shared));
+                    Some(tokio::spawn(async move {
+                        engine.follow_published_q(shared).await
+                    }))
+                }
+                _ => None,
+            };
             let learner = settings.learn_into.map(|store| {
                 let shared = Arc::clone(&shared);
                 tokio::spawn(async move { shared.run_learner(store).await })
@@ -109,6 +131,7 @@ impl Engine {
                 writer,
                 learner,
                 weights,
+                q,
             }
         });
         Background {
@@ -121,7 +144,9 @@ impl Engine {
 
 impl Background {
     /// Stops the background work in order, once requests have stopped:
-    /// 1. following other processes and the published encoder stops;
+    /// 1. following other processes and the published weights stops, and so does
+    ///    training the Q-network on serve replicas' feedback (what it read and did not
+    ///    acknowledge stays pending for the next learner);
     /// 2. what is queued for the bandit store, then for the shared state, is written
     ///    (for at most `grace` each; what is left then is logged and dropped);
     /// 3. a learner lease held is released (entries it read and did not acknowledge stay
@@ -134,8 +159,8 @@ impl Background {
     pub async fn shutdown(self, grace: Duration) -> Result<(), onrec_learn::LearnError> {
         if let Some(tasks) = &self.shared {
             tasks.peers.abort();
-            if let Some(weights) = &tasks.weights {
-                weights.abort();
+            for task in [&tasks.weights, &tasks.q].into_iter().flatten() {
+                task.abort();
             }
         }
         self.engine.close_stats();

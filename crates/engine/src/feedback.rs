@@ -8,7 +8,7 @@ use onrec_model::context::ContextIds;
 use onrec_policy::StatUpdate;
 
 use crate::decisions::{LogRecord, RewardRecord};
-use crate::shared::{Interaction, RedisShared, SharedEvent};
+use crate::shared::{Credit, Interaction, RedisShared, SharedEvent};
 use crate::{
     Engine, EngineError, Event, EventOutcome, EventType, Impression, ImpressionSource, Shown,
     UserState, duration_ms, event_digest,
@@ -57,12 +57,21 @@ impl Engine {
         let interaction = event.kind.is_interaction().then(|| {
             let ranking = self.inner.ranking.read();
             let (context, slate) = Self::observed(found.as_ref().map(|f| &f.shown), at);
+            let reward = self.reward(event.kind);
             Interaction {
                 context,
                 slate: slate
                     .iter()
                     .map(|&i| ranking.catalog.get(i).item_id.clone())
                     .collect(),
+                // Another process served it: that process credits its Q-network decision.
+                credit: found
+                    .as_ref()
+                    .filter(|f| f.remote.is_some() && reward > 0.0)
+                    .map(|f| Credit {
+                        request_id: f.request_id.clone(),
+                        reward,
+                    }),
             }
         });
         let applied = shared
@@ -332,7 +341,27 @@ impl Engine {
         if let (Some(decision), Some(link)) =
             (shown.decision.as_mut(), self.inner.learner.read().as_ref())
         {
-            link.feedback(decision, item, reward);
+            link.feedback(decision, item, reward, &self.inner.ranking.read().catalog);
+        }
+    }
+
+    /// Credits a response this process served with feedback another process accepted:
+    /// the Q-network learns from it as from feedback taken here.
+    pub(crate) fn credit_peer(&self, credit: &Credit, item: u32) {
+        let Some(link) = self.inner.learner.read().clone() else {
+            return;
+        };
+        let mut log = self.inner.impressions.shard(&credit.request_id);
+        if let Some(decision) = log
+            .get_mut(&credit.request_id)
+            .and_then(|shown| shown.decision.as_mut())
+        {
+            link.feedback(
+                decision,
+                item,
+                credit.reward,
+                &self.inner.ranking.read().catalog,
+            );
         }
     }
 

@@ -15,6 +15,7 @@ mod feedback;
 pub mod learning;
 pub mod online;
 pub mod popularity;
+mod qsync;
 mod ranking;
 mod recommend;
 pub mod shared;
@@ -394,15 +395,20 @@ impl Engine {
                     if weight != 0.0 {
                         ranking.popularity.add(idx, weight, at_ms);
                     }
-                    if let (Some(interaction), Some(online)) =
-                        (interaction, self.inner.online.read().as_ref())
-                    {
+                    let Some(interaction) = interaction else {
+                        continue;
+                    };
+                    if let Some(online) = self.inner.online.read().as_ref() {
                         let slate: Vec<u32> = interaction
                             .slate
                             .iter()
                             .filter_map(|id| ranking.catalog.index_of(id))
                             .collect();
                         online.observe(&user_id, idx, interaction.context, &slate);
+                    }
+                    drop(ranking);
+                    if let Some(credit) = &interaction.credit {
+                        self.credit_peer(credit, idx);
                     }
                 }
                 PeerChange::Items(items) => {
@@ -746,19 +752,33 @@ impl Engine {
         }
     }
 
-    /// The Q-network learner, when one runs.
+    /// Re-scores with the Q-network the learner process publishes to the shared state
+    /// (loaded by the background work, see [`BackgroundSettings`]) and sends it the
+    /// feedback on this process's responses. `false` (and nothing attached) without a
+    /// shared state.
+    pub fn follow_learner(&self, settings: learning::QSettings) -> bool {
+        let Some(shared) = self.shared().cloned() else {
+            return false;
+        };
+        *self.inner.learner.write() =
+            Some(Arc::new(learning::LearnerLink::following(shared, settings)));
+        true
+    }
+
+    /// The Q-network link, when one is attached.
+    pub(crate) fn q_link(&self) -> Option<Arc<learning::LearnerLink>> {
+        self.inner.learner.read().clone()
+    }
+
+    /// The Q-network learner, when one trains in this process.
     pub fn q_learner(&self) -> Option<Arc<onrec_learn::Learner>> {
-        self.inner
-            .learner
-            .read()
-            .as_ref()
-            .map(|link| Arc::clone(link.learner()))
+        self.q_link().and_then(|link| link.learner().cloned())
     }
 
     /// Stops the learner, if any, writing its final checkpoint.
     pub(crate) fn shutdown_learner(&self) -> Result<(), onrec_learn::LearnError> {
-        match self.inner.learner.read().as_ref() {
-            Some(link) => link.learner().shutdown(),
+        match self.q_learner() {
+            Some(learner) => learner.shutdown(),
             None => Ok(()),
         }
     }
@@ -921,8 +941,8 @@ impl Engine {
         if let EncoderState::Ready(link) = encoder {
             link.sync(catalog);
         }
-        if let Some(link) = self.inner.learner.read().as_ref() {
-            Self::grow_learner(catalog, link.learner());
+        if let Some(learner) = self.inner.learner.read().as_ref().and_then(|l| l.learner()) {
+            Self::grow_learner(catalog, learner);
         }
         UpsertSummary {
             created: created.len() as u64,

@@ -13,7 +13,7 @@ use onrec_policy::{Candidate, Reranked, StatUpdate, UserFacts};
 use rand::SeedableRng;
 
 use crate::decisions::{DecisionRecord, LogRecord, LoggedCandidate, LoggedSlot};
-use crate::learning::LearnerLink;
+use crate::learning::{LearnerLink, Situation};
 use crate::ranking::{EncoderState, Plan};
 use crate::shared::{Served, SharedImpression};
 use crate::users::{Impression, MAX_RECENT_REQUESTS, UserState};
@@ -64,7 +64,7 @@ struct Shortlist {
     /// re-ordered them.
     model_version: String,
     learner: Option<Arc<LearnerLink>>,
-    q_state: onrec_learn::State,
+    situation: Situation,
 }
 
 impl Engine {
@@ -247,10 +247,11 @@ impl Engine {
         let (n, m) = (asked.n, asked.m);
         let hidden = &mut view.hidden;
         let learner = self.inner.learner.read().clone();
-        let q_state = learner
-            .as_ref()
-            .map(|l| l.state(&view.history, asked.context, retrieved.user))
-            .unwrap_or_default();
+        let situation = Situation {
+            history: view.history.clone(),
+            context: asked.context,
+            user: retrieved.user,
+        };
         let mut fallback = retrieved.fallback;
         let now = self.now();
         let ranking = self.inner.ranking.read();
@@ -283,7 +284,7 @@ impl Engine {
         drop(ranking);
         let model_version = match learner
             .as_ref()
-            .and_then(|link| link.rescore(&q_state, &mut picked, n))
+            .and_then(|link| link.rescore(&situation, &mut picked, n))
         {
             Some(v) => format!("{}+q{v}", view.version),
             None => view.version.clone(),
@@ -301,7 +302,7 @@ impl Engine {
             fallback,
             model_version,
             learner,
-            q_state,
+            situation,
         }
     }
 
@@ -391,7 +392,7 @@ impl Engine {
                 slate: slate_idx.clone(),
                 decision: shortlist.learner.as_ref().map(|l| {
                     l.decision(
-                        shortlist.q_state.clone(),
+                        shortlist.situation.clone(),
                         shortlist.indices.clone(),
                         slate_idx.clone(),
                     )

@@ -20,6 +20,8 @@
 //! | `P:stats` | stream | bandit statistics updates (`b` batch key, `u` updates JSON), read by the learner's consumer group `learners` and deleted once applied |
 //! | `P:learner` | string | the learner lease: the id of the process that applies `P:stats`; expires unless renewed |
 //! | `P:encoder` | hash | the online encoder the lease holder published last: `version`, `newcomers`, `config`, `items` (JSON), `weights` (safetensors) |
+//! | `P:feedback` | stream | feedback on serve replicas' responses for the Q-network (`f` JSON: the decision by item id, the item, its reward), read by the group `learners` and deleted once trained on |
+//! | `P:qnet` | hash | the Q-network the lease holder published last: `id`, `version`, `updates`, `config`, `items` (JSON), `weights` (safetensors) |
 //!
 //! Statistics reach the bandit store through `P:stats` only: an event's updates are
 //! appended by the same script that claims it, so an event answered `accepted` is in the
@@ -38,11 +40,18 @@
 //! responses, the response itself) is written off the request path by a background
 //! writer. Every process follows `P:catalog` and `P:events` with a blocking `XREAD` on a
 //! connection of its own and applies what other processes accepted, so popularity and
-//! the catalog agree everywhere, and every online encoder learns from every interaction. User keys expire `user_ttl` after their last write.
+//! the catalog agree everywhere, and every online encoder learns from every interaction.
+//! An event credited to a response another process served names that response
+//! (`credit` in `x`), so the process that made the decision learns from it: it trains its
+//! own Q-network, or, as a serve replica, sends the feedback to `P:feedback` for the
+//! lease holder, whose weights it follows through `P:qnet`. User keys expire `user_ttl`
+//! after their last write.
 //!
 //! The script touches keys of several users and streams, which a Redis Cluster runs only
 //! within one slot: on a cluster (`redis+cluster://`) `P` is a hash tag (`{onrec:state}`),
 //! so all of these keys live on one node of it.
+
+mod qnet;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,8 +66,11 @@ use serde::{Deserialize, Serialize};
 use onrec_policy::{BanditStore, BatchId, StatUpdate, StoreError};
 
 use crate::error::EngineError;
+use crate::learning::SharedFeedback;
 use crate::online::Exported;
 use crate::types::{EventType, Item};
+
+pub use self::qnet::PublishedQ;
 
 /// The script that applies an event at most once.
 const APPLY_SCRIPT: &str = include_str!("shared/apply.lua");
@@ -70,6 +82,8 @@ const FOLLOW_BLOCK: Duration = Duration::from_secs(1);
 const FOLLOW_COUNT: usize = 1000;
 /// Approximate cap of the catalog changes stream (the `P:items` hash keeps every item).
 const CATALOG_STREAM_CAP: usize = 10_000;
+/// Approximate cap of the feedback stream: a learner that is away loses the oldest.
+const FEEDBACK_STREAM_CAP: usize = 100_000;
 /// The consumer group that applies the statistics stream.
 const LEARNERS: &str = "learners";
 /// Most statistics entries the learner applies at once.
@@ -191,12 +205,24 @@ pub struct SharedEvent<'a> {
 
 /// An interaction as every process's online encoder learns from it: its context and the
 /// items of the slate it was chosen from (empty when unattributed).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Interaction {
     /// The request's context.
     pub context: ContextIds,
     /// The served items the item was chosen over.
     pub slate: Vec<String>,
+    /// The response it is credited to, when another process served it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credit: Option<Credit>,
+}
+
+/// Feedback credited to a response, for the process that served it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Credit {
+    /// The response's id.
+    pub request_id: String,
+    /// The feedback's reward.
+    pub reward: f64,
 }
 
 /// One entry of the statistics stream.
@@ -310,6 +336,14 @@ type EncoderReply = (
     Option<Vec<u8>>,
 );
 
+/// What the background writer writes.
+enum Write {
+    /// A served response.
+    Served(Served),
+    /// Feedback for the learner's Q-network.
+    Feedback(SharedFeedback),
+}
+
 /// The shared state in Redis.
 pub struct RedisShared {
     conn: RedisConn,
@@ -317,6 +351,8 @@ pub struct RedisShared {
     follow_conn: RedisConn,
     /// The learner's own connection, for its blocking `XREADGROUP`.
     learn_conn: RedisConn,
+    /// The Q-network learner's own connection, for its blocking `XREADGROUP`.
+    feedback_conn: RedisConn,
     config: SharedConfig,
     limits: UserLimits,
     /// This process's id in the streams, so that it skips its own entries.
@@ -326,8 +362,8 @@ pub struct RedisShared {
     release: Script,
     /// Whether this process holds the learner lease.
     learning: std::sync::atomic::AtomicBool,
-    writes: parking_lot::RwLock<Option<tokio::sync::mpsc::Sender<Served>>>,
-    queued: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Served>>>,
+    writes: parking_lot::RwLock<Option<tokio::sync::mpsc::Sender<Write>>>,
+    queued: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Write>>>,
 }
 
 impl std::fmt::Debug for RedisShared {
@@ -379,11 +415,14 @@ impl RedisShared {
             .map_err(|e| unavailable("redis url", e))?;
         let learn_conn = connect(&config, FOLLOW_BLOCK + config.write_timeout)
             .map_err(|e| unavailable("redis url", e))?;
+        let feedback_conn = connect(&config, FOLLOW_BLOCK + config.write_timeout)
+            .map_err(|e| unavailable("redis url", e))?;
         let (tx, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
         Ok(Self {
             conn,
             follow_conn,
             learn_conn,
+            feedback_conn,
             config,
             limits,
             origin: uuid::Uuid::new_v4().simple().to_string(),
@@ -444,6 +483,16 @@ impl RedisShared {
     /// The last published online encoder.
     pub fn encoder_key(&self) -> String {
         format!("{}:encoder", self.config.key_prefix)
+    }
+
+    /// The stream of feedback for the learner's Q-network.
+    pub fn feedback_stream(&self) -> String {
+        format!("{}:feedback", self.config.key_prefix)
+    }
+
+    /// The last published Q-network.
+    pub fn qnet_key(&self) -> String {
+        format!("{}:qnet", self.config.key_prefix)
     }
 
     /// Whether this process holds the learner lease (and so publishes the encoder).
@@ -567,11 +616,21 @@ impl RedisShared {
     /// Queues what serving a response changes for the background writer; when the
     /// writer is behind, the write is dropped and counted rather than slowing the request.
     pub fn served(&self, served: Served) {
+        self.queue(Write::Served(served));
+    }
+
+    /// Queues feedback for the learner's Q-network for the background writer, dropped
+    /// and counted as [`RedisShared::served`] is.
+    pub fn feedback(&self, feedback: SharedFeedback) {
+        self.queue(Write::Feedback(feedback));
+    }
+
+    fn queue(&self, write: Write) {
         let sent = self
             .writes
             .read()
             .as_ref()
-            .is_some_and(|tx| tx.try_send(served).is_ok());
+            .is_some_and(|tx| tx.try_send(write).is_ok());
         if !sent {
             metrics::counter!("onrec_shared_writes_dropped_total").increment(1);
         }
@@ -583,19 +642,29 @@ impl RedisShared {
         self.writes.write().take();
     }
 
-    /// Writes queued responses until [`RedisShared::close_writer`]. Run it once, as a
-    /// task; a second call returns at once.
+    /// Writes queued responses and feedback until [`RedisShared::close_writer`]. Run it
+    /// once, as a task; a second call returns at once.
     pub async fn run_writer(&self) {
         let Some(mut rx) = self.queued.lock().take() else {
             return;
         };
-        while let Some(served) = rx.recv().await {
-            // Retried until Redis takes it: its impressions are counted once however often
-            // it is written (their batch id is the response's). Meanwhile the queue fills
-            // and what does not fit is dropped and counted.
-            while let Err(e) = self.write_served(&served).await {
+        while let Some(write) = rx.recv().await {
+            // Retried until Redis takes it: a response's impressions are counted once
+            // however often it is written (their batch id is the response's). Meanwhile
+            // the queue fills and what does not fit is dropped and counted.
+            loop {
+                let (written, what) = match &write {
+                    Write::Served(served) => (self.write_served(served).await, "a response"),
+                    Write::Feedback(feedback) => (
+                        self.write_feedback(feedback).await,
+                        "feedback for the learner",
+                    ),
+                };
+                let Err(e) = written else {
+                    break;
+                };
                 metrics::counter!("onrec_shared_write_errors_total").increment(1);
-                tracing::warn!(error = %e, request_id = %served.request_id, "a response is not in the shared state yet; retrying");
+                tracing::warn!(error = %e, "{what} is not in the shared state yet; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -857,13 +926,14 @@ impl RedisShared {
         .map(drop)
     }
 
-    /// Creates the learners' consumer group (and the stream) unless it exists: after
-    /// Redis lost its data, the group starts again from the stream's beginning.
-    async fn ensure_group(&self) -> Result<(), EngineError> {
-        let mut conn = self.learn_conn.clone();
+    /// Creates the learners' consumer group (and the stream) of `stream` unless it
+    /// exists: after Redis lost its data, the group starts again from the stream's
+    /// beginning.
+    async fn ensure_group(&self, conn: &RedisConn, stream: &str) -> Result<(), EngineError> {
+        let mut conn = conn.clone();
         let created: Result<(), RedisError> = ::redis::cmd("XGROUP")
             .arg("CREATE")
-            .arg(self.stats_stream())
+            .arg(stream)
             .arg(LEARNERS)
             .arg("0")
             .arg("MKSTREAM")
@@ -881,16 +951,41 @@ impl RedisShared {
     /// any learner and never acknowledged (a learner that died with them); else new ones,
     /// waiting up to a second.
     pub async fn stats_entries(&self, pending: bool) -> Result<Vec<StatsEntry>, EngineError> {
-        self.ensure_group().await?;
-        let mut conn = self.learn_conn.clone();
+        let entries = self
+            .group_entries(&self.learn_conn, &self.stats_stream(), pending)
+            .await?;
+        Ok(entries
+            .into_iter()
+            .map(|e| StatsEntry {
+                batch: e.get("b").unwrap_or_default(),
+                updates: e
+                    .get::<String>("u")
+                    .and_then(|u| decode_updates(&u))
+                    .unwrap_or_default(),
+                id: e.id,
+            })
+            .collect())
+    }
+
+    /// Entries of `stream` for the learners' group, read on `conn` (a connection of the
+    /// reader's own: the read blocks it): with `pending`, those delivered to any learner
+    /// and never acknowledged; else new ones, waiting up to a second.
+    async fn group_entries(
+        &self,
+        conn: &RedisConn,
+        stream: &str,
+        pending: bool,
+    ) -> Result<Vec<::redis::streams::StreamId>, EngineError> {
+        self.ensure_group(conn, stream).await?;
+        let mut conn = conn.clone();
         let limit = FOLLOW_BLOCK + self.config.write_timeout;
         let entries: Vec<::redis::streams::StreamId> = if pending {
             let reply: ::redis::streams::StreamAutoClaimReply = self
                 .within(
-                    "claiming pending statistics",
+                    "claiming pending entries",
                     limit,
                     ::redis::cmd("XAUTOCLAIM")
-                        .arg(self.stats_stream())
+                        .arg(stream)
                         .arg(LEARNERS)
                         .arg(&self.origin)
                         .arg(0)
@@ -908,12 +1003,12 @@ impl RedisShared {
                 .count(LEARN_COUNT);
             let reply: Option<::redis::streams::StreamReadReply> = self
                 .within(
-                    "reading statistics",
+                    "reading a stream",
                     limit,
                     ::redis::cmd("XREADGROUP")
                         .arg(&options)
                         .arg("STREAMS")
-                        .arg(self.stats_stream())
+                        .arg(stream)
                         .arg(">")
                         .query_async(&mut conn),
                 )
@@ -924,35 +1019,26 @@ impl RedisShared {
                 .flat_map(|k| k.ids)
                 .collect()
         };
-        Ok(entries
-            .into_iter()
-            .map(|e| StatsEntry {
-                batch: e.get("b").unwrap_or_default(),
-                updates: e
-                    .get::<String>("u")
-                    .and_then(|u| decode_updates(&u))
-                    .unwrap_or_default(),
-                id: e.id,
-            })
-            .collect())
+        Ok(entries)
     }
 
     /// Acknowledges applied statistics entries and deletes them from the stream.
     pub async fn ack_stats(&self, ids: &[String]) -> Result<(), EngineError> {
+        self.ack(&self.stats_stream(), ids).await
+    }
+
+    /// Acknowledges entries of `stream` the learners' group took and deletes them.
+    async fn ack(&self, stream: &str, ids: &[String]) -> Result<(), EngineError> {
         if ids.is_empty() {
             return Ok(());
         }
         let mut pipe = ::redis::pipe();
         pipe.atomic();
-        pipe.cmd("XACK")
-            .arg(self.stats_stream())
-            .arg(LEARNERS)
-            .arg(ids)
-            .ignore();
-        pipe.cmd("XDEL").arg(self.stats_stream()).arg(ids).ignore();
+        pipe.cmd("XACK").arg(stream).arg(LEARNERS).arg(ids).ignore();
+        pipe.cmd("XDEL").arg(stream).arg(ids).ignore();
         let mut conn = self.conn.clone();
         self.within(
-            "acknowledging statistics",
+            "acknowledging stream entries",
             self.config.write_timeout,
             pipe.query_async::<()>(&mut conn),
         )

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::LearnError;
 use crate::optim::remap_rows;
-use crate::qnet::{ItemTable, Items, QConfig, copy_vars};
+use crate::qnet::{ACTION_TABLE, HISTORY_TABLE, ItemTable, Items, QConfig, copy_vars};
 use crate::replay::Replay;
 use crate::updater::Trainer;
 
@@ -102,8 +102,8 @@ fn set_items(
     path: &Path,
 ) -> Result<(), LearnError> {
     for (name, table) in [
-        ("items.history", &mut items.history),
-        ("items.actions", &mut items.actions),
+        (HISTORY_TABLE, &mut items.history),
+        (ACTION_TABLE, &mut items.actions),
     ] {
         let t = saved
             .get(name)
@@ -196,8 +196,8 @@ pub(crate) fn resume(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed
 /// The network's tensors: dense variables by name plus the item tables.
 fn network(varmap: &VarMap, items: &Items) -> Result<HashMap<String, Tensor>, LearnError> {
     let mut out = copy_vars(varmap)?;
-    out.insert("items.history".into(), items.history.tensor(&Device::Cpu)?);
-    out.insert("items.actions".into(), items.actions.tensor(&Device::Cpu)?);
+    out.insert(HISTORY_TABLE.into(), items.history.tensor(&Device::Cpu)?);
+    out.insert(ACTION_TABLE.into(), items.actions.tensor(&Device::Cpu)?);
     Ok(out)
 }
 

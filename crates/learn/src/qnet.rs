@@ -453,10 +453,17 @@ impl Dense {
     }
 }
 
+/// Name of the history item table among a network's tensors (checkpoints, exports).
+pub const HISTORY_TABLE: &str = "items.history";
+/// Name of the action item table among a network's tensors.
+pub const ACTION_TABLE: &str = "items.actions";
+
 /// A published, immutable Q-network: the dense part and whole item tables.
 #[derive(Debug)]
 pub struct QNet {
     dense: Dense,
+    /// The dense part's tensors by name, for [`QNet::to_bytes`].
+    vars: HashMap<String, Tensor>,
     history: Tensor,
     actions: Tensor,
     num_items: usize,
@@ -471,12 +478,61 @@ impl QNet {
         cfg: &QConfig,
         device: &Device,
     ) -> Result<Self, LearnError> {
-        let tensors = copy_vars(varmap)?;
+        let vars = copy_vars(varmap)?;
         Ok(Self {
-            dense: Dense::new(VarBuilder::from_tensors(tensors, DType::F32, device), cfg)?,
+            dense: Dense::new(
+                VarBuilder::from_tensors(vars.clone(), DType::F32, device),
+                cfg,
+            )?,
+            vars,
             history: items.history.tensor(device)?,
             actions: items.actions.tensor(device)?,
             num_items: items.len(),
+        })
+    }
+
+    /// The weights as safetensors bytes, for another process: the dense part's tensors by
+    /// name and the item tables ([`HISTORY_TABLE`], [`ACTION_TABLE`]).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, LearnError> {
+        let mut tensors: Vec<(&str, &Tensor)> =
+            self.vars.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        tensors.push((HISTORY_TABLE, &self.history));
+        tensors.push((ACTION_TABLE, &self.actions));
+        safetensors::serialize(tensors, None)
+            .map_err(|e| LearnError::Checkpoint(format!("serializing the Q-network: {e}")))
+    }
+
+    /// The network [`QNet::to_bytes`] wrote for the shape `cfg`, on `device`; an error
+    /// names what does not fit.
+    pub fn from_bytes(cfg: &QConfig, bytes: &[u8], device: &Device) -> Result<Self, LearnError> {
+        let bad = |what: String| LearnError::Checkpoint(format!("loading a Q-network: {what}"));
+        let mut vars =
+            candle_core::safetensors::load_buffer(bytes, device).map_err(|e| bad(e.to_string()))?;
+        let mut table = |name: &str| -> Result<Tensor, LearnError> {
+            let t = vars.remove(name).ok_or_else(|| bad(format!("no {name}")))?;
+            match t.dims() {
+                &[rows, width] if rows >= 1 && width == cfg.embed => Ok(t),
+                dims => Err(bad(format!(
+                    "{name} is {dims:?}, not rows of width {}",
+                    cfg.embed
+                ))),
+            }
+        };
+        let (history, actions) = (table(HISTORY_TABLE)?, table(ACTION_TABLE)?);
+        if history.dims() != actions.dims() {
+            return Err(bad("the item tables differ in size".into()));
+        }
+        let dense = Dense::new(
+            VarBuilder::from_tensors(vars.clone(), DType::F32, device),
+            cfg,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            dense,
+            vars,
+            num_items: history.dims()[0] - 1,
+            history,
+            actions,
         })
     }
 
@@ -599,6 +655,31 @@ mod tests {
             context: ContextIds { hour, device: 1 },
             user: None,
         }
+    }
+
+    #[test]
+    fn a_network_loaded_from_its_bytes_gives_the_same_q_values() {
+        let net = QNet::seeded(&cfg(3), 10, &Device::Cpu).unwrap();
+        let copy = QNet::from_bytes(&cfg(3), &net.to_bytes().unwrap(), &Device::Cpu).unwrap();
+        assert_eq!(copy.num_items(), 10);
+        let s = State {
+            user: Some(Arc::from([0.5f32, -1.0, 2.0].as_slice())),
+            ..state(&[1, 2, 3], 5)
+        };
+        let actions = vec![vec![7, 3, 10]];
+        let states = [s];
+        assert_eq!(
+            copy.q_values(&states, &actions).unwrap(),
+            net.q_values(&states, &actions).unwrap()
+        );
+        let err = QNet::from_bytes(&cfg(0), &net.to_bytes().unwrap(), &Device::Cpu)
+            .map(drop)
+            .unwrap_err();
+        assert!(err.to_string().contains("mlp.l1"), "{err}");
+        let err = QNet::from_bytes(&cfg(3), b"not safetensors", &Device::Cpu)
+            .map(drop)
+            .unwrap_err();
+        assert!(err.to_string().contains("loading a Q-network"), "{err}");
     }
 
     #[test]

@@ -314,6 +314,13 @@ impl Learner {
         self.vocabulary.len()
     }
 
+    /// The ids of the first `n` items in index order (index i + 1 is the i-th): those of
+    /// published weights that know `n` items, for another process, which matches items
+    /// by id. `n` is at most [`Learner::items`].
+    pub fn item_ids(&self, n: usize) -> Vec<String> {
+        self.vocabulary.first(n.min(self.items()))
+    }
+
     /// The Q-network's shape.
     pub fn q_config(&self) -> &QConfig {
         &self.q

@@ -393,13 +393,31 @@ fn redis_store(config: &Config) -> anyhow::Result<Option<RedisStore>> {
     .context("configuring the Redis bandit store")
 }
 
-/// Starts the online Q-network learner (resuming from its checkpoints) and attaches it.
+/// Starts the online Q-network learner (resuming from its checkpoints) and attaches it;
+/// a serve replica instead follows the weights the learner process publishes.
 fn attach_learner(engine: &Engine, config: &Config) -> anyhow::Result<()> {
     let mode = match config.learner {
         LearnerMode::Off => return Ok(()),
         LearnerMode::Shadow => QMode::Shadow,
         LearnerMode::Live => QMode::Live,
     };
+    let settings = QSettings {
+        mode,
+        weight: config.q_weight,
+        min_updates: config.q_min_updates,
+        negatives: config.q_negatives,
+    };
+    if config.role == Role::Serve {
+        anyhow::ensure!(
+            engine.follow_learner(settings),
+            "a serve replica needs redis_url: it follows the learner's Q-network there"
+        );
+        tracing::info!(
+            ?mode,
+            "Q-network: re-scoring with the weights the learner publishes"
+        );
+        return Ok(());
+    }
     let mut learn = LearnConfig::default();
     learn.q.user_dim = encoder::user_width(config)?;
     learn.gamma = config.q_gamma as f32;
@@ -407,12 +425,6 @@ fn attach_learner(engine: &Engine, config: &Config) -> anyhow::Result<()> {
     learn.priority = match config.q_priority {
         LearnerPriority::Idle => Priority::Idle,
         LearnerPriority::Normal => Priority::Normal,
-    };
-    let settings = QSettings {
-        mode,
-        weight: config.q_weight,
-        min_updates: config.q_min_updates,
-        negatives: config.q_negatives,
     };
     let learner = engine
         .start_learner(learn, config.q_checkpoints().as_deref(), settings)
@@ -552,7 +564,6 @@ pub async fn run(
     .await;
     upkeep.abort();
     // Queued statistics and responses are written (bounded), the learner lease is
-    // released, and the learners stop after their final checkpoints.
     // released, and the learners stop after their final checkpoints (failures are
     // logged as they happen).
     let _ = background.shutdown(QUEUE_GRACE).await;
