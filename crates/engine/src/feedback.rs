@@ -195,6 +195,13 @@ impl Engine {
         }
         let mut users = self.inner.users.shard(&event.user_id);
         let user = users.get_or_insert_with(event.user_id.clone(), UserState::default);
+        if event.kind == EventType::Click && user.purchased.contains(&idx) {
+            self.inner.category_rates.count_bought(
+                &self.inner.ranking.read().catalog,
+                &[idx],
+                true,
+            );
+        }
         user.apply(event.kind, idx, cfg.history_len);
     }
 

@@ -83,6 +83,21 @@ impl Default for EventWeights {
     }
 }
 
+/// Whether the items a user bought are left out of their recommendations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HidePurchased {
+    /// Left out in the categories whose buyers click what they bought less often than
+    /// the category's items at all, learned from the traffic by Thompson sampling: a
+    /// shop's consumables come back to their buyers, its durable goods do not.
+    #[default]
+    Learned,
+    /// Always left out.
+    Always,
+    /// Never left out.
+    Never,
+}
+
 /// The engine's settings; the server fills them from its configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
@@ -90,9 +105,9 @@ pub struct EngineConfig {
     pub max_n: u32,
     /// Time for an event's weight in popularity to halve.
     pub half_life: Duration,
-    /// Leave out the items the user bought (the engine remembers their last
+    /// Whether to leave out the items the user bought (the engine remembers their last
     /// [`MAX_PURCHASED`] purchases).
-    pub hide_purchased: bool,
+    pub hide_purchased: HidePurchased,
     /// Rest an item for a user once it was shown to them this many times among their last
     /// [`SHOWN_WINDOW`] shown slots without a click since; it returns when it falls out of
     /// that window (0: never rest).
@@ -145,7 +160,7 @@ impl Default for EngineConfig {
         Self {
             max_n: 100,
             half_life: Duration::from_secs(6 * 3600),
-            hide_purchased: true,
+            hide_purchased: HidePurchased::Learned,
             rest_after: 3,
             category_taste: 1.0,
             history_len: 50,
@@ -1126,7 +1141,11 @@ mod tests {
 
     #[test]
     fn purchased_disliked_and_excluded_items_are_hidden_and_clicked_ones_come_back() {
-        let e = engine(30);
+        let config = EngineConfig {
+            hide_purchased: HidePurchased::Always,
+            ..EngineConfig::default()
+        };
+        let e = Engine::new(config, catalog::demo_catalog(30), greedy()).unwrap();
         let all = rec(&e, &RecommendRequest::new("u", 30)).unwrap();
         let id = |k: usize| all.items[k].item_id.clone();
         let (a, b, c, d) = (id(0), id(1), id(2), id(3));

@@ -67,6 +67,9 @@ struct Shortlist {
     situation: Situation,
 }
 
+/// Mixed into the request id to seed the draw of which bought items are hidden.
+const BOUGHT_STREAM: u64 = 0x6275_7921;
+
 impl Engine {
     /// The top-n items for one user, best first.
     ///
@@ -132,6 +135,7 @@ impl Engine {
             },
             None => None,
         };
+        let request_id = self.inner.pace.request_id();
         let ranking = self.inner.ranking.read();
         let catalog = &ranking.catalog;
         let mut hidden: HashSet<u32> = req
@@ -165,7 +169,21 @@ impl Engine {
                     .collect()
             };
             if let Some(user) = user {
-                user.hide(&self.inner.config, &mut hidden);
+                // Drawn once per request, and only for a user who bought something.
+                let groups = std::cell::OnceCell::new();
+                let bought_hidden = |i: u32| {
+                    let groups = groups.get_or_init(|| {
+                        let mut rng = rand::rngs::SmallRng::seed_from_u64(
+                            request_id.as_u64_pair().1 ^ BOUGHT_STREAM,
+                        );
+                        self.inner.category_rates.hidden_bought(catalog, &mut rng)
+                    });
+                    groups
+                        .get(catalog.group(i) as usize)
+                        .copied()
+                        .unwrap_or(true)
+                };
+                user.hide(&self.inner.config, bought_hidden, &mut hidden);
             }
             // Only the encoder's ranking takes the user's category tastes.
             let encoder_ranks = matches!(ranking.encoder, EncoderState::Ready(_));
@@ -200,7 +218,7 @@ impl Engine {
             }
         };
         let view = UserView {
-            request_id: self.inner.pace.request_id(),
+            request_id,
             hidden,
             segment,
             history,
@@ -416,6 +434,18 @@ impl Engine {
             .count(&self.inner.ranking.read().catalog, &slate_idx, false);
         let mut users = self.inner.users.shard(&req.user_id);
         let user = users.get_or_insert_with(req.user_id.clone(), UserState::default);
+        let bought: Vec<u32> = slate_idx
+            .iter()
+            .copied()
+            .filter(|i| user.purchased.contains(i))
+            .collect();
+        if !bought.is_empty() {
+            self.inner.category_rates.count_bought(
+                &self.inner.ranking.read().catalog,
+                &bought,
+                false,
+            );
+        }
         user.last_segment = Some(segment.to_owned());
         user.saw(slate_idx);
         user.recent_requests.push_back(request_id.to_owned());

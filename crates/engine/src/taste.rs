@@ -23,17 +23,69 @@ pub const PRIOR_IMPRESSIONS: f64 = 20.0;
 pub(crate) struct CategoryRates {
     /// [shown, clicked] by group.
     counts: Mutex<Vec<[f64; 2]>>,
+    /// [shown, clicked] by group, of items shown to users who bought them.
+    bought: Mutex<Vec<[f64; 2]>>,
+}
+
+/// Adds `items` to `counts` as shown (`clicked` false) or clicked.
+fn add(counts: &Mutex<Vec<[f64; 2]>>, catalog: &Catalog, items: &[u32], clicked: bool) {
+    let mut counts = counts.lock();
+    let len = catalog.num_groups().max(counts.len());
+    counts.resize(len, [0.0; 2]);
+    for &i in items {
+        counts[catalog.group(i) as usize][usize::from(clicked)] += 1.0;
+    }
 }
 
 impl CategoryRates {
     /// Counts the catalog items `items` as shown (`clicked` false) or clicked.
     pub(crate) fn count(&self, catalog: &Catalog, items: &[u32], clicked: bool) {
-        let mut counts = self.counts.lock();
-        let len = catalog.num_groups().max(counts.len());
-        counts.resize(len, [0.0; 2]);
-        for &i in items {
-            counts[catalog.group(i) as usize][usize::from(clicked)] += 1.0;
+        add(&self.counts, catalog, items, clicked);
+    }
+
+    /// Counts items shown to (`clicked` false) or clicked by a user who bought them.
+    pub(crate) fn count_bought(&self, catalog: &Catalog, items: &[u32], clicked: bool) {
+        add(&self.bought, catalog, items, clicked);
+    }
+
+    /// For every category group, whether its items are hidden from those who bought
+    /// them in this request: whether buyers click a bought item of the group less often
+    /// than the group's items are clicked at all, by a draw from the posterior of that
+    /// rate (Thompson sampling), so a group is shown to buyers as often as it may still
+    /// be worth it and hidden once it is clearly not. The rate of a group's bought items
+    /// has a Beta prior of [`PRIOR_IMPRESSIONS`] impressions at the group's rate times
+    /// the ratio of all bought items' clicks to what their groups' rates predict.
+    pub(crate) fn hidden_bought(&self, catalog: &Catalog, rng: &mut impl rand::Rng) -> Vec<bool> {
+        let counts = self.counts.lock().clone();
+        let bought = self.bought.lock().clone();
+        let [shown, clicks] = counts
+            .iter()
+            .fold([0.0, 0.0], |a, c| [a[0] + c[0], a[1] + c[1]]);
+        let overall = (clicks + 1.0) / (shown + PRIOR_IMPRESSIONS);
+        let group_rate = |g: usize| {
+            let [gn, gk] = counts.get(g).copied().unwrap_or_default();
+            (gk + PRIOR_IMPRESSIONS * overall) / (gn + PRIOR_IMPRESSIONS)
+        };
+        // All bought items against what their groups' rates predict.
+        let (mut expected, mut clicked) = (0.0, 0.0);
+        for (g, &[n, k]) in bought.iter().enumerate() {
+            expected += n * group_rate(g);
+            clicked += k;
         }
+        let prior = PRIOR_IMPRESSIONS * overall;
+        let ratio = (clicked + prior) / (expected + prior);
+        (0..catalog.num_groups())
+            .map(|g| {
+                let p = group_rate(g);
+                let [n, k] = bought.get(g).copied().unwrap_or_default();
+                let mean = (p * ratio).clamp(1e-6, 1.0 - 1e-6);
+                let a = k + PRIOR_IMPRESSIONS * mean;
+                let b = (n - k).max(0.0) + PRIOR_IMPRESSIONS * (1.0 - mean);
+                rand_distr::Beta::new(a, b)
+                    .map(|beta| rand_distr::Distribution::sample(&beta, rng) < p)
+                    .unwrap_or(false)
+            })
+            .collect()
     }
 
     /// The user's taste for every category group, times `weight`; `None` when the weight
@@ -92,6 +144,48 @@ mod tests {
             c.upsert(Item::new(format!("i{i}"), ["a", "b", "c"][i % 3]));
         }
         c
+    }
+
+    #[test]
+    fn bought_items_come_back_where_buyers_click_them_and_stay_hidden_where_they_do_not() {
+        use rand::SeedableRng;
+        let catalog = catalog();
+        let rates = CategoryRates::default();
+        // Every category: 1,000 slots shown, 20 clicked (2%).
+        for g in 0..3u32 {
+            let items: Vec<u32> = (0..1000).map(|k| g + 3 * (k % 10)).collect();
+            rates.count(&catalog, &items, false);
+            rates.count(&catalog, &items[..20], true);
+        }
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        let hidden_share = |rates: &CategoryRates, rng: &mut rand::rngs::SmallRng| {
+            let mut hidden = [0u32; 3];
+            for _ in 0..1000 {
+                for (g, h) in rates.hidden_bought(&catalog, rng).into_iter().enumerate() {
+                    hidden[g] += u32::from(h);
+                }
+            }
+            hidden.map(|h| f64::from(h) / 1000.0)
+        };
+        // Without evidence, hidden in most requests (a rate prior is skewed: its median is
+        // under its mean) and shown in the rest, so evidence comes.
+        for share in hidden_share(&rates, &mut rng) {
+            assert!((0.5..0.9).contains(&share), "{share}");
+        }
+        // Buyers click what they bought in category a 15 times in 100, and never in 300
+        // slots of c.
+        let a: Vec<u32> = (0..100).map(|k| 3 * (k % 10)).collect();
+        let c: Vec<u32> = (0..300).map(|k| 2 + 3 * (k % 10)).collect();
+        rates.count_bought(&catalog, &a, false);
+        rates.count_bought(&catalog, &a[..15], true);
+        rates.count_bought(&catalog, &c, false);
+        let [a, b, c] = hidden_share(&rates, &mut rng);
+        assert!(a < 0.01, "a buyer's favourite stays: {a}");
+        assert!(c > 0.9, "what buyers pass over is hidden: {c}");
+        assert!(
+            (0.02..0.98).contains(&b),
+            "b, unseen, keeps being tried: {b}"
+        );
     }
 
     #[test]

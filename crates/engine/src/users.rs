@@ -7,7 +7,7 @@ use onrec_model::context::ContextIds;
 
 use crate::catalog::Catalog;
 use crate::shared::SharedUser;
-use crate::{EngineConfig, EventType, learning};
+use crate::{EngineConfig, EventType, HidePurchased, learning};
 
 /// Items a user disliked that are remembered and hidden from them.
 pub(crate) const MAX_DISLIKED: usize = 100;
@@ -51,11 +51,21 @@ impl UserState {
     }
 
     /// Adds what this user is not to be shown to `hidden`: what they disliked, what they
-    /// bought (with `hide_purchased`), and what rests (see `rest_after`).
-    pub(crate) fn hide(&self, cfg: &EngineConfig, hidden: &mut HashSet<u32>) {
+    /// bought (see `hide_purchased`; `bought_hidden` says which when it is learned), and
+    /// what rests (see `rest_after`).
+    pub(crate) fn hide(
+        &self,
+        cfg: &EngineConfig,
+        bought_hidden: impl Fn(u32) -> bool,
+        hidden: &mut HashSet<u32>,
+    ) {
         hidden.extend(self.disliked.iter().copied());
-        if cfg.hide_purchased {
-            hidden.extend(self.purchased.iter().copied());
+        match cfg.hide_purchased {
+            HidePurchased::Always => hidden.extend(self.purchased.iter().copied()),
+            HidePurchased::Learned => {
+                hidden.extend(self.purchased.iter().copied().filter(|&i| bought_hidden(i)));
+            }
+            HidePurchased::Never => {}
         }
         if cfg.rest_after > 0 {
             let mut counts: std::collections::HashMap<u32, u32> =

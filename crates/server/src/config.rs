@@ -44,6 +44,53 @@ pub enum Role {
     Learn,
 }
 
+/// Whether the items a user bought are left out of their recommendations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HidePurchased {
+    /// In the categories whose buyers click what they bought less often than the
+    /// category's items at all, learned from the traffic.
+    Learned,
+    /// Always.
+    #[value(alias = "true")]
+    Always,
+    /// Never.
+    #[value(alias = "false")]
+    Never,
+}
+
+impl<'de> Deserialize<'de> for HidePurchased {
+    /// `learned`, `always` or `never`; `true` and `false` (TOML booleans or strings) are
+    /// `always` and `never`, as the setting was a boolean once.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Flag(bool),
+            Name(String),
+        }
+        match Given::deserialize(d)? {
+            Given::Flag(true) => Ok(Self::Always),
+            Given::Flag(false) => Ok(Self::Never),
+            Given::Name(name) => <Self as clap::ValueEnum>::from_str(&name, true).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "hide_purchased: '{name}' is not learned, always or never"
+                ))
+            }),
+        }
+    }
+}
+
+impl From<HidePurchased> for onrec_engine::HidePurchased {
+    fn from(h: HidePurchased) -> Self {
+        match h {
+            HidePurchased::Learned => Self::Learned,
+            HidePurchased::Always => Self::Always,
+            HidePurchased::Never => Self::Never,
+        }
+    }
+}
+
 /// Whether and how the online Q-network takes part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -181,10 +228,11 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub half_life: Duration,
 
-    /// Leave the items a user bought out of their recommendations (clicked items may
-    /// come back)
-    #[arg(long, env = "ONREC_HIDE_PURCHASED", default_value_t = true, action = clap::ArgAction::Set)]
-    pub hide_purchased: bool,
+    /// Leave the items a user bought out of their recommendations: learned (in the
+    /// categories whose buyers click what they bought less than other items of it),
+    /// always (also `true`) or never (also `false`); clicked items may come back
+    #[arg(long, env = "ONREC_HIDE_PURCHASED", default_value = "learned")]
+    pub hide_purchased: HidePurchased,
 
     /// Rest an item for a user once it was shown to them this many times among their last
     /// 50 shown slots without a click; 0 never rests items
@@ -701,7 +749,7 @@ impl Config {
         EngineConfig {
             max_n: self.max_n,
             half_life: self.half_life,
-            hide_purchased: self.hide_purchased,
+            hide_purchased: self.hide_purchased.into(),
             rest_after: self.rest_after,
             category_taste: self.category_taste,
             history_len: self.history_len,
@@ -850,6 +898,41 @@ mod tests {
         assert_eq!(c.write_api_keys, vec!["k1"]);
         let proxies: Vec<String> = c.trusted_proxies.iter().map(|n| n.to_string()).collect();
         assert_eq!(proxies, ["10.0.0.0/8", "::1/128"]);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn hide_purchased_takes_a_mode_or_the_old_boolean() {
+        assert_eq!(load(&[]).unwrap().hide_purchased, HidePurchased::Learned);
+        for (flag, mode) in [
+            ("never", HidePurchased::Never),
+            ("false", HidePurchased::Never),
+            ("true", HidePurchased::Always),
+        ] {
+            assert_eq!(
+                load(&["--hide-purchased", flag]).unwrap().hide_purchased,
+                mode
+            );
+        }
+        for (text, mode) in [
+            ("hide_purchased = true\n", HidePurchased::Always),
+            ("hide_purchased = false\n", HidePurchased::Never),
+            ("hide_purchased = \"learned\"\n", HidePurchased::Learned),
+        ] {
+            let path = temp_toml("hide", text);
+            let c = load(&["--config", path.to_str().unwrap()]).unwrap();
+            assert_eq!(c.hide_purchased, mode, "{text}");
+            std::fs::remove_file(path).unwrap();
+        }
+        let path = temp_toml("hide-bad", "hide_purchased = \"sometimes\"\n");
+        let err = format!(
+            "{:#}",
+            load(&["--config", path.to_str().unwrap()]).unwrap_err()
+        );
+        assert!(
+            err.contains("'sometimes' is not learned, always or never"),
+            "{err}"
+        );
         std::fs::remove_file(path).unwrap();
     }
 

@@ -146,7 +146,7 @@ pub struct Report {
     /// Whether the popularity ranker moves with feedback.
     pub popularity_learns: bool,
     /// Whether purchased items are hidden from their buyers.
-    pub hide_purchased: bool,
+    pub hide_purchased: onrec_engine::HidePurchased,
     /// Rewards per event.
     pub rewards: Rewards,
     /// Parameters of the bandit policies.

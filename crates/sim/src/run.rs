@@ -146,7 +146,7 @@ impl SimConfig {
             purchase: 0.0,
             dislike: 0.0,
         };
-        self.engine.hide_purchased = false;
+        self.engine.hide_purchased = onrec_engine::HidePurchased::Never;
         self.engine.rest_after = 0;
         self
     }
