@@ -23,8 +23,9 @@ struct Cli {
 enum Command {
     /// Serve recommendations and take feedback (the default)
     Serve(Box<Config>),
-    /// Apply the bandit statistics that serve replicas publish to Redis (`serve --role
-    /// learn`): one at a time, under a lease; a second learner waits as a standby
+    /// Learn for the serve replicas on Redis (`serve --role learn`): apply the bandit
+    /// statistics and train the encoder and the Q-network on what they publish, one at a
+    /// time, under a lease; a second learner waits as a standby
     Learn(Box<Config>),
     /// Train the Transformer encoder on an interaction log and write a checkpoint
     Train(model_cli::TrainArgs),

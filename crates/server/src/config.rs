@@ -37,10 +37,12 @@ pub enum PolicyKind {
 pub enum Role {
     /// Serves, and applies the statistics stream while it holds the learner lease.
     All,
-    /// Serves only: another process applies the statistics.
+    /// Serves only: another process applies the statistics and trains the encoder and
+    /// the Q-network, whose published weights this one follows.
     Serve,
-    /// Applies the statistics stream while it holds the learner lease (a second learner
-    /// waits as a standby); its API answers too, for health, metrics and reports.
+    /// Applies the statistics stream and trains the encoder and the Q-network for the
+    /// serve replicas while it holds the learner lease (a second learner waits as a
+    /// standby); its API answers too, for health, metrics and reports.
     Learn,
 }
 
