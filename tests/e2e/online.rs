@@ -208,11 +208,14 @@ async fn a_fresh_catalog_gets_a_transformer_trained_from_its_own_events() {
 async fn a_graceful_restart_with_a_data_dir_keeps_users_dedupe_popularity_and_statistics() {
     let path = catalog(25);
     let data = empty_dir("state");
+    // Bought items always hidden, so that the remembered purchase shows in the ranking.
     let args = [
         "--catalog",
         path.to_str().unwrap(),
         "--data-dir",
         data.to_str().unwrap(),
+        "--hide-purchased",
+        "always",
     ];
     let s = Server::start(&args);
     let served = recommend(&s, json!({"user_id": "u1", "n": 10})).await;
