@@ -38,7 +38,7 @@
 //! All randomness comes from the caller's RNG, so a seeded RNG replays a slate exactly.
 
 use rand::Rng;
-use rand_distr::{Beta, Distribution};
+use rand_distr::{Beta, Distribution, Gamma};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
@@ -464,12 +464,11 @@ impl Policy {
         else {
             return Vec::new();
         };
-        let mix = Mix::new(candidates, personal);
-        Posteriors::new(candidates, stats, alpha, beta)
-            .sample_matrix(draws as usize, rng)
-            .chunks_exact(candidates.len().max(1))
-            .flat_map(|row| mix.apply(row))
-            .collect()
+        Mix::new(candidates, personal).draws(
+            &Posteriors::new(candidates, stats, alpha, beta),
+            draws as usize,
+            rng,
+        )
     }
 }
 
@@ -542,14 +541,37 @@ impl Mix {
     }
 
     fn apply(&self, values: &[f64]) -> Vec<f64> {
-        match &self.personal {
-            None => values.to_vec(),
-            Some(personal) => personal
-                .iter()
-                .zip(z(values))
-                .map(|(p, v)| p + (1.0 - self.weight) * v)
-                .collect(),
+        let mut mixed = values.to_vec();
+        self.apply_in_place(&mut mixed);
+        mixed
+    }
+
+    /// [`Mix::apply`] without allocating: `values` become the mixed values.
+    fn apply_in_place(&self, values: &mut [f64]) {
+        let Some(personal) = &self.personal else {
+            return;
+        };
+        let n = values.len().max(1) as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let sd = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+        for (v, p) in values.iter_mut().zip(personal) {
+            let z = if sd > 1e-12 { (*v - mean) / sd } else { 0.0 };
+            *v = p + (1.0 - self.weight) * z;
         }
+    }
+
+    /// Draws `draws` joint values from `posteriors` and mixes each row: row-major.
+    fn draws<R: Rng + ?Sized>(
+        &self,
+        posteriors: &Posteriors,
+        draws: usize,
+        rng: &mut R,
+    ) -> Vec<f64> {
+        let mut theta = posteriors.sample_matrix(draws, rng);
+        for row in theta.chunks_exact_mut(posteriors.dists.len().max(1)) {
+            self.apply_in_place(row);
+        }
+        theta
     }
 }
 
@@ -632,9 +654,40 @@ impl Policy {
     }
 }
 
+/// A Beta(a, b) draw as X / (X + Y) with X ~ Gamma(a), Y ~ Gamma(b): Marsaglia and
+/// Tsang's Gamma sampler takes a normal and a uniform per draw and rarely a logarithm,
+/// about twice as fast as Cheng's Beta algorithms; the sampler a Thompson request spends
+/// most of its time in.
+struct BetaDraw {
+    x: Gamma<f64>,
+    y: Gamma<f64>,
+    /// For the rare draw where both Gammas underflow to 0 (shapes far below 1).
+    exact: Beta<f64>,
+}
+
+impl BetaDraw {
+    fn new(a: f64, b: f64) -> Option<Self> {
+        Some(Self {
+            x: Gamma::new(a, 1.0).ok()?,
+            y: Gamma::new(b, 1.0).ok()?,
+            exact: Beta::new(a, b).ok()?,
+        })
+    }
+
+    fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> f64 {
+        let x = self.x.sample(rng);
+        let total = x + self.y.sample(rng);
+        if total > 0.0 {
+            x / total
+        } else {
+            self.exact.sample(rng)
+        }
+    }
+}
+
 /// Beta posteriors of the candidates, in candidate order.
 struct Posteriors {
-    dists: Vec<Result<Beta<f64>, f64>>,
+    dists: Vec<Result<BetaDraw, f64>>,
 }
 
 impl Posteriors {
@@ -656,7 +709,7 @@ impl Posteriors {
                 let (a, b) = (alpha + s, beta + n - s);
                 // Parameters are positive and finite by construction; should the
                 // distribution still refuse them, its mean is a sane stand-in.
-                Beta::new(a, b).map_err(|_| a / (a + b))
+                BetaDraw::new(a, b).ok_or(a / (a + b))
             })
             .collect();
         Self { dists }
@@ -706,12 +759,13 @@ fn thompson<R: Rng + ?Sized>(
     if slots_n == 0 {
         return Vec::new();
     }
-    let theta: Vec<f64> = posteriors
-        .sample_matrix(draws, rng)
-        .chunks_exact(m)
-        .flat_map(|row| mix.apply(row))
-        .collect();
+    let theta = mix.draws(posteriors, draws, rng);
     let mut remaining: Vec<usize> = (0..m).collect();
+    // The best remaining candidate of every row: only rows whose best was taken change.
+    let mut best: Vec<usize> = theta
+        .chunks_exact(m)
+        .map(|row| argmax(row, &remaining))
+        .collect();
     let mut fresh = vec![0.0; m];
     let mut slots = Vec::with_capacity(slots_n);
     for _ in 0..slots_n {
@@ -719,11 +773,9 @@ fn thompson<R: Rng + ?Sized>(
         for (i, f) in fresh.iter_mut().enumerate() {
             *f = posteriors.sample(i, rng);
         }
-        let chosen = argmax(&mix.apply(&fresh), &remaining);
-        let wins = theta
-            .chunks_exact(m)
-            .filter(|row| argmax(row, &remaining) == chosen)
-            .count();
+        mix.apply_in_place(&mut fresh);
+        let chosen = argmax(&fresh, &remaining);
+        let wins = best.iter().filter(|&&b| b == chosen).count();
         slots.push(Slot {
             item_id: candidates[chosen].item_id.clone(),
             score: candidates[chosen].score,
@@ -731,6 +783,14 @@ fn thompson<R: Rng + ?Sized>(
             explored: chosen != remaining[0],
         });
         remaining.retain(|&i| i != chosen);
+        if remaining.is_empty() {
+            break;
+        }
+        for (b, row) in best.iter_mut().zip(theta.chunks_exact(m)) {
+            if *b == chosen {
+                *b = argmax(row, &remaining);
+            }
+        }
     }
     slots
 }
@@ -1100,6 +1160,36 @@ mod tests {
         }
         // The estimator's bias is at most (1 − p)/(draws + 1) per slot.
         assert!((err_sum / trials as f64).abs() < 1.0 / 201.0);
+    }
+
+    #[test]
+    fn beta_draws_from_two_gammas_have_the_beta_mean_and_variance() {
+        let mut rng = SmallRng::seed_from_u64(11);
+        for (a, b) in [
+            (1.0, 1.0),
+            (0.3, 0.5),
+            (2.0, 40.0),
+            (120.0, 9000.0),
+            (0.01, 0.02),
+        ] {
+            let draw = BetaDraw::new(a, b).unwrap();
+            let n = 200_000;
+            let xs: Vec<f64> = (0..n).map(|_| draw.sample(&mut rng)).collect();
+            assert!(xs.iter().all(|x| (0.0..=1.0).contains(x)), "({a}, {b})");
+            let mean = xs.iter().sum::<f64>() / n as f64;
+            let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+            let want_mean = a / (a + b);
+            let want_var = a * b / ((a + b).powi(2) * (a + b + 1.0));
+            // Five standard errors of the mean; 3% of the variance.
+            assert!(
+                (mean - want_mean).abs() < 5.0 * (want_var / n as f64).sqrt(),
+                "({a}, {b}): mean {mean} vs {want_mean}"
+            );
+            assert!(
+                (var - want_var).abs() < 0.03 * want_var,
+                "({a}, {b}): variance {var} vs {want_var}"
+            );
+        }
     }
 
     #[test]
