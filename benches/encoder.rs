@@ -1,12 +1,14 @@
 //! Encoder and retrieval speed: the encoder's forward pass per batch of users, the scoring
 //! step (user vectors · item table) per batch and catalog size, with the bytes it reads so
-//! that criterion reports its memory bandwidth, and encode + top-100 for one user. Weights
+//! that criterion reports its memory bandwidth, encode + top-100 for one user, and
+//! encode + top-10 for one user through candle and through the CPU serving path. Weights
 //! are random: speed does not depend on them. On CUDA it first checks that CPU and CUDA
 //! compute the same user vectors.
 //!
 //! `cargo bench --bench encoder`; environment: ONREC_BENCH_DEVICE (cpu | cuda),
 //! ONREC_BENCH_ITEMS (catalog sizes, default 10000,100000), ONREC_BENCH_BATCHES (default
-//! 1,32,256).
+//! 1,32,256), ONREC_BENCH_SHAPE (online: the online encoder's shape; default: a
+//! checkpoint's).
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -16,6 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use onrec_model::context::ContextIds;
+use onrec_model::infer::{HostEncoder, TopK};
 use onrec_model::sasrec::{Config, SasRec, init_seeded};
 use onrec_model::serve::{Query, score_batch, user_vectors};
 
@@ -37,7 +40,16 @@ fn device() -> Device {
 
 /// A seeded model on the CPU, and the same weights on `device`.
 fn models(num_items: usize, device: &Device) -> (SasRec, SasRec) {
-    let cfg = Config::for_items(num_items);
+    let mut cfg = Config::for_items(num_items);
+    if std::env::var("ONREC_BENCH_SHAPE").is_ok_and(|s| s == "online") {
+        cfg = Config {
+            max_len: 20,
+            hidden: 32,
+            layers: 1,
+            ff: 64,
+            ..cfg
+        };
+    }
     let varmap = VarMap::new();
     let cpu = SasRec::load(
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
@@ -154,5 +166,41 @@ fn encode_and_retrieve(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, encoder_forward, scoring, encode_and_retrieve);
+/// Encode + top-10 for one user, batch 1, on the CPU: candle's forward and product beside
+/// the written-out serving path (`HostEncoder`), on the same weights. For the online
+/// encoder's shape set ONREC_BENCH_SHAPE=online (width 32, 1 block, the last 20 items).
+fn encode_and_top10(c: &mut Criterion) {
+    let mut group = c.benchmark_group("encode_and_top10_one_user_cpu");
+    for items in list("ONREC_BENCH_ITEMS", &[10_000, 100_000]) {
+        let (m, _) = models(items, &Device::Cpu);
+        let host = HostEncoder::of(&m).unwrap();
+        let mut qs = queries(1, items);
+        qs[0].k = 10;
+        let refs: Vec<&Query> = qs.iter().collect();
+        group.bench_with_input(BenchmarkId::new("candle", items), &items, |bench, _| {
+            bench.iter(|| score_batch(&m, &Device::Cpu, &refs).unwrap());
+        });
+        group.bench_with_input(BenchmarkId::new("host", items), &items, |bench, _| {
+            bench.iter(|| {
+                let q = &qs[0];
+                let user = host.head(&host.encode(&q.history), q.context);
+                host.top_ks(&[TopK {
+                    user: &user,
+                    exclude: &q.exclude,
+                    offsets: None,
+                    k: q.k,
+                }])
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    encoder_forward,
+    scoring,
+    encode_and_retrieve,
+    encode_and_top10
+);
 criterion_main!(benches);

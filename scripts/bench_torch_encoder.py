@@ -4,12 +4,16 @@
 Same architecture and shapes as onrec's SASRec encoder (crates/model/src/sasrec.rs):
 pre-norm blocks of causal self-attention and a GELU feed-forward, item and position
 embeddings, context embeddings added before the output layer norm; 2 blocks, width 64,
-2 heads, feed-forward 256, the last 50 items, 1682 items (MovieLens-100K). Weights are
-random: speed does not depend on them. Run by hand (needs torch), not in CI:
+2 heads, feed-forward 256, the last 50 items, 1682 items (MovieLens-100K); `--shape
+online` is the online encoder's (1 block, width 32, feed-forward 64, the last 20 items).
+Weights are random: speed does not depend on them. Run by hand (needs torch), not in CI:
 
-    python3 scripts/bench_torch_encoder.py [--threads 2]
+    python3 scripts/bench_torch_encoder.py [--threads 2] [--shape online]
 
-and compare with `cargo bench --bench encoder -- encoder_forward` on the same machine.
+and compare with `cargo bench --bench encoder -- encoder_forward` on the same machine. It
+also times encode + top-10 of 10k and 100k items for one user (batch 1), to compare with
+`cargo bench --bench encoder -- encode_and_top10` (ONREC_BENCH_SHAPE=online for the
+online shape).
 """
 import argparse
 import math
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 ITEMS, L, D, HEADS, FF, LAYERS = 1682, 50, 64, 2, 256, 2
+SHAPES = {"checkpoint": (50, 64, 256, 2), "online": (20, 32, 64, 1)}
 
 
 class Block(nn.Module):
@@ -40,9 +45,9 @@ class Block(nn.Module):
 
 
 class SasRec(nn.Module):
-    def __init__(self):
+    def __init__(self, items=ITEMS):
         super().__init__()
-        self.items, self.positions = nn.Embedding(ITEMS + 1, D), nn.Embedding(L, D)
+        self.items, self.positions = nn.Embedding(items + 1, D), nn.Embedding(L, D)
         self.hours, self.devices = nn.Embedding(25, D), nn.Embedding(6, D)
         self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
         self.ln_out = nn.LayerNorm(D, eps=1e-6)
@@ -59,11 +64,25 @@ class SasRec(nn.Module):
         return self.ln_out(x[:, -1] + self.hours(hours) + self.devices(devices))
 
 
+def timed(f, seconds):
+    for _ in range(20):
+        f()
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), len(times)
+
+
 def main():
+    global L, D, FF, LAYERS
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="checkpoint")
     args = parser.parse_args()
+    L, D, FF, LAYERS = SHAPES[args.shape]
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
     model = SasRec().eval()
@@ -81,6 +100,19 @@ def main():
                 times.append(time.perf_counter() - t)
             med = statistics.median(times)
             print(f"encoder_forward/{b}: median {med * 1e6:9.1f} us  ({b / med:10.0f} users/s, {len(times)} runs)")
+        for items in (10_000, 100_000):
+            model = SasRec(items).eval()
+            ids = torch.randint(1, items + 1, (1, L))
+            hours, devices = torch.tensor([9]), torch.ones(1, dtype=torch.long)
+
+            def top10():
+                u = model.user_vectors(ids, hours, devices)
+                scores = u @ model.items.weight.T
+                scores[:, 0] = float("-inf")
+                return torch.topk(scores, 10, dim=1)
+
+            med, runs = timed(top10, args.seconds)
+            print(f"encode_and_top10_one_user/{items}: median {med * 1e6:9.1f} us  ({runs} runs)")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ pub mod context;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod infer;
 pub mod metrics;
 pub mod online;
 pub mod rng;

@@ -95,14 +95,14 @@ fn drop(x: Tensor, noise: &mut Option<&mut Noise>) -> candle_core::Result<Tensor
 }
 
 #[derive(Debug)]
-struct Block {
-    ln1: LayerNorm,
-    qkv: Linear,
-    out: Linear,
-    ln2: LayerNorm,
-    ff1: Linear,
-    ff2: Linear,
-    heads: usize,
+pub(crate) struct Block {
+    pub(crate) ln1: LayerNorm,
+    pub(crate) qkv: Linear,
+    pub(crate) out: Linear,
+    pub(crate) ln2: LayerNorm,
+    pub(crate) ff1: Linear,
+    pub(crate) ff2: Linear,
+    pub(crate) heads: usize,
 }
 
 impl Block {
@@ -170,11 +170,11 @@ struct ItemCategories {
 pub struct SasRec {
     items: Embedding,
     categories: Option<ItemCategories>,
-    positions: Embedding,
-    hours: Embedding,
-    devices: Embedding,
-    blocks: Vec<Block>,
-    ln_out: LayerNorm,
+    pub(crate) positions: Embedding,
+    pub(crate) hours: Embedding,
+    pub(crate) devices: Embedding,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) ln_out: LayerNorm,
     cfg: Config,
 }
 

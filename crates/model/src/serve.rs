@@ -1,15 +1,21 @@
 //! Serving the encoder: a dedicated OS thread owns the model; async callers send it jobs
 //! over a bounded channel and await a oneshot reply. Requests are batched dynamically:
 //! after the first job arrives, the worker waits at most the batch window for more (never
-//! past `max_batch`), then encodes and scores them all at once, one forward pass and one
-//! matrix product over the item table. A request is never held longer than the window.
+//! past `max_batch`), then encodes and scores them all at once, reading the item table
+//! once for the batch. A request is never held longer than the window. On the CPU the
+//! worker runs the encoder's written-out path ([`crate::infer`]) and keeps each
+//! history's encoding, so a user's requests between two of their events cost only the
+//! context and the scoring; elsewhere candle runs it (one forward pass, one product).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
 use crate::context::ContextIds;
+use crate::infer::{HostEncoder, TopK};
 use crate::sasrec::SasRec;
 
 /// One user to score.
@@ -113,6 +119,18 @@ pub struct Batching {
 }
 
 fn worker(model: &SasRec, device: &Device, rx: &Receiver<(Query, Reply)>, batching: Batching) {
+    // On the CPU the written-out path serves; candle serves where it fails to build.
+    let mut host = if device.is_cpu() {
+        match HostEncoder::of(model) {
+            Ok(h) => Some((h, Encoded::default())),
+            Err(e) => {
+                tracing::warn!(error = %e, "the CPU serving path failed to build; candle serves");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let max_batch = batching.max_batch.max(1);
     while let Ok(first) = rx.recv() {
         let deadline = Instant::now() + batching.window;
@@ -129,7 +147,11 @@ fn worker(model: &SasRec, device: &Device, rx: &Receiver<(Query, Reply)>, batchi
         }
         metrics::histogram!("onrec_encoder_batch_size").record(jobs.len() as f64);
         let queries: Vec<&Query> = jobs.iter().map(|(q, _)| q).collect();
-        match score_with_users(model, device, &queries) {
+        let scored = match &mut host {
+            Some((host, encoded)) => Ok(score_on_host(host, encoded, &queries)),
+            None => score_with_users(model, device, &queries),
+        };
+        match scored {
             Ok(results) => {
                 for ((_, reply), result) in jobs.into_iter().zip(results) {
                     // The caller may have given up (timeout); nothing to do then.
@@ -144,6 +166,57 @@ fn worker(model: &SasRec, device: &Device, rx: &Receiver<(Query, Reply)>, batchi
             }
         }
     }
+}
+
+/// Most histories whose encoding a worker keeps; past it, it starts again.
+const ENCODED_HISTORIES: usize = 50_000;
+
+/// Encoded histories (the last position, before the context joins) by the history the
+/// encoder reads: a user's next request with the same history costs no forward pass.
+/// A worker serves one set of weights, so its entries never go stale.
+#[derive(Debug, Default)]
+struct Encoded(HashMap<Vec<u32>, Arc<[f32]>>);
+
+impl Encoded {
+    fn get(&mut self, host: &HostEncoder, history: &[u32]) -> Arc<[f32]> {
+        let key = &history[history.len().saturating_sub(host.config().max_len)..];
+        if let Some(e) = self.0.get(key) {
+            metrics::counter!("onrec_encoder_cached_histories_total").increment(1);
+            return e.clone();
+        }
+        if self.0.len() >= ENCODED_HISTORIES {
+            self.0.clear();
+        }
+        let e: Arc<[f32]> = Arc::from(host.encode(key));
+        self.0.insert(key.to_vec(), e.clone());
+        e
+    }
+}
+
+/// [`score_with_users`] on the CPU's written-out path.
+fn score_on_host(host: &HostEncoder, encoded: &mut Encoded, queries: &[&Query]) -> Vec<Scored> {
+    let users: Vec<Vec<f32>> = queries
+        .iter()
+        .map(|q| host.head(&encoded.get(host, &q.history), q.context))
+        .collect();
+    let asks: Vec<TopK> = queries
+        .iter()
+        .zip(&users)
+        .map(|(q, user)| TopK {
+            user,
+            exclude: &q.exclude,
+            offsets: q
+                .shift
+                .as_ref()
+                .map(|s| (&s.groups[..], s.offsets.as_slice())),
+            k: q.k,
+        })
+        .collect();
+    host.top_ks(&asks)
+        .into_iter()
+        .zip(users)
+        .map(|(items, user)| Scored { items, user })
+        .collect()
 }
 
 /// Scores every item for every query in one product, then keeps each query's top k.
@@ -193,7 +266,7 @@ pub fn score_with_users(
 #[derive(Debug, Clone)]
 pub struct GroupShift {
     /// The group of every model item index (index 0, padding, too).
-    pub groups: std::sync::Arc<[u32]>,
+    pub groups: Arc<[u32]>,
     /// The offset of every group.
     pub offsets: Vec<f32>,
 }
@@ -253,7 +326,7 @@ mod tests {
     #[test]
     fn a_group_shift_moves_the_scores_of_its_groups() {
         let shift = GroupShift {
-            groups: std::sync::Arc::from(vec![u32::MAX, 0, 1, 0, 2]),
+            groups: Arc::from(vec![u32::MAX, 0, 1, 0, 2]),
             offsets: vec![1.0, -0.5],
         };
         let mut scores = vec![100.0, 0.1, 0.9, 0.5, 0.7];
