@@ -39,6 +39,7 @@
 
 pub mod checkpoint;
 pub mod optim;
+mod qhost;
 pub mod qnet;
 pub mod replay;
 pub mod updater;

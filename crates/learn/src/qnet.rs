@@ -25,6 +25,7 @@ use onrec_model::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 use crate::LearnError;
+use crate::qhost::HostQ;
 use crate::replay::Transition;
 
 /// The Q-network's shape and initial weights. A checkpoint loads only into an equal
@@ -281,13 +282,13 @@ impl Items {
 /// the MLP, as candle modules over a `VarMap` (training) or fixed tensors (published).
 #[derive(Debug)]
 pub struct Dense {
-    hours: Embedding,
-    devices: Embedding,
-    user: Option<Linear>,
-    l1: Linear,
-    l2: Linear,
-    out: Linear,
-    cfg: QConfig,
+    pub(crate) hours: Embedding,
+    pub(crate) devices: Embedding,
+    pub(crate) user: Option<Linear>,
+    pub(crate) l1: Linear,
+    pub(crate) l2: Linear,
+    pub(crate) out: Linear,
+    pub(crate) cfg: QConfig,
     device: Device,
 }
 
@@ -462,6 +463,8 @@ pub const ACTION_TABLE: &str = "items.actions";
 #[derive(Debug)]
 pub struct QNet {
     dense: Dense,
+    /// The request path's forward pass on the CPU (`None` on other devices).
+    host: Option<HostQ>,
     /// The dense part's tensors by name, for [`QNet::to_bytes`].
     vars: HashMap<String, Tensor>,
     history: Tensor,
@@ -479,11 +482,13 @@ impl QNet {
         device: &Device,
     ) -> Result<Self, LearnError> {
         let vars = copy_vars(varmap)?;
+        let dense = Dense::new(
+            VarBuilder::from_tensors(vars.clone(), DType::F32, device),
+            cfg,
+        )?;
         Ok(Self {
-            dense: Dense::new(
-                VarBuilder::from_tensors(vars.clone(), DType::F32, device),
-                cfg,
-            )?,
+            host: host_path(&dense, device)?,
+            dense,
             vars,
             history: items.history.tensor(device)?,
             actions: items.actions.tensor(device)?,
@@ -528,6 +533,7 @@ impl QNet {
         )
         .map_err(|e| bad(e.to_string()))?;
         Ok(Self {
+            host: host_path(&dense, device)?,
             dense,
             vars,
             num_items: history.dims()[0] - 1,
@@ -576,6 +582,19 @@ impl QNet {
         for list in actions {
             cfg.check_actions(list, self.num_items)?;
         }
+        match &self.host {
+            Some(host) => host.q_lists(&self.history, &self.actions, states, actions),
+            None => self.dense.q_lists(&self.rows(), states, actions),
+        }
+    }
+
+    /// [`QNet::q_values_of`] through candle, which the CPU path is checked against.
+    #[cfg(test)]
+    pub(crate) fn candle_q_values(
+        &self,
+        states: &[&State],
+        actions: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>, LearnError> {
         self.dense.q_lists(&self.rows(), states, actions)
     }
 
@@ -585,6 +604,15 @@ impl QNet {
             actions: &self.actions,
             row: &|i| i,
         }
+    }
+}
+
+/// The written-out forward pass for `dense` on the CPU.
+fn host_path(dense: &Dense, device: &Device) -> Result<Option<HostQ>, LearnError> {
+    if device.is_cpu() {
+        Ok(Some(HostQ::of(dense)?))
+    } else {
+        Ok(None)
     }
 }
 
