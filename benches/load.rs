@@ -139,18 +139,6 @@ async fn ingest(server: &common::Server, args: &Args) {
     );
 }
 
-/// The sum of a metric's samples over all its label sets.
-fn metric_sum(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
 /// Impressions and reward over every segment in Redis.
 async fn redis_totals(url: &str) -> (f64, f64) {
     let client = redis::Client::open(url).unwrap();
@@ -189,12 +177,12 @@ async fn bandit_counts(server: &common::Server, url: &str) {
         last = now;
     }
     let (_, metrics) = server.get_text("/metrics").await;
-    let served = metric_sum(&metrics, "onrec_bandit_decisions_total");
-    let rewarded = metric_sum(&metrics, "onrec_bandit_reward_sum");
+    let served = common::metric(&metrics, "onrec_bandit_decisions_total");
+    let rewarded = common::metric(&metrics, "onrec_bandit_reward_sum");
     let dropped = 0.0
-        + metric_sum(&metrics, "onrec_bandit_updates_dropped_total")
-        + metric_sum(&metrics, "onrec_bandit_store_dropped_updates_total")
-        + metric_sum(&metrics, "onrec_shared_writes_dropped_total");
+        + common::metric(&metrics, "onrec_bandit_updates_dropped_total")
+        + common::metric(&metrics, "onrec_bandit_store_dropped_updates_total")
+        + common::metric(&metrics, "onrec_shared_writes_dropped_total");
     let (impressions, reward) = last;
     let verdict = |a: f64, b: f64| if a == b { "exact" } else { "DIFFERENT" };
     println!(

@@ -248,6 +248,18 @@ pub fn item_ids(body: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The sum of a metric's samples over all its label sets in a Prometheus text page (0
+/// when absent).
+pub fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn click(event_id: &str, user: &str, item: &str) -> Value {
     serde_json::json!({"event_id": event_id, "user_id": user, "item_id": item, "type": "click"})
 }

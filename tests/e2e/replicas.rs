@@ -5,7 +5,9 @@
 
 use serde_json::{Value, json};
 
-use crate::common::{RedisCluster, RedisServer, Server, click, eventually, item_ids, segment};
+use crate::common::{
+    RedisCluster, RedisServer, Server, click, eventually, item_ids, metric, segment,
+};
 
 /// The shared state's key prefix on one Redis server.
 const STATE: &str = "onrec:state";
@@ -407,17 +409,6 @@ async fn serve_replicas_rank_with_the_encoder_the_learner_publishes() {
     for s in &replicas {
         s.logged("published encoder loaded").await;
     }
-}
-
-/// The sum of a metric's samples in a Prometheus text page (0 when absent).
-fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with([' ', '{']))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// The Q-network version a response was re-scored with (`…+q{version}`), if any.
