@@ -9,8 +9,9 @@
 //! - the encoded last position depends on the history alone, the context joins only in
 //!   the head, so [`HostEncoder::encode`] and [`HostEncoder::head`] are separate and a
 //!   caller can keep the first per history;
-//! - items are scored straight from a contiguous table, and each user's top k are kept
-//!   in a bounded heap while the table is read once for the whole batch.
+//! - items are scored from the table stored in panels of rows (column-major within a
+//!   panel, so the products vectorise with no sums across lanes), read once for the whole
+//!   batch, and each user's top k are kept in a bounded heap.
 //!
 //! Training and CUDA keep candle.
 
@@ -216,9 +217,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[derive(Debug, Clone)]
 pub struct HostEncoder {
     cfg: Config,
-    /// The folded item table, `[num_items + 1, hidden]` (row 0 is padding).
-    items: Vec<f32>,
-    /// The same in panels, for scoring.
+    /// The folded item table (row 0 is padding), in panels.
     panels: Panels,
     positions: Vec<f32>,
     hours: Vec<f32>,
@@ -234,11 +233,9 @@ fn rows(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 impl HostEncoder {
     /// Copies `model`'s weights (the item table with its categories folded in).
     pub fn of(model: &SasRec) -> candle_core::Result<Self> {
-        let items = rows(&model.folded_item_table()?)?;
         Ok(Self {
             cfg: model.config().clone(),
-            items: items.clone(),
-            panels: Panels::new(&items, model.config().hidden),
+            panels: Panels::new(&rows(&model.folded_item_table()?)?, model.config().hidden),
             positions: rows(model.positions.embeddings())?,
             hours: rows(model.hours.embeddings())?,
             devices: rows(model.devices.embeddings())?,
@@ -279,8 +276,12 @@ impl HostEncoder {
         let mut x = Vec::with_capacity(real.len() * d);
         for &(p, id) in &real {
             let pos = &self.positions[p * d..(p + 1) * d];
-            let item = &self.items[id as usize * d..(id as usize + 1) * d];
-            x.extend(item.iter().zip(pos).map(|(e, q)| e * scale + q));
+            x.extend(
+                self.panels
+                    .row(id as usize)
+                    .zip(pos)
+                    .map(|(e, q)| e * scale + q),
+            );
         }
         let last = self.blocks.len();
         for (i, block) in self.blocks.iter().enumerate() {
@@ -432,6 +433,12 @@ impl Panels {
         Self { data, width, rows }
     }
 
+    /// Row `i`.
+    fn row(&self, i: usize) -> impl Iterator<Item = f32> + '_ {
+        let (p, r) = (i / LANES, i % LANES);
+        (0..self.width).map(move |j| self.data[(p * self.width + j) * LANES + r])
+    }
+
     /// The products of panel `p`'s rows with `user`.
     fn scores(&self, p: usize, user: &[f32]) -> [f32; LANES] {
         let panel = &self.data[p * self.width * LANES..(p + 1) * self.width * LANES];
@@ -548,7 +555,6 @@ mod tests {
             let k = [1, 10, 50][u % 3];
             let offsets = (u % 2 == 1).then_some((&groups[..], &offsets[..]));
             let host = HostEncoder {
-                items: table.clone(),
                 panels: panels.clone(),
                 ..tiny(d)
             };
