@@ -9,8 +9,11 @@
 //! request when the last one is answered, for `--seconds`; both servers get the same
 //! clients, on the same machine, one after the other.
 //!
+//! With `--ingest-rate R`, it then measures one connection again while click events are
+//! posted at R events/s (batches of 100; the encoder trains on them as they come).
+//!
 //! `cargo bench --bench serving -- [--items 100000] [--connections 1,32] [--seconds 10]
-//! [--users 1000] [--n 10]`; ONREC_BIN picks another onrec binary, ONREC_LOAD_SERVER_ARGS
+//! [--users 1000] [--n 10] [--ingest-rate 50000]`; ONREC_BIN picks another onrec binary, ONREC_LOAD_SERVER_ARGS
 //! adds server settings.
 
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -31,6 +34,7 @@ struct Args {
     seconds: f64,
     users: usize,
     n: u32,
+    ingest_rate: f64,
 }
 
 fn parse_args() -> Args {
@@ -40,6 +44,7 @@ fn parse_args() -> Args {
         seconds: 10.0,
         users: 1000,
         n: 10,
+        ingest_rate: 0.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -55,6 +60,9 @@ fn parse_args() -> Args {
             "--seconds" => args.seconds = value().parse().expect("--seconds: a number"),
             "--users" => args.users = value().parse().expect("--users: an integer"),
             "--n" => args.n = value().parse().expect("--n: an integer"),
+            "--ingest-rate" => {
+                args.ingest_rate = value().parse().expect("--ingest-rate: events per second");
+            }
             "--bench" => {}
             other => panic!("unknown argument {other}; see the file's header"),
         }
@@ -315,5 +323,66 @@ async fn main() {
             ours.errors + theirs.errors,
         );
     }
+    if args.ingest_rate > 0.0 {
+        let alone = closed_loop(&onrec_url, &args, args.seconds, 1).await;
+        let (during, accepted) = while_ingesting(&server, &onrec_url, &args).await;
+        println!(
+            "1 connection while {:.0} events/s were taken (batches of 100): p50 {:.2} ms, p99 {:.2} ms; alone just before: p50 {:.2} ms, p99 {:.2} ms ({:.2}× the p99)",
+            accepted,
+            during.ms(50.0),
+            during.ms(99.0),
+            alone.ms(50.0),
+            alone.ms(99.0),
+            during.ms(99.0) / alone.ms(99.0),
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A closed loop of one connection while click events are posted at `--ingest-rate` (open
+/// loop, batches of 100, for new and known users); returns it and the events/s taken.
+async fn while_ingesting(server: &common::Server, url: &str, args: &Args) -> (Run, f64) {
+    let events = server.url("/v1/events");
+    let interval = Duration::from_secs_f64(100.0 / args.ingest_rate);
+    let stop = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let client = reqwest::Client::new();
+    let (items, users) = (args.items, args.users * 10);
+    let ingest = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut posts = Vec::new();
+        let mut k = 0usize;
+        while Instant::now() < stop {
+            tokio::time::sleep_until((started + interval.mul_f64(k as f64)).into()).await;
+            let batch: Vec<Value> = (0..100)
+                .map(|j| {
+                    let n = k * 100 + j;
+                    common::click(
+                        &format!("ingest-{n}"),
+                        &user(n * 7 % users),
+                        &sku(n * 104_729 % items),
+                    )
+                })
+                .collect();
+            let (client, events) = (client.clone(), events.clone());
+            posts.push(tokio::spawn(async move {
+                match client.post(&events).json(&batch).send().await {
+                    Ok(r) => r
+                        .json::<Value>()
+                        .await
+                        .ok()
+                        .and_then(|v| v["accepted"].as_u64()),
+                    Err(_) => None,
+                }
+                .unwrap_or(0)
+            }));
+            k += 1;
+        }
+        let mut accepted = 0;
+        for p in posts {
+            accepted += p.await.unwrap_or(0);
+        }
+        accepted as f64 / started.elapsed().as_secs_f64()
+    });
+    let run = closed_loop(url, args, args.seconds, 1).await;
+    (run, ingest.await.unwrap())
 }
