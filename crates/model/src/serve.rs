@@ -69,7 +69,9 @@ pub struct Encoder {
 
 impl Encoder {
     /// Starts the worker thread for `model` on `device`: at most `queue` jobs wait, and
-    /// batches are gathered as `batching` says.
+    /// batches are gathered as `batching` says. On the CPU the written-out serving path is
+    /// built here, on the caller's thread, so that a new encoder is ready before the first
+    /// request reaches it.
     pub fn start(
         model: SasRec,
         device: Device,
@@ -78,9 +80,19 @@ impl Encoder {
     ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(queue.max(1));
         let (num_items, width) = (model.config().num_items, model.config().hidden);
+        // Candle serves where the written-out path fails to build.
+        let host = if device.is_cpu() {
+            HostEncoder::of(&model)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "the CPU serving path failed to build; candle serves");
+                })
+                .ok()
+        } else {
+            None
+        };
         std::thread::Builder::new()
             .name("onrec-encoder".into())
-            .spawn(move || worker(&model, &device, &rx, batching))?;
+            .spawn(move || worker(&model, host, &device, &rx, batching))?;
         Ok(Self {
             tx,
             num_items,
@@ -118,19 +130,14 @@ pub struct Batching {
     pub window: Duration,
 }
 
-fn worker(model: &SasRec, device: &Device, rx: &Receiver<(Query, Reply)>, batching: Batching) {
-    // On the CPU the written-out path serves; candle serves where it fails to build.
-    let mut host = if device.is_cpu() {
-        match HostEncoder::of(model) {
-            Ok(h) => Some((h, Encoded::default())),
-            Err(e) => {
-                tracing::warn!(error = %e, "the CPU serving path failed to build; candle serves");
-                None
-            }
-        }
-    } else {
-        None
-    };
+fn worker(
+    model: &SasRec,
+    host: Option<HostEncoder>,
+    device: &Device,
+    rx: &Receiver<(Query, Reply)>,
+    batching: Batching,
+) {
+    let mut host = host.map(|h| (h, Encoded::default()));
     let max_batch = batching.max_batch.max(1);
     while let Ok(first) = rx.recv() {
         let deadline = Instant::now() + batching.window;
