@@ -515,13 +515,19 @@ fn epsilon_greedy<R: Rng + ?Sized>(
 /// Standard scores of `values` (all 0 when they do not vary), so that scores of
 /// different scales mix.
 pub fn z(values: &[f64]) -> Vec<f64> {
+    let mut z = values.to_vec();
+    standardise(&mut z);
+    z
+}
+
+/// [`z`] in place.
+fn standardise(values: &mut [f64]) {
     let n = values.len().max(1) as f64;
     let mean = values.iter().sum::<f64>() / n;
     let sd = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
-    values
-        .iter()
-        .map(|v| if sd > 1e-12 { (v - mean) / sd } else { 0.0 })
-        .collect()
+    for v in values {
+        *v = if sd > 1e-12 { (*v - mean) / sd } else { 0.0 };
+    }
 }
 
 /// Mixes bandit values with the personal ranking: w·z(score) + (1 − w)·z(value).
@@ -551,12 +557,9 @@ impl Mix {
         let Some(personal) = &self.personal else {
             return;
         };
-        let n = values.len().max(1) as f64;
-        let mean = values.iter().sum::<f64>() / n;
-        let sd = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+        standardise(values);
         for (v, p) in values.iter_mut().zip(personal) {
-            let z = if sd > 1e-12 { (*v - mean) / sd } else { 0.0 };
-            *v = p + (1.0 - self.weight) * z;
+            *v = p + (1.0 - self.weight) * *v;
         }
     }
 
