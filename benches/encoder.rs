@@ -187,6 +187,7 @@ fn encode_and_top10(c: &mut Criterion) {
                 host.top_ks(&[TopK {
                     user: &user,
                     exclude: &q.exclude,
+                    history: &q.history,
                     offsets: None,
                     k: q.k,
                 }])

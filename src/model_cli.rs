@@ -1,17 +1,19 @@
 //! `onrec train` and `onrec eval`: fit the encoder on an interaction log and measure it
 //! with chronological leave-one-out and full ranking.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
 use onrec_model::checkpoint;
-use onrec_model::data::{self, Format, Sequences, Split};
+use onrec_model::data::{self, Case, Format, Sequences, Split};
 use onrec_model::device::{self, DeviceChoice};
 use onrec_model::eval::{self, Ranks, Report};
 use onrec_model::metrics::{Interval, METRIC_NAMES, Metrics, bootstrap};
 use onrec_model::sasrec::Config;
-use onrec_model::train::{self, TrainConfig};
+use onrec_model::text::{self, TextModel};
+use onrec_model::train::{self, ItemInputs, TrainConfig};
 
 /// Settings of `onrec train`.
 #[derive(Debug, clap::Args)]
@@ -26,16 +28,17 @@ pub struct TrainArgs {
     /// Directory to write the checkpoint to
     #[arg(long)]
     out: PathBuf,
-    /// Most epochs (training stops earlier when validation NDCG@10 stops improving)
-    #[arg(long, default_value_t = 200)]
+    /// Epochs: the learning rate decays to zero at the last one (training stops earlier
+    /// when validation NDCG@10 stops improving)
+    #[arg(long, default_value_t = 30)]
     epochs: usize,
     /// Epochs without improvement before stopping
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 10)]
     patience: usize,
     /// Sequences per step
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
-    /// AdamW learning rate
+    /// AdamW's peak learning rate, after a warm-up over the first epoch
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     /// AdamW weight decay
@@ -59,6 +62,24 @@ pub struct TrainArgs {
     /// Dropout probability
     #[arg(long, default_value_t = 0.5)]
     dropout: f32,
+    /// Learn a weight for items already in the user's history (whether people come back
+    /// to what they had or move on from it)
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    repeat: bool,
+    /// A sentence-transformers model directory (BERT: config.json, tokenizer.json,
+    /// model.safetensors): the item tower adds a learned projection of each item's text
+    /// vector, so items are also known by what they are. Needs --item-text
+    #[arg(long, requires = "item_text")]
+    text_model: Option<PathBuf>,
+    /// The items' text: a catalog file (.jsonl, one item per line: item_id, title,
+    /// category, tags, description) or a RecBole .item file (every column but item_id)
+    #[arg(long, requires = "text_model")]
+    item_text: Option<PathBuf>,
+    /// Cold-item protocol: withhold this share of the items (drawn with --seed) from
+    /// training entirely; `onrec eval` then scores the users whose test item is one of them
+    /// apart from the rest
+    #[arg(long, default_value_t = 0.0)]
+    cold_share: f64,
     /// cpu, or cuda (falls back to cpu without a GPU)
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
@@ -172,8 +193,14 @@ fn interval_table(rankers: &[(&str, [[Interval; 5]; 2])], signed: bool) -> Strin
 
 /// Trains, evaluates on the test cases, and writes the checkpoint.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    if !(0.0..1.0).contains(&args.cold_share) {
+        anyhow::bail!("--cold-share must be in [0, 1), not {}", args.cold_share);
+    }
+    let device = device::select(args.device);
     let log = data::read(&args.interactions, args.format)?;
-    let seqs = Sequences::from_interactions(log);
+    let all = Sequences::from_interactions(log);
+    let withheld = data::cold_items(all.num_items(), args.cold_share, args.seed);
+    let seqs = all.without(&withheld);
     let split = Split::leave_one_out(&seqs);
     eprintln!(
         "{}: {} users, {} items, {} interactions; {} validation and test cases",
@@ -183,6 +210,32 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         seqs.users.iter().map(Vec::len).sum::<usize>(),
         split.test.len()
     );
+    if !withheld.is_empty() {
+        eprintln!(
+            "cold-item protocol: {} items and their {} interactions withheld from training",
+            withheld.len(),
+            all.users.iter().map(Vec::len).sum::<usize>()
+                - seqs.users.iter().map(Vec::len).sum::<usize>()
+        );
+    }
+    let text = match (&args.text_model, &args.item_text) {
+        (Some(dir), Some(file)) => {
+            let mut model = TextModel::load(dir, &device)
+                .with_context(|| format!("loading the text model in {}", dir.display()))?;
+            let texts = text::read_item_texts(file)?;
+            let started = Instant::now();
+            let table = model.table(&seqs.items, &texts)?;
+            let seconds = started.elapsed().as_secs_f64();
+            eprintln!(
+                "embedded {} distinct item texts of {} items in {seconds:.1}s ({:.0} texts/s)",
+                model.cached(),
+                seqs.num_items(),
+                model.cached() as f64 / seconds
+            );
+            Some(table)
+        }
+        _ => None,
+    };
     let config = Config {
         num_items: seqs.num_items(),
         max_len: args.max_len,
@@ -191,6 +244,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         layers: args.layers,
         ff: args.hidden * 4,
         dropout: args.dropout,
+        repeat: args.repeat,
+        text_dim: text.as_ref().map_or(Ok(0), |t| t.dim(1))?,
     };
     let tc = TrainConfig {
         epochs: args.epochs,
@@ -202,8 +257,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         max_grad_norm: 5.0,
         progress: true,
     };
-    let device = device::select(args.device);
-    let trained = train::train(&config, &tc, &split, &device)?;
+    let inputs = ItemInputs {
+        text,
+        withheld: withheld.clone(),
+    };
+    let trained = train::train(&config, &tc, &split, &inputs, &device)?;
     let test = eval::evaluate(&trained.model, &split.test, &device)?;
     let popularity = eval::evaluate_popularity(&split, seqs.num_items())?;
     println!(
@@ -225,7 +283,20 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         "test": test,
         "test_popularity": popularity,
     });
-    checkpoint::save(&args.out, &trained.varmap, &config, &seqs.items, &record)?;
+    checkpoint::save(
+        &args.out,
+        &trained.varmap,
+        &config,
+        &seqs.items,
+        trained.model.text_vectors(),
+        &record,
+    )?;
+    if !withheld.is_empty() {
+        let ids: Vec<&String> = withheld.iter().map(|&i| &seqs.items[i as usize]).collect();
+        let path = args.out.join(checkpoint::WITHHELD);
+        std::fs::write(&path, serde_json::to_string_pretty(&ids)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     println!("checkpoint written to {}", args.out.display());
     Ok(())
 }
@@ -244,8 +315,11 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         );
     }
     let split = Split::leave_one_out(&seqs);
-    let test = eval::encoder_ranks(&ckpt.model, &split.test, &device)?;
-    let popularity = eval::popularity_ranks(&split, seqs.num_items())?;
+    let withheld_ids = checkpoint::read_withheld(&args.checkpoint)?;
+    let withheld: HashSet<u32> = withheld_ids
+        .iter()
+        .filter_map(|id| ckpt.index.get(id).copied())
+        .collect();
     let other = match &args.compare {
         Some(path) => {
             let other = checkpoint::load(path, &device)
@@ -257,35 +331,82 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
                     path.display()
                 );
             }
-            Some(eval::encoder_ranks(&other.model, &split.test, &device)?)
+            if checkpoint::read_withheld(path)? != withheld_ids {
+                anyhow::bail!(
+                    "{} and {} withheld different items from training; a paired comparison needs the same cold items (--cold-share and --seed)",
+                    args.checkpoint.display(),
+                    path.display()
+                );
+            }
+            Some(other)
         }
         None => None,
     };
-    println!(
-        "test, chronological leave-one-out, full ranking over {} items, {} users ({:.1}s):",
-        seqs.num_items(),
-        split.test.len(),
-        started.elapsed().as_secs_f64()
-    );
-    let mut rankers = vec![("encoder", &test)];
-    rankers.extend(other.iter().map(|o| ("compared", o)));
-    rankers.push(("popularity", &popularity));
+    // Popularity counts what the encoder was trained on: withheld items have none.
+    let mut counts = eval::popularity_scores(&split, seqs.num_items(), true);
+    for &i in &withheld {
+        counts[i as usize] = 0.0;
+    }
+    let groups: Vec<(String, Vec<Case>)> = if withheld.is_empty() {
+        vec![(String::new(), split.test.clone())]
+    } else {
+        let (cold, warm): (Vec<Case>, Vec<Case>) = split
+            .test
+            .iter()
+            .cloned()
+            .partition(|c| withheld.contains(&c.target));
+        vec![
+            (
+                format!(
+                    "cold items (the {} withheld from training), users whose test item is one of them: ",
+                    withheld.len()
+                ),
+                cold,
+            ),
+            ("warm items, the other users: ".to_owned(), warm),
+        ]
+    };
+    for (heading, cases) in groups {
+        let test = eval::encoder_ranks(&ckpt.model, &cases, &device)?;
+        let popularity =
+            eval::rank_all(&cases, 256, |chunk| Ok(vec![counts.clone(); chunk.len()]))?;
+        let other = other
+            .as_ref()
+            .map(|o| eval::encoder_ranks(&o.model, &cases, &device))
+            .transpose()?;
+        println!(
+            "{heading}test, chronological leave-one-out, full ranking over {} items, {} users ({:.1}s):",
+            seqs.num_items(),
+            cases.len(),
+            started.elapsed().as_secs_f64()
+        );
+        report(&args, &test, other.as_ref(), &popularity);
+    }
+    Ok(())
+}
+
+/// Prints the metrics of the encoder, the compared checkpoint and popularity on the same
+/// cases, their bootstrap intervals, and the paired differences.
+fn report(args: &EvalArgs, test: &Ranks, other: Option<&Ranks>, popularity: &Ranks) {
+    let mut rankers = vec![("encoder", test)];
+    rankers.extend(other.iter().map(|o| ("compared", *o)));
+    rankers.push(("popularity", popularity));
     let reports: Vec<(&str, Report)> = rankers.iter().map(|(l, r)| (*l, r.report())).collect();
     println!("{}", table(&reports));
     if args.bootstrap == 0 {
-        return Ok(());
+        return;
     }
     let own = |a: &[usize], _: &[usize]| a.iter().map(|&r| Metrics::of_rank(r)).collect();
     let own_intervals: Vec<(&str, [[Interval; 5]; 2])> = rankers
         .iter()
-        .map(|(label, r)| (*label, intervals(&args, own, (r, r))))
+        .map(|(label, r)| (*label, intervals(args, own, (r, r))))
         .collect();
     println!(
         "95% intervals, bootstrap over the users ({} resamples, seed {}):",
         args.bootstrap, args.seed
     );
     println!("{}", interval_table(&own_intervals, false));
-    if let Some(other) = &other {
+    if let Some(other) = other {
         let diff = |a: &[usize], b: &[usize]| {
             a.iter()
                 .zip(b)
@@ -302,12 +423,12 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         };
         println!(
             "compared − encoder, paired on the same {} users ({}):",
-            split.test.len(),
+            test.included.len(),
             args.compare
                 .as_ref()
                 .map_or(String::new(), |p| p.display().to_string())
         );
-        let table = interval_table(&[("95%", intervals(&args, diff, (&test, other)))], true);
+        let table = interval_table(&[("95%", intervals(args, diff, (test, other)))], true);
         let (header, rest) = table.split_once('\n').unwrap_or((&table, ""));
         println!("{header}");
         println!(
@@ -328,5 +449,4 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         );
         println!("{rest}");
     }
-    Ok(())
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -21,6 +21,22 @@ pub const CONFIG: &str = "config.json";
 pub const ITEMS: &str = "items.json";
 /// Training record file name.
 pub const TRAINING: &str = "training.json";
+/// Item text vectors file name (checkpoints whose item tower reads text): the tensor
+/// `vectors`, `[num_items + 1, text_dim]`.
+pub const TEXT: &str = "text.safetensors";
+
+/// Items withheld from training (the cold-item protocol), by id: a JSON array.
+pub const WITHHELD: &str = "withheld.json";
+
+/// The items a checkpoint was trained without (empty when none were withheld).
+pub fn read_withheld(dir: &Path) -> Result<Vec<String>, ModelError> {
+    let path = dir.join(WITHHELD);
+    if path.exists() {
+        read_json(&path)
+    } else {
+        Ok(Vec::new())
+    }
+}
 
 /// A loaded encoder with its vocabulary.
 #[derive(Debug)]
@@ -47,19 +63,25 @@ pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ModelErro
     serde_json::from_str(&text).map_err(|e| io(path, e))
 }
 
-/// Writes weights, shape, vocabulary (`items[0]` is padding and not written) and the
-/// training record into `dir`, creating it.
+/// Writes weights, shape, vocabulary (`items[0]` is padding and not written), the item
+/// text vectors when the item tower reads text, and the training record into `dir`,
+/// creating it.
 pub fn save(
     dir: &Path,
     varmap: &VarMap,
     config: &Config,
     items: &[String],
+    text: Option<&Tensor>,
     training: &impl Serialize,
 ) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     varmap
         .save(dir.join(WEIGHTS))
         .map_err(|e| io(&dir.join(WEIGHTS), e))?;
+    if let Some(t) = text {
+        t.save_safetensors("vectors", dir.join(TEXT))
+            .map_err(|e| io(&dir.join(TEXT), e))?;
+    }
     write_json(&dir.join(CONFIG), config)?;
     write_json(&dir.join(ITEMS), &items[1..].to_vec())?;
     write_json(&dir.join(TRAINING), training)
@@ -96,7 +118,15 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint, ModelError> {
     let weights = dir.join(WEIGHTS);
     let tensors = candle_core::safetensors::load(&weights, device).map_err(|e| io(&weights, e))?;
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    let model = SasRec::load(vb, &config).map_err(|e| io(&weights, e))?;
+    let mut model = SasRec::load(vb.clone(), &config).map_err(|e| io(&weights, e))?;
+    if config.text_dim > 0 {
+        let path = dir.join(TEXT);
+        let vectors = candle_core::safetensors::load(&path, device)
+            .map_err(|e| io(&path, e))?
+            .remove("vectors")
+            .ok_or_else(|| io(&path, "has no tensor named vectors"))?;
+        model = model.with_text(vb, vectors).map_err(|e| io(&path, e))?;
+    }
     let mut items = Vec::with_capacity(ids.len() + 1);
     items.push(String::new());
     items.extend(ids);

@@ -314,6 +314,36 @@ impl Sequences {
     pub fn num_items(&self) -> usize {
         self.items.len() - 1
     }
+
+    /// The same sequences without any interaction with the `withheld` item indices (the
+    /// vocabulary is kept).
+    pub fn without(&self, withheld: &[u32]) -> Self {
+        let out: std::collections::HashSet<u32> = withheld.iter().copied().collect();
+        Self {
+            items: self.items.clone(),
+            users: self
+                .users
+                .iter()
+                .map(|seq| {
+                    seq.iter()
+                        .filter(|s| !out.contains(&s.item))
+                        .copied()
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The cold-item protocol's items: a `share` of the item indices `1..=num_items`, drawn
+/// with `seed`, ascending.
+pub fn cold_items(num_items: usize, share: f64, seed: u64) -> Vec<u32> {
+    let mut all: Vec<u32> = (1..=num_items as u32).collect();
+    crate::rng::SplitMix64::new(seed ^ 0xc01d_17e5).shuffle(&mut all);
+    let n = ((num_items as f64 * share.clamp(0.0, 1.0)).round() as usize).min(num_items);
+    let mut cold = all[..n].to_vec();
+    cold.sort_unstable();
+    cold
 }
 
 /// The index of every item id of a vocabulary (`items[0]` is padding and not indexed).

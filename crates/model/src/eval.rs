@@ -72,7 +72,13 @@ pub fn encoder_scores(
     let contexts: Vec<_> = cases.iter().map(|c| c.context).collect();
     let (ids, hours, devices) = model.batch(&histories, &contexts, device)?;
     let users = model.user_vectors(&ids, &hours, &devices)?;
-    Ok(model.scores(&users)?.to_vec2::<f32>()?)
+    let mut scores = model.scores(&users)?.to_vec2::<f32>()?;
+    if let Some(w) = model.repeat_weight()? {
+        for (s, case) in scores.iter_mut().zip(cases) {
+            SasRec::add_repeat(w, s, &case.history);
+        }
+    }
+    Ok(scores)
 }
 
 /// Evaluates the encoder on `cases`.

@@ -224,6 +224,8 @@ pub struct HostEncoder {
     devices: Vec<f32>,
     blocks: Vec<HostBlock>,
     ln_out: Norm,
+    /// The weight added to items already in the history, when the encoder has one.
+    repeat: Option<f32>,
 }
 
 fn rows(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -245,6 +247,7 @@ impl HostEncoder {
                 .map(HostBlock::of)
                 .collect::<candle_core::Result<_>>()?,
             ln_out: Norm::of(&model.ln_out)?,
+            repeat: model.repeat_weight()?,
         })
     }
 
@@ -309,9 +312,10 @@ impl HostEncoder {
 
     /// Each query's top (index, score) pairs, best first (ties: lower index first),
     /// reading the item table once for all of them, a panel of rows at a time. Index 0,
-    /// excluded indices and non-finite scores are never returned.
+    /// excluded indices and non-finite scores are never returned. Items of the query's
+    /// history get the encoder's repeat weight.
     pub fn top_ks(&self, queries: &[TopK<'_>]) -> Vec<Vec<(u32, f32)>> {
-        let mut picks: Vec<Pick> = queries.iter().map(Pick::new).collect();
+        let mut picks: Vec<Pick> = queries.iter().map(|q| Pick::new(q, self.repeat)).collect();
         let rows = self.panels.rows;
         for p in 0..rows.div_ceil(LANES) {
             let start = p * LANES;
@@ -344,37 +348,58 @@ impl HostEncoder {
     }
 }
 
-/// One query's top items so far, and where it is in its sorted exclusions.
-struct Pick {
-    heap: BinaryHeap<Kept>,
-    skip: Vec<u32>,
+/// Sorted item indices walked panel by panel.
+struct Cursor {
+    indices: Vec<u32>,
     at: usize,
 }
 
+impl Cursor {
+    fn new(indices: &[u32]) -> Self {
+        let mut indices = indices.to_vec();
+        indices.sort_unstable();
+        indices.dedup();
+        Self { indices, at: 0 }
+    }
+
+    /// Applies `f` to the scores of this cursor's indices in `start..start + scores.len()`.
+    fn each(&mut self, scores: &mut [f32], start: usize, f: impl Fn(&mut f32)) {
+        let end = start + scores.len();
+        while let Some(&e) = self.indices.get(self.at).filter(|&&e| (e as usize) < end) {
+            if let Some(s) = (e as usize)
+                .checked_sub(start)
+                .and_then(|i| scores.get_mut(i))
+            {
+                f(s);
+            }
+            self.at += 1;
+        }
+    }
+}
+
+/// One query's top items so far, and where it is in its sorted exclusions and history.
+struct Pick {
+    heap: BinaryHeap<Kept>,
+    skip: Cursor,
+    /// The history, with the repeat weight.
+    seen: Option<(Cursor, f32)>,
+}
+
 impl Pick {
-    fn new(q: &TopK<'_>) -> Self {
-        let mut skip = q.exclude.to_vec();
-        skip.sort_unstable();
-        skip.dedup();
+    fn new(q: &TopK<'_>, repeat: Option<f32>) -> Self {
         Self {
             heap: BinaryHeap::with_capacity(q.k + 1),
-            skip,
-            at: 0,
+            skip: Cursor::new(q.exclude),
+            seen: repeat.map(|w| (Cursor::new(q.history), w)),
         }
     }
 
     /// Keeps the best of `scores`, the scores of indices `start..`, up to `k` in all.
     fn keep(&mut self, scores: &mut [f32], start: usize, k: usize) {
-        let end = start + scores.len();
-        while let Some(&e) = self.skip.get(self.at).filter(|&&e| (e as usize) < end) {
-            if let Some(s) = (e as usize)
-                .checked_sub(start)
-                .and_then(|i| scores.get_mut(i))
-            {
-                *s = f32::NEG_INFINITY;
-            }
-            self.at += 1;
+        if let Some((seen, w)) = &mut self.seen {
+            seen.each(scores, start, |s| *s += *w);
         }
+        self.skip.each(scores, start, |s| *s = f32::NEG_INFINITY);
         // Most panels hold no score above the worst kept one.
         if let Some(worst) = self.heap.peek()
             && self.heap.len() >= k
@@ -474,6 +499,8 @@ pub struct TopK<'a> {
     pub user: &'a [f32],
     /// Item indices not to return.
     pub exclude: &'a [u32],
+    /// The user's history (item indices), for the encoder's repeat weight.
+    pub history: &'a [u32],
     /// Score offsets by group: (group of every item index, offset of every group).
     pub offsets: Option<(&'a [u32], &'a [f32])>,
     /// How many to return.
@@ -529,6 +556,11 @@ mod tests {
                 let noise = (t.randn_like(0.0, 0.3).unwrap() + t).unwrap();
                 var.set(&noise).unwrap();
             }
+            // A repeat weight large enough to move history items into the top.
+            if name == "repeat" {
+                var.set(&Tensor::new(&[0.9f32], &Device::Cpu).unwrap())
+                    .unwrap();
+            }
         }
         m
     }
@@ -561,6 +593,7 @@ mod tests {
             let got = host.top_ks(&[TopK {
                 user: &user,
                 exclude: &exclude,
+                history: &[],
                 offsets,
                 k,
             }]);
@@ -595,6 +628,8 @@ mod tests {
             layers: 1,
             ff: 8,
             dropout: 0.0,
+            repeat: false,
+            text_dim: 0,
         };
         HostEncoder::of(&model(&cfg, false)).unwrap()
     }
@@ -611,6 +646,8 @@ mod tests {
                     layers: 2,
                     ff: 32,
                     dropout: 0.0,
+                    repeat: false,
+                    text_dim: 0,
                 },
                 false,
             ),
@@ -623,6 +660,8 @@ mod tests {
                     layers: 1,
                     ff: 20,
                     dropout: 0.0,
+                    repeat: true,
+                    text_dim: 0,
                 },
                 true,
             ),
@@ -670,14 +709,21 @@ mod tests {
             };
             let queries: Vec<TopK> = users
                 .iter()
-                .map(|u| TopK {
+                .zip(histories)
+                .map(|(u, h)| TopK {
                     user: u,
                     exclude: &exclude,
+                    history: h,
                     offsets: Some((&shift.groups, &shift.offsets)),
                     k: 7,
                 })
                 .collect();
-            for (got, mut want) in host.top_ks(&queries).iter().zip(scores) {
+            let repeat = m.repeat_weight().unwrap();
+            assert_eq!(repeat.is_some(), cfg.repeat);
+            for ((got, mut want), h) in host.top_ks(&queries).iter().zip(scores).zip(histories) {
+                if let Some(w) = repeat {
+                    SasRec::add_repeat(w, &mut want, h);
+                }
                 shift.apply(&mut want);
                 let want = top_k(want, &exclude, 7);
                 assert_eq!(

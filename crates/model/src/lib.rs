@@ -13,6 +13,7 @@ pub mod rng;
 pub mod sasrec;
 pub mod serve;
 pub mod synth;
+pub mod text;
 pub mod train;
 
 /// What can go wrong in the model crate.

@@ -51,6 +51,9 @@ pub struct OnlineConfig {
     pub ff: usize,
     /// Dropout probability during training.
     pub dropout: f32,
+    /// Learn a weight for items already in the user's history ([`Config::repeat`]).
+    #[serde(default)]
+    pub repeat: bool,
     /// Sequences per step.
     pub batch_size: usize,
     /// AdamW learning rate.
@@ -75,6 +78,7 @@ impl Default for OnlineConfig {
             layers: 1,
             ff: 64,
             dropout: 0.1,
+            repeat: false,
             batch_size: 32,
             lr: 3e-3,
             replays: 8.0,
@@ -266,6 +270,8 @@ impl OnlineTrainer {
             layers: cfg.layers,
             ff: cfg.ff,
             dropout: cfg.dropout,
+            repeat: cfg.repeat,
+            text_dim: 0,
         }
     }
 
@@ -510,6 +516,7 @@ impl OnlineTrainer {
         let mut devices = Vec::with_capacity(rows);
         let mut candidates = vec![0u32; rows * k];
         let mut mask = vec![0f32; rows * k];
+        let mut seen = vec![0f32; rows * k];
         for (r, &e) in batch.iter().enumerate() {
             let ex = &self.examples[e];
             let tail = &ex.history[ex.history.len().saturating_sub(l)..];
@@ -533,6 +540,11 @@ impl OnlineTrainer {
                     }
                 };
             }
+            for (c, &i) in row.iter().enumerate() {
+                if i != 0 && ex.history.contains(&i) {
+                    seen[r * k + c] = 1.0;
+                }
+            }
         }
         let d = &self.device;
         let ids = Tensor::from_vec(ids, (rows, l), d)?;
@@ -546,10 +558,13 @@ impl OnlineTrainer {
             .folded_item_table()?
             .index_select(&Tensor::from_vec(candidates, rows * k, d)?, 0)?
             .reshape((rows, k, self.cfg.hidden))?;
-        let logits = vectors
+        let mut logits = vectors
             .matmul(&users.unsqueeze(2)?)?
             .squeeze(2)?
             .add(&Tensor::from_vec(mask, (rows, k), d)?)?;
+        if let Some(w) = self.model.repeat_tensor()? {
+            logits = (logits + Tensor::from_vec(seen, (rows, k), d)?.broadcast_mul(&w)?)?;
+        }
         let targets = Tensor::zeros(rows, DType::U32, d)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
         let mut grads = loss.backward()?;
@@ -748,12 +763,19 @@ impl OnlineTrainer {
         device: Device,
     ) -> Result<Self, ModelError> {
         let shape = crate::checkpoint::read_config(dir)?;
+        if shape.text_dim > 0 {
+            return Err(io(
+                dir,
+                "reads item text; online training does not go on from such a checkpoint yet (serve it with encoder_online = false)",
+            ));
+        }
         let cfg = OnlineConfig {
             max_len: shape.max_len,
             hidden: shape.hidden,
             heads: shape.heads,
             layers: shape.layers,
             ff: shape.ff,
+            repeat: shape.repeat,
             ..cfg
         };
         let ids: Vec<String> = read_json(&dir.join(crate::checkpoint::ITEMS))?;
@@ -1021,6 +1043,8 @@ mod tests {
             layers: 1,
             ff: 32,
             dropout: 0.0,
+            repeat: false,
+            text_dim: 0,
         };
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -1042,7 +1066,7 @@ mod tests {
             .collect();
         let dir = std::env::temp_dir().join(format!("onrec-online-ckpt-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        crate::checkpoint::save(&dir, &varmap, &shape, &ckpt_items, &()).unwrap();
+        crate::checkpoint::save(&dir, &varmap, &shape, &ckpt_items, None, &()).unwrap();
 
         // Today's catalog: the checkpoint's items in another order, one new item "n" in
         // category x, where a1 and a3 are.

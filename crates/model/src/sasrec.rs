@@ -34,6 +34,14 @@ pub struct Config {
     pub ff: usize,
     /// Dropout probability during training.
     pub dropout: f32,
+    /// A learned weight added to the score of every item already in the user's history:
+    /// whether, and how strongly, people come back to what they had (repeat purchases) or
+    /// move on from it (films seen, durable goods), learned from the sequences themselves.
+    #[serde(default)]
+    pub repeat: bool,
+    /// Width of the item text vectors the item tower projects (0: no item text).
+    #[serde(default)]
+    pub text_dim: usize,
 }
 
 impl Config {
@@ -47,6 +55,8 @@ impl Config {
             layers: 2,
             ff: 256,
             dropout: 0.5,
+            repeat: true,
+            text_dim: 0,
         }
     }
 }
@@ -157,6 +167,11 @@ impl Block {
 /// its category's and a few clicks do not overfit single items.
 pub const ITEM_SHARE: f64 = 0.3;
 
+/// The repeat weight is its variable times this: a single number pushed the same way by
+/// every example moves by about the learning rate per Adam step, and this lets it reach
+/// the size of a score within a few hundred steps.
+const REPEAT_SCALE: f64 = 20.0;
+
 /// A category embedding added to every item's vector in the item tower.
 #[derive(Debug)]
 struct ItemCategories {
@@ -165,22 +180,34 @@ struct ItemCategories {
     of_item: Tensor,
 }
 
+/// Item text in the item tower: every item's text vector, fixed, and a learned
+/// projection of it added to the item's vector.
+#[derive(Debug)]
+struct ItemText {
+    /// `[num_items + 1, text_dim]`; row 0 (padding) and items without text are zero.
+    vectors: Tensor,
+    proj: Linear,
+}
+
 /// The encoder.
 #[derive(Debug)]
 pub struct SasRec {
     items: Embedding,
     categories: Option<ItemCategories>,
+    text: Option<ItemText>,
     pub(crate) positions: Embedding,
     pub(crate) hours: Embedding,
     pub(crate) devices: Embedding,
     pub(crate) blocks: Vec<Block>,
     pub(crate) ln_out: LayerNorm,
+    /// The repeat weight `[1]` (see [`Config::repeat`]).
+    repeat: Option<Tensor>,
     cfg: Config,
 }
 
 /// Large negative logit for masked attention: not -inf, so a row with nothing to attend
 /// to (padding) becomes uniform instead of NaN.
-const MASKED: f32 = -1e9;
+pub(crate) const MASKED: f32 = -1e9;
 
 impl SasRec {
     /// Builds the encoder from weights named as in a checkpoint (`items.embeddings`,
@@ -193,6 +220,7 @@ impl SasRec {
         Ok(Self {
             items: candle_nn::embedding(cfg.num_items + 1, h, vb.pp("items"))?,
             categories: None,
+            text: None,
             positions: candle_nn::embedding(cfg.max_len, h, vb.pp("positions"))?,
             hours: candle_nn::embedding(HOUR_BUCKETS, h, vb.pp("context.hours"))?,
             devices: candle_nn::embedding(DEVICE_BUCKETS, h, vb.pp("context.devices"))?,
@@ -200,6 +228,11 @@ impl SasRec {
                 .map(|i| Block::load(vb.pp(format!("blocks.{i}")), cfg))
                 .collect::<candle_core::Result<_>>()?,
             ln_out: candle_nn::layer_norm(h, 1e-6, vb.pp("ln_out"))?,
+            repeat: if cfg.repeat {
+                Some(vb.get(1, "repeat")?)
+            } else {
+                None
+            },
             cfg: cfg.clone(),
         })
     }
@@ -236,14 +269,40 @@ impl SasRec {
         Ok(self)
     }
 
+    /// Adds item text to the item tower: `vectors` (`[num_items + 1, text_dim]`, fixed)
+    /// through a learned projection (named `text.proj.weight` under `vb`).
+    pub fn with_text(mut self, vb: VarBuilder, vectors: Tensor) -> candle_core::Result<Self> {
+        let (rows, dim) = vectors.dims2()?;
+        if rows != self.cfg.num_items + 1 || dim != self.cfg.text_dim {
+            candle_core::bail!(
+                "item text vectors are {rows} × {dim}, the encoder expects {} × {}",
+                self.cfg.num_items + 1,
+                self.cfg.text_dim
+            );
+        }
+        self.text = Some(ItemText {
+            vectors,
+            proj: candle_nn::linear_no_bias(dim, self.cfg.hidden, vb.pp("text.proj"))?,
+        });
+        Ok(self)
+    }
+
+    /// The item text vectors, when the item tower reads text.
+    pub fn text_vectors(&self) -> Option<&Tensor> {
+        self.text.as_ref().map(|t| &t.vectors)
+    }
+
     /// The item tower: one row per item index (row 0 is padding), `[num_items + 1, hidden]`,
-    /// the category embeddings added when there are any.
+    /// the category embeddings and the projected text added when there are any.
     pub fn folded_item_table(&self) -> candle_core::Result<Tensor> {
-        match &self.categories {
-            None => Ok(self.items.embeddings().clone()),
-            Some(c) => {
-                self.items.embeddings().affine(ITEM_SHARE, 0.0)? + c.table.forward(&c.of_item)?
-            }
+        let own = self.items.embeddings();
+        let table = match &self.categories {
+            None => own.clone(),
+            Some(c) => (own.affine(ITEM_SHARE, 0.0)? + c.table.forward(&c.of_item)?)?,
+        };
+        match &self.text {
+            None => Ok(table),
+            Some(t) => table + t.proj.forward(&t.vectors)?,
         }
     }
 
@@ -251,6 +310,7 @@ impl SasRec {
     /// the final block computes only the last position: `[b, 1, d]`, else `[b, l, d]`.
     fn encode(
         &self,
+        table: &Tensor,
         ids: &Tensor,
         last_only: bool,
         noise: &mut Option<&mut Noise>,
@@ -259,8 +319,7 @@ impl SasRec {
         let device = ids.device();
         let pos = Tensor::arange(0u32, l as u32, device)?;
         let scale = (self.cfg.hidden as f64).sqrt();
-        let x = self
-            .folded_item_table()?
+        let x = table
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, l, self.cfg.hidden))?
             .affine(scale, 0.0)?
@@ -302,16 +361,18 @@ impl SasRec {
 
     /// Per-position outputs for training: position t, mixed with the context of the
     /// interaction at t + 1, predicts the item at t + 1. Shapes: ids, hours, devices
-    /// `[b, l]` → `[b, l, hidden]`.
+    /// `[b, l]` → `[b, l, hidden]`. `table` is the item tower
+    /// ([`SasRec::folded_item_table`]), computed once per step.
     pub fn forward_train(
         &self,
+        table: &Tensor,
         ids: &Tensor,
         hours: &Tensor,
         devices: &Tensor,
         noise: Option<&mut Noise>,
     ) -> candle_core::Result<Tensor> {
         let mut noise = noise;
-        let x = self.encode(ids, false, &mut noise)?;
+        let x = self.encode(table, ids, false, &mut noise)?;
         self.head(&x, hours, devices)
     }
 
@@ -323,7 +384,9 @@ impl SasRec {
         hours: &Tensor,
         devices: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let last = self.encode(ids, true, &mut None)?.squeeze(1)?;
+        let last = self
+            .encode(&self.folded_item_table()?, ids, true, &mut None)?
+            .squeeze(1)?;
         self.head(&last, hours, devices)
     }
 
@@ -335,13 +398,45 @@ impl SasRec {
         devices: &Tensor,
         noise: &mut Noise,
     ) -> candle_core::Result<Tensor> {
-        let last = self.encode(ids, true, &mut Some(noise))?.squeeze(1)?;
+        let last = self
+            .encode(&self.folded_item_table()?, ids, true, &mut Some(noise))?
+            .squeeze(1)?;
         self.head(&last, hours, devices)
     }
 
-    /// Scores of every item index for each user vector: `[b, num_items + 1]`.
+    /// Scores of every item index for each user vector: `[b, num_items + 1]`, before the
+    /// repeat term ([`SasRec::add_repeat`]).
     pub fn scores(&self, users: &Tensor) -> candle_core::Result<Tensor> {
         users.matmul(&self.folded_item_table()?.t()?)
+    }
+
+    /// The repeat weight, `[1]`, when the encoder has one (differentiable: training
+    /// learns it through this).
+    pub fn repeat_tensor(&self) -> candle_core::Result<Option<Tensor>> {
+        self.repeat
+            .as_ref()
+            .map(|w| w.affine(REPEAT_SCALE, 0.0))
+            .transpose()
+    }
+
+    /// The learned weight of an item already in the history, when the encoder has one.
+    pub fn repeat_weight(&self) -> candle_core::Result<Option<f32>> {
+        self.repeat_tensor()?
+            .map(|w| Ok(w.to_vec1::<f32>()?[0]))
+            .transpose()
+    }
+
+    /// Adds the repeat weight to the scores of every item in `history`, once per item
+    /// (`scores` by item index).
+    pub fn add_repeat(weight: f32, scores: &mut [f32], history: &[u32]) {
+        let mut seen: Vec<u32> = history.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        for i in seen {
+            if let Some(s) = scores.get_mut(i as usize) {
+                *s += weight;
+            }
+        }
     }
 
     /// Left-pads (or truncates to the last `max_len`) histories into `[b, max_len]` ids,
@@ -399,9 +494,22 @@ pub fn init_seeded(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
     Ok(())
 }
 
-/// Cross-entropy of next-item prediction over the positions whose target is not padding.
-pub fn loss(model: &SasRec, hidden: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    let d = model.config().hidden;
+/// Cross-entropy of next-item prediction over the positions whose target is not padding,
+/// against the item tower `table` of the step.
+/// `seen_from` (`[b, num_items + 1]`, with a repeat weight) is the first position at which
+/// each item is in the row's history (0 for items before the window, `l` or more for items
+/// not seen); an item's score at position t gets the repeat weight from there on.
+/// `item_mask` (`[num_items + 1]`: 0, or a large negative number for items that are not
+/// classes) is added to every row of logits.
+pub fn loss(
+    model: &SasRec,
+    table: &Tensor,
+    hidden: &Tensor,
+    targets: &Tensor,
+    seen_from: Option<&Tensor>,
+    item_mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (b, l, d) = hidden.dims3()?;
     let hidden = hidden.reshape(((), d))?;
     let targets = targets.flatten_all()?;
     let keep: Vec<u32> = targets
@@ -412,7 +520,20 @@ pub fn loss(model: &SasRec, hidden: &Tensor, targets: &Tensor) -> candle_core::R
         .map(|(i, _)| i as u32)
         .collect();
     let keep = Tensor::from_vec(keep.clone(), keep.len(), hidden.device())?;
-    let logits = model.scores(&hidden.index_select(&keep, 0)?)?;
+    let mut logits = hidden.index_select(&keep, 0)?.matmul(&table.t()?)?;
+    if let (Some(w), Some(from)) = (model.repeat_tensor()?, seen_from) {
+        let n = from.dim(1)?;
+        let pos = Tensor::arange(0u32, l as u32, hidden.device())?.reshape((1, l, 1))?;
+        let seen = pos
+            .broadcast_ge(&from.reshape((b, 1, n))?)?
+            .to_dtype(DType::F32)?
+            .reshape((b * l, n))?
+            .index_select(&keep, 0)?;
+        logits = (logits + seen.broadcast_mul(&w)?)?;
+    }
+    if let Some(mask) = item_mask {
+        logits = logits.broadcast_add(mask)?;
+    }
     candle_nn::loss::cross_entropy(&logits, &targets.index_select(&keep, 0)?)
 }
 
@@ -455,6 +576,8 @@ mod tests {
             layers: 2,
             ff: 32,
             dropout: 0.0,
+            repeat: false,
+            text_dim: 0,
         };
         let varmap = VarMap::new();
         let model = SasRec::load(
@@ -471,7 +594,9 @@ mod tests {
         ];
         let (ids, hours, devices) = model.batch(&histories, &contexts, &Device::Cpu).unwrap();
         let fast = model.user_vectors(&ids, &hours, &devices).unwrap();
-        let full = model.encode(&ids, false, &mut None).unwrap();
+        let full = model
+            .encode(&model.folded_item_table().unwrap(), &ids, false, &mut None)
+            .unwrap();
         let full = model
             .head(
                 &full

@@ -212,6 +212,7 @@ fn score_on_host(host: &HostEncoder, encoded: &mut Encoded, queries: &[&Query]) 
         .map(|(q, user)| TopK {
             user,
             exclude: &q.exclude,
+            history: &q.history,
             offsets: q
                 .shift
                 .as_ref()
@@ -242,10 +243,14 @@ fn top_ks(
     queries: &[&Query],
 ) -> candle_core::Result<Vec<Vec<(u32, f32)>>> {
     let scores = model.scores(users)?.to_vec2::<f32>()?;
+    let repeat = model.repeat_weight()?;
     Ok(queries
         .iter()
         .zip(scores)
         .map(|(q, mut s)| {
+            if let Some(w) = repeat {
+                SasRec::add_repeat(w, &mut s, &q.history);
+            }
             if let Some(shift) = &q.shift {
                 shift.apply(&mut s);
             }

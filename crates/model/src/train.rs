@@ -26,7 +26,8 @@ pub struct TrainConfig {
     pub epochs: usize,
     /// Sequences per step.
     pub batch_size: usize,
-    /// AdamW learning rate.
+    /// AdamW's peak learning rate: reached after a linear warm-up over the first epoch,
+    /// then decayed along a cosine to zero at the last of `epochs`.
     pub lr: f64,
     /// AdamW weight decay.
     pub weight_decay: f64,
@@ -43,11 +44,11 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            epochs: 200,
+            epochs: 30,
             batch_size: 64,
             lr: 1e-3,
             weight_decay: 0.0,
-            patience: 15,
+            patience: 10,
             seed: 42,
             max_grad_norm: 5.0,
             progress: true,
@@ -68,6 +69,16 @@ pub struct TrainReport {
     pub windows: usize,
     /// Wall-clock seconds.
     pub seconds: f64,
+}
+
+/// What training knows of the items besides the sequences.
+#[derive(Debug, Clone, Default)]
+pub struct ItemInputs {
+    /// Item text vectors, `[num_items + 1, text_dim]`, when the shape reads text.
+    pub text: Option<Tensor>,
+    /// Items withheld from training (the cold-item protocol): they are never a class of
+    /// the training softmax, so nothing is learned of them but through their text.
+    pub withheld: Vec<u32>,
 }
 
 /// A trained encoder and its variables.
@@ -95,6 +106,9 @@ struct Window {
     targets: Vec<u32>,
     hours: Vec<u32>,
     devices: Vec<u32>,
+    /// The distinct items of the sequence before the window (already in the history at
+    /// every position of it).
+    before: Vec<u32>,
 }
 
 /// Cuts each sequence into windows of at most `max_len` inputs, from its end backwards,
@@ -107,11 +121,15 @@ fn windows(train: &[Vec<Step>], max_len: usize) -> Vec<Window> {
             let start = end.saturating_sub(max_len + 1);
             let part = &seq[start..end];
             let next = &part[1..];
+            let mut before: Vec<u32> = seq[..start].iter().map(|s| s.item).collect();
+            before.sort_unstable();
+            before.dedup();
             out.push(Window {
                 inputs: part[..part.len() - 1].iter().map(|s| s.item).collect(),
                 targets: next.iter().map(|s| s.item).collect(),
                 hours: next.iter().map(|s| u32::from(s.context.hour)).collect(),
                 devices: next.iter().map(|s| u32::from(s.context.device)).collect(),
+                before,
             });
             if start == 0 {
                 break;
@@ -120,6 +138,31 @@ fn windows(train: &[Vec<Step>], max_len: usize) -> Vec<Window> {
         }
     }
     out
+}
+
+/// The first position at which each item is in each window's history, `[b, num_items +
+/// 1]` (see [`sasrec::loss`]): 0 for items before the window, `max_len` for items never
+/// seen.
+fn seen_from(
+    ws: &[&Window],
+    max_len: usize,
+    num_items: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let n = num_items + 1;
+    let mut from = vec![max_len as u32; ws.len() * n];
+    for (r, w) in ws.iter().enumerate() {
+        let row = &mut from[r * n..(r + 1) * n];
+        for &i in &w.before {
+            row[i as usize] = 0;
+        }
+        let off = max_len - w.inputs.len();
+        for (p, &i) in w.inputs.iter().enumerate() {
+            let at = &mut row[i as usize];
+            *at = (*at).min((off + p) as u32);
+        }
+    }
+    Tensor::from_vec(from, (ws.len(), n), device)
 }
 
 /// Left-pads a batch of windows into `[b, max_len]` tensors.
@@ -176,17 +219,50 @@ fn restore(varmap: &VarMap, saved: &HashMap<String, Tensor>) -> Result<(), Model
     Ok(())
 }
 
+/// The learning rate at `step` (from 0) of `total`: `peak · step / warmup` during the
+/// first `warmup` steps, then a cosine from `peak` down to 0 at `total`.
+fn scheduled_lr(peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let done = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * done.min(1.0)).cos())
+}
+
 /// Trains an encoder of shape `cfg` on `split.train`, early-stopping on `split.valid`.
 pub fn train(
     cfg: &Config,
     tc: &TrainConfig,
     split: &Split,
+    items: &ItemInputs,
     device: &Device,
 ) -> Result<Trained, ModelError> {
     let started = Instant::now();
     let varmap = VarMap::new();
-    let model = SasRec::load(VarBuilder::from_varmap(&varmap, DType::F32, device), cfg)?;
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let mut model = SasRec::load(vb.clone(), cfg)?;
+    match (&items.text, cfg.text_dim) {
+        (Some(t), d) if d > 0 => model = model.with_text(vb, t.to_device(device)?)?,
+        (None, 0) => {}
+        (_, d) => {
+            return Err(ModelError::Train(format!(
+                "the shape reads item text {d} wide, and text vectors were {}given",
+                if items.text.is_some() { "" } else { "not " }
+            )));
+        }
+    }
     sasrec::init_seeded(&varmap, tc.seed)?;
+    let withheld = if items.withheld.is_empty() {
+        None
+    } else {
+        let mut mask = vec![0f32; cfg.num_items + 1];
+        for &i in &items.withheld {
+            if let Some(m) = mask.get_mut(i as usize) {
+                *m = sasrec::MASKED;
+            }
+        }
+        Some(Tensor::from_vec(mask, cfg.num_items + 1, device)?)
+    };
     let mut opt = AdamW::new(
         varmap.all_vars(),
         ParamsAdamW {
@@ -228,11 +304,26 @@ pub fn train(
             indicatif::ProgressBar::hidden()
         };
         let mut loss_sum = 0.0;
-        for chunk in order.chunks(tc.batch_size) {
+        for (b, chunk) in order.chunks(tc.batch_size).enumerate() {
+            let step = (epoch - 1) * batches + b;
+            opt.set_learning_rate(scheduled_lr(tc.lr, step, batches, tc.epochs * batches));
             let ws: Vec<&Window> = chunk.iter().map(|&i| &all[i]).collect();
             let [ids, targets, hours, devs] = batch_tensors(&ws, cfg.max_len, device)?;
-            let hidden = model.forward_train(&ids, &hours, &devs, Some(&mut noise))?;
-            let loss = sasrec::loss(&model, &hidden, &targets)?;
+            let table = model.folded_item_table()?;
+            let hidden = model.forward_train(&table, &ids, &hours, &devs, Some(&mut noise))?;
+            let seen = if cfg.repeat {
+                Some(seen_from(&ws, cfg.max_len, cfg.num_items, device)?)
+            } else {
+                None
+            };
+            let loss = sasrec::loss(
+                &model,
+                &table,
+                &hidden,
+                &targets,
+                seen.as_ref(),
+                withheld.as_ref(),
+            )?;
             let mut grads = loss.backward()?;
             sasrec::clip_grads(&mut grads, &vars, tc.max_grad_norm)?;
             opt.step(&grads)?;
@@ -302,6 +393,31 @@ mod tests {
     }
 
     #[test]
+    fn the_learning_rate_warms_up_then_decays_to_zero() {
+        let lr = |step| scheduled_lr(1e-3, step, 10, 110);
+        assert!((lr(0) - 1e-4).abs() < 1e-12);
+        assert!((lr(9) - 1e-3).abs() < 1e-12);
+        assert!((lr(10) - 1e-3).abs() < 1e-12);
+        assert!((lr(60) - 5e-4).abs() < 1e-12);
+        assert!(lr(109) > 0.0 && lr(109) < 1e-6);
+        assert!(lr(110).abs() < 1e-12);
+        assert!((1..110).all(|s| s <= 10 || lr(s) <= lr(s - 1)));
+    }
+
+    #[test]
+    fn windows_know_what_came_before_them() {
+        let ws = windows(&[seq(&[1, 2, 3, 4, 5, 6, 7])], 3);
+        let refs: Vec<&Window> = ws.iter().collect();
+        let from = seen_from(&refs, 3, 7, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<u32>()
+            .unwrap();
+        // The last window reads 4, 5, 6 after 1, 2, 3; the first reads 1, 2, 3.
+        assert_eq!(from[0], vec![3, 0, 0, 0, 0, 1, 2, 3]);
+        assert_eq!(from[1], vec![3, 0, 1, 2, 3, 3, 3, 3]);
+    }
+
+    #[test]
     fn windows_cover_every_target_once() {
         let ws = windows(&[seq(&[1, 2, 3, 4, 5, 6, 7]), seq(&[9])], 3);
         let targets: Vec<u32> = ws.iter().flat_map(|w| w.targets.clone()).collect();
@@ -331,7 +447,7 @@ mod training_tests {
 
     use super::*;
     use crate::checkpoint;
-    use crate::data::Sequences;
+    use crate::data::{Sequences, Step};
     use crate::serve::{Query, score_batch};
 
     fn tiny() -> (Sequences, Split, Config, TrainConfig) {
@@ -348,6 +464,8 @@ mod training_tests {
             layers: 1,
             ff: 32,
             dropout: 0.1,
+            repeat: false,
+            text_dim: 0,
         };
         let tc = TrainConfig {
             epochs: 2,
@@ -374,21 +492,65 @@ mod training_tests {
     #[test]
     fn the_same_seed_trains_the_same_model() {
         let (_, split, cfg, tc) = tiny();
-        let a = train(&cfg, &tc, &split, &Device::Cpu).unwrap();
-        let b = train(&cfg, &tc, &split, &Device::Cpu).unwrap();
+        let a = train(&cfg, &tc, &split, &ItemInputs::default(), &Device::Cpu).unwrap();
+        let b = train(&cfg, &tc, &split, &ItemInputs::default(), &Device::Cpu).unwrap();
         assert_eq!(scores(&a.model), scores(&b.model));
-        let c = train(&cfg, &TrainConfig { seed: 10, ..tc }, &split, &Device::Cpu).unwrap();
+        let c = train(
+            &cfg,
+            &TrainConfig { seed: 10, ..tc },
+            &split,
+            &ItemInputs::default(),
+            &Device::Cpu,
+        )
+        .unwrap();
         assert_ne!(scores(&a.model), scores(&c.model));
+    }
+
+    /// Text vectors that say each item's category (`i{n}` is in category n mod 3):
+    /// one-hot, and a fourth column of the item's own.
+    fn category_text(seqs: &Sequences) -> Tensor {
+        let mut rng = SplitMix64::new(3);
+        let rows: Vec<f32> = seqs
+            .items
+            .iter()
+            .flat_map(|id| {
+                let mut v = [0f32; 4];
+                if let Ok(n) = id.trim_start_matches('i').parse::<usize>() {
+                    v[n % 3] = 1.0;
+                    v[3] = (rng.normal() * 0.1) as f32;
+                }
+                v
+            })
+            .collect();
+        Tensor::from_vec(rows, (seqs.items.len(), 4), &Device::Cpu).unwrap()
     }
 
     #[test]
     fn a_checkpoint_loads_back_to_the_same_scores() {
         let (seqs, split, cfg, tc) = tiny();
-        let trained = train(&cfg, &tc, &split, &Device::Cpu).unwrap();
+        let cfg = Config {
+            repeat: true,
+            text_dim: 4,
+            ..cfg
+        };
+        let inputs = ItemInputs {
+            text: Some(category_text(&seqs)),
+            withheld: vec![],
+        };
+        let trained = train(&cfg, &tc, &split, &inputs, &Device::Cpu).unwrap();
         let dir = std::env::temp_dir().join(format!("onrec-ckpt-{}", std::process::id()));
-        checkpoint::save(&dir, &trained.varmap, &cfg, &seqs.items, &trained.report).unwrap();
+        checkpoint::save(
+            &dir,
+            &trained.varmap,
+            &cfg,
+            &seqs.items,
+            trained.model.text_vectors(),
+            &trained.report,
+        )
+        .unwrap();
         let loaded = checkpoint::load(&dir, &Device::Cpu).unwrap();
         assert_eq!(loaded.model.config(), &cfg);
+        assert!(loaded.model.repeat_weight().unwrap().is_some());
         assert_eq!(loaded.items.as_slice(), seqs.items.as_slice());
         assert_eq!(
             loaded.index["i0"],
@@ -401,5 +563,105 @@ mod training_tests {
             .to_string();
         assert!(err.contains("items.json has 1 items"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Where an item of `history` ranks (0 = first) for a user with that history.
+    fn rank(model: &SasRec, history: Vec<u32>, item: u32) -> usize {
+        let case = crate::data::Case {
+            history,
+            target: item,
+            context: crate::context::ContextIds::default(),
+        };
+        let s = eval::encoder_scores(model, &[case], &Device::Cpu).unwrap();
+        let s = &s[0];
+        s[1..].iter().filter(|&&x| x > s[item as usize]).count()
+    }
+
+    #[test]
+    fn an_item_withheld_from_training_is_ranked_by_its_text() {
+        let (seqs, _, cfg, tc) = tiny();
+        let cfg = Config { text_dim: 4, ..cfg };
+        let tc = TrainConfig { epochs: 12, ..tc };
+        let index = |id: &str| seqs.items.iter().position(|i| i == id).unwrap() as u32;
+        let cold = index("i0");
+        let warm = seqs.without(&[cold]);
+        assert!(warm.users.iter().flatten().all(|s| s.item != cold));
+        let inputs = ItemInputs {
+            text: Some(category_text(&seqs)),
+            withheld: vec![cold],
+        };
+        let trained = train(
+            &cfg,
+            &tc,
+            &Split::leave_one_out(&warm),
+            &inputs,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let of = |ids: [&str; 4]| ids.map(index).to_vec();
+        // Ten items per category: a category-0 user has it in their first ten, a
+        // category-1 user does not.
+        let for_its_category = rank(&trained.model, of(["i3", "i6", "i9", "i12"]), cold);
+        let for_another = rank(&trained.model, of(["i1", "i4", "i7", "i10"]), cold);
+        assert!(
+            for_its_category < 10 && for_another >= 10,
+            "{for_its_category} vs {for_another}"
+        );
+        let mismatched = train(
+            &cfg,
+            &tc,
+            &Split::leave_one_out(&warm),
+            &ItemInputs::default(),
+            &Device::Cpu,
+        )
+        .unwrap_err();
+        assert!(
+            mismatched
+                .to_string()
+                .contains("text vectors were not given"),
+            "{mismatched}"
+        );
+    }
+
+    #[test]
+    fn the_repeat_weight_learns_whether_people_come_back() {
+        let items: Vec<String> = std::iter::once(String::new())
+            .chain((1..=20).map(|i| format!("i{i}")))
+            .collect();
+        let step = |item| Step {
+            item,
+            context: crate::context::ContextIds::default(),
+        };
+        let weight = |repeats: bool| {
+            let users: Vec<Vec<Step>> = (0..60u32)
+                .map(|u| {
+                    (0..12u32)
+                        .map(|t| {
+                            let t = if repeats { t % 3 } else { t };
+                            step(1 + (u + t * 7) % 20)
+                        })
+                        .collect()
+                })
+                .collect();
+            let seqs = Sequences {
+                items: items.clone(),
+                users,
+            };
+            let (_, _, cfg, tc) = tiny();
+            let cfg = Config {
+                num_items: 20,
+                repeat: true,
+                ..cfg
+            };
+            let tc = TrainConfig { epochs: 8, ..tc };
+            let split = Split::leave_one_out(&seqs);
+            let t = train(&cfg, &tc, &split, &ItemInputs::default(), &Device::Cpu).unwrap();
+            t.model.repeat_weight().unwrap().unwrap()
+        };
+        let (back, on) = (weight(true), weight(false));
+        assert!(
+            back > 0.1 && on < -0.1,
+            "comes back: {back}, moves on: {on}"
+        );
     }
 }

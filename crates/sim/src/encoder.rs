@@ -130,6 +130,8 @@ impl TrainedEncoder {
             layers: 1,
             ff: 4 * settings.hidden,
             dropout: 0.1,
+            repeat: false,
+            text_dim: 0,
         };
         let tc = TrainConfig {
             epochs: settings.epochs,
@@ -140,7 +142,13 @@ impl TrainedEncoder {
             progress: false,
             ..TrainConfig::default()
         };
-        let trained = train::train(&config, &tc, &split, &Device::Cpu)?;
+        let trained = train::train(
+            &config,
+            &tc,
+            &split,
+            &train::ItemInputs::default(),
+            &Device::Cpu,
+        )?;
         let test = eval::evaluate(&trained.model, &split.test, &Device::Cpu)?;
         let popularity = eval::evaluate_popularity(&split, seqs.num_items())?;
         Ok(Self {

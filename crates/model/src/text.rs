@@ -1,0 +1,302 @@
+//! Item text as vectors: a sentence-transformers model directory (`config.json`,
+//! `tokenizer.json`, `model.safetensors`; a BERT such as all-MiniLM-L6-v2), run with
+//! candle-transformers' BERT, mean-pooled over the real tokens and L2-normalised, as
+//! sentence-transformers does. Texts are embedded in batches, and each distinct text once:
+//! the vectors are kept by the text's content hash.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+use crate::ModelError;
+use crate::checkpoint::io;
+
+/// Tokens read of one text (all-MiniLM-L6-v2 was trained on up to 256).
+const MAX_TOKENS: usize = 256;
+/// Texts per forward pass.
+const BATCH: usize = 32;
+
+/// A sentence encoder.
+pub struct TextModel {
+    bert: BertModel,
+    tokenizer: Tokenizer,
+    device: Device,
+    dim: usize,
+    /// Vectors by the content hash of their text.
+    cache: HashMap<u64, Arc<[f32]>>,
+}
+
+impl std::fmt::Debug for TextModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextModel")
+            .field("dim", &self.dim)
+            .field("cached", &self.cache.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An item's text from its catalog fields: the non-empty ones joined by ". ", tags by
+/// ", ".
+pub fn describe(title: &str, category: &str, tags: &[String], description: &str) -> String {
+    let tags = tags.join(", ");
+    [title, category, tags.as_str(), description]
+        .iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(". ")
+}
+
+/// Item texts by item id, from a catalog file (`.jsonl`: one item per line, as `PUT
+/// /v1/items` takes them: `item_id`, `title`, `category`, `tags`, `description`) or a
+/// RecBole atomic `.item` file (typed header; every column but `item_id`, joined as
+/// [`describe`] does). Errors name the line.
+pub fn read_item_texts(path: &Path) -> Result<HashMap<String, String>, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| line_error(path, 0, e))?;
+    let mut out = HashMap::new();
+    if path.extension().is_some_and(|e| e == "jsonl") {
+        #[derive(serde::Deserialize)]
+        struct Line {
+            item_id: String,
+            #[serde(default)]
+            title: String,
+            #[serde(default)]
+            category: String,
+            #[serde(default)]
+            tags: Vec<String>,
+            #[serde(default)]
+            description: String,
+        }
+        for (n, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let item: Line = serde_json::from_str(line).map_err(|e| line_error(path, n + 1, e))?;
+            let t = describe(&item.title, &item.category, &item.tags, &item.description);
+            out.insert(item.item_id, t);
+        }
+        return Ok(out);
+    }
+    let mut lines = text.lines().enumerate();
+    let header = lines
+        .next()
+        .ok_or_else(|| line_error(path, 1, "the file is empty"))?
+        .1;
+    let names: Vec<&str> = header
+        .split('\t')
+        .map(|c| c.split(':').next().unwrap_or(c).trim())
+        .collect();
+    let id = names.iter().position(|&n| n == "item_id").ok_or_else(|| {
+        line_error(path, 1, "the header has no item_id column (a RecBole .item file or a .jsonl catalog is expected)")
+    })?;
+    for (n, line) in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let cols: Vec<&str> = line.split('\t').collect();
+        let item = cols
+            .get(id)
+            .map(|c| c.trim())
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| line_error(path, n + 1, "item_id is empty"))?;
+        let parts: Vec<&str> = cols
+            .iter()
+            .enumerate()
+            .filter(|&(c, v)| c != id && !v.trim().is_empty())
+            .map(|(_, v)| v.trim())
+            .collect();
+        out.insert(item.to_owned(), parts.join(". "));
+    }
+    Ok(out)
+}
+
+fn line_error(path: &Path, line: usize, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Data {
+        path: path.display().to_string(),
+        line,
+        message: e.to_string(),
+    }
+}
+
+/// The content hash of a text (64-bit FNV-1a over its UTF-8 bytes).
+pub fn content_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl TextModel {
+    /// Loads the model in `dir` onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| io(&config_path, e))?;
+        let config: BertConfig = serde_json::from_str(&text).map_err(|e| io(&config_path, e))?;
+        let tokenizer_path = dir.join("tokenizer.json");
+        let mut tokenizer =
+            Tokenizer::from_file(&tokenizer_path).map_err(|e| io(&tokenizer_path, e))?;
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..PaddingParams::default()
+        }));
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: MAX_TOKENS.min(config.max_position_embeddings),
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| io(&tokenizer_path, e))?;
+        let weights = dir.join("model.safetensors");
+        if !weights.is_file() {
+            return Err(io(&weights, "not found"));
+        }
+        let bytes = std::fs::read(&weights).map_err(|e| io(&weights, e))?;
+        let vb = VarBuilder::from_slice_safetensors(&bytes, DType::F32, device)
+            .map_err(|e| io(&weights, e))?;
+        let bert = BertModel::load(vb, &config).map_err(|e| io(&weights, e))?;
+        Ok(Self {
+            bert,
+            tokenizer,
+            device: device.clone(),
+            dim: config.hidden_size,
+            cache: HashMap::new(),
+        })
+    }
+
+    /// Width of the vectors.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Distinct texts embedded so far.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// The text vectors of a vocabulary (`items[0]` is padding), `[items.len(), dim]`:
+    /// items without text (or with an empty one) get a zero row.
+    pub fn table(
+        &mut self,
+        items: &[String],
+        texts: &HashMap<String, String>,
+    ) -> Result<Tensor, ModelError> {
+        let with_text: Vec<(usize, &str)> = items
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter_map(|(i, id)| texts.get(id).map(|t| (i, t.as_str())))
+            .filter(|(_, t)| !t.trim().is_empty())
+            .collect();
+        let vectors = self.embed(&with_text.iter().map(|&(_, t)| t).collect::<Vec<_>>())?;
+        let mut rows = vec![0f32; items.len() * self.dim];
+        for (&(i, _), v) in with_text.iter().zip(vectors) {
+            rows[i * self.dim..(i + 1) * self.dim].copy_from_slice(&v);
+        }
+        Ok(Tensor::from_vec(
+            rows,
+            (items.len(), self.dim),
+            &self.device,
+        )?)
+    }
+
+    /// The unit vector of every text, in order. Texts seen before cost nothing; the others
+    /// run through the model in batches.
+    pub fn embed(&mut self, texts: &[&str]) -> Result<Vec<Arc<[f32]>>, ModelError> {
+        let mut missing: Vec<(u64, &str)> = Vec::new();
+        for &t in texts {
+            let h = content_hash(t);
+            if !self.cache.contains_key(&h) && !missing.iter().any(|&(m, _)| m == h) {
+                missing.push((h, t));
+            }
+        }
+        for chunk in missing.chunks(BATCH) {
+            let batch: Vec<&str> = chunk.iter().map(|&(_, t)| t).collect();
+            for (&(h, _), v) in chunk.iter().zip(self.run(&batch)?) {
+                self.cache.insert(h, Arc::from(v));
+            }
+        }
+        Ok(texts
+            .iter()
+            .map(|t| self.cache[&content_hash(t)].clone())
+            .collect())
+    }
+
+    /// One forward pass: mean pooling over the attention mask, then L2 normalisation.
+    fn run(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| ModelError::Train(format!("tokenizing item text: {e}")))?;
+        let b = encodings.len();
+        let l = encodings.first().map_or(0, |e| e.get_ids().len());
+        let (mut ids, mut types, mut mask) = (
+            Vec::with_capacity(b * l),
+            Vec::with_capacity(b * l),
+            Vec::with_capacity(b * l),
+        );
+        for e in &encodings {
+            ids.extend_from_slice(e.get_ids());
+            types.extend_from_slice(e.get_type_ids());
+            mask.extend_from_slice(e.get_attention_mask());
+        }
+        let d = &self.device;
+        let ids = Tensor::from_vec(ids, (b, l), d)?;
+        let types = Tensor::from_vec(types, (b, l), d)?;
+        let mask = Tensor::from_vec(mask, (b, l), d)?;
+        let out = self.bert.forward(&ids, &types, Some(&mask))?;
+        let weights = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let summed = out.broadcast_mul(&weights)?.sum(1)?;
+        let counts = weights.sum(1)?.clamp(1e-9, f64::MAX)?;
+        let mean = summed.broadcast_div(&counts)?;
+        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        Ok(mean.broadcast_div(&norm)?.to_vec2::<f32>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    /// Needs the model `scripts/fetch-datasets.sh` extracts; `ONREC_TEXT_MODEL` names its
+    /// directory.
+    #[test]
+    fn the_sentence_encoder_gives_sentence_transformers_vectors() {
+        let Some(dir) = std::env::var_os("ONREC_TEXT_MODEL") else {
+            eprintln!("ONREC_TEXT_MODEL is unset; skipping the sentence encoder test");
+            return;
+        };
+        let mut m = TextModel::load(Path::new(&dir), &Device::Cpu).unwrap();
+        assert_eq!(m.dim(), 384);
+        let texts = [
+            "This is an example sentence",
+            "Toy Story (1995) Animation Children's Comedy",
+            "Toy Story 2 (1999) Animation Children's Comedy",
+            "Heat (1995) Action Crime Thriller",
+            "This is an example sentence",
+        ];
+        let v = m.embed(&texts).unwrap();
+        assert_eq!(m.cached(), 4, "each distinct text once");
+        // sentence-transformers' all-MiniLM-L6-v2 on its documentation's first example.
+        for (got, want) in v[0].iter().zip([0.067_656_9, 0.063_496, 0.048_713_1]) {
+            assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        }
+        for x in &v {
+            assert!((dot(x, x) - 1.0).abs() < 1e-5);
+        }
+        assert_eq!(v[0], v[4]);
+        assert!(dot(&v[1], &v[2]) > dot(&v[1], &v[3]) + 0.1);
+        // A text seen before is not run again, and comes back the same.
+        let again = m.embed(&[texts[3]]).unwrap();
+        assert_eq!(again[0], v[3]);
+        assert_eq!(m.cached(), 4);
+        let err = TextModel::load(Path::new("/nonexistent"), &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("config.json"), "{err}");
+    }
+}
