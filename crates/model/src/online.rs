@@ -516,7 +516,8 @@ impl OnlineTrainer {
         let mut devices = Vec::with_capacity(rows);
         let mut candidates = vec![0u32; rows * k];
         let mut mask = vec![0f32; rows * k];
-        let mut seen = vec![0f32; rows * k];
+        let repeat = self.model.repeat_tensor()?;
+        let mut seen = vec![0f32; if repeat.is_some() { rows * k } else { 0 }];
         for (r, &e) in batch.iter().enumerate() {
             let ex = &self.examples[e];
             let tail = &ex.history[ex.history.len().saturating_sub(l)..];
@@ -540,9 +541,11 @@ impl OnlineTrainer {
                     }
                 };
             }
-            for (c, &i) in row.iter().enumerate() {
-                if i != 0 && ex.history.contains(&i) {
-                    seen[r * k + c] = 1.0;
+            if repeat.is_some() {
+                for (c, &i) in row.iter().enumerate() {
+                    if i != 0 && ex.history.contains(&i) {
+                        seen[r * k + c] = 1.0;
+                    }
                 }
             }
         }
@@ -562,7 +565,7 @@ impl OnlineTrainer {
             .matmul(&users.unsqueeze(2)?)?
             .squeeze(2)?
             .add(&Tensor::from_vec(mask, (rows, k), d)?)?;
-        if let Some(w) = self.model.repeat_tensor()? {
+        if let Some(w) = repeat {
             logits = (logits + Tensor::from_vec(seen, (rows, k), d)?.broadcast_mul(&w)?)?;
         }
         let targets = Tensor::zeros(rows, DType::U32, d)?;
