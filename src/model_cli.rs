@@ -291,12 +291,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         trained.model.text_vectors(),
         &record,
     )?;
-    if !withheld.is_empty() {
-        let ids: Vec<&String> = withheld.iter().map(|&i| &seqs.items[i as usize]).collect();
-        let path = args.out.join(checkpoint::WITHHELD);
-        std::fs::write(&path, serde_json::to_string_pretty(&ids)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
+    let ids: Vec<&str> = withheld
+        .iter()
+        .map(|&i| seqs.items[i as usize].as_str())
+        .collect();
+    checkpoint::write_withheld(&args.out, &ids)?;
     println!("checkpoint written to {}", args.out.display());
     Ok(())
 }

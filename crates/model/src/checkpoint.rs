@@ -38,6 +38,14 @@ pub fn read_withheld(dir: &Path) -> Result<Vec<String>, ModelError> {
     }
 }
 
+/// Records the items a checkpoint was trained without (nothing when none were).
+pub fn write_withheld(dir: &Path, ids: &[&str]) -> Result<(), ModelError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    write_json(&dir.join(WITHHELD), &ids)
+}
+
 /// A loaded encoder with its vocabulary.
 #[derive(Debug)]
 pub struct Checkpoint {

@@ -51,7 +51,7 @@ impl std::str::FromStr for Format {
     }
 }
 
-fn line_error(path: &Path, line: usize, message: impl Into<String>) -> ModelError {
+pub(crate) fn line_error(path: &Path, line: usize, message: impl Into<String>) -> ModelError {
     ModelError::Data {
         path: path.display().to_string(),
         line,

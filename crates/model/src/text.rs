@@ -15,6 +15,7 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::ModelError;
 use crate::checkpoint::io;
+use crate::data::line_error;
 
 /// Tokens read of one text (all-MiniLM-L6-v2 was trained on up to 256).
 const MAX_TOKENS: usize = 256;
@@ -57,7 +58,7 @@ pub fn describe(title: &str, category: &str, tags: &[String], description: &str)
 /// RecBole atomic `.item` file (typed header; every column but `item_id`, joined as
 /// [`describe`] does). Errors name the line.
 pub fn read_item_texts(path: &Path) -> Result<HashMap<String, String>, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|e| line_error(path, 0, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| line_error(path, 0, e.to_string()))?;
     let mut out = HashMap::new();
     if path.extension().is_some_and(|e| e == "jsonl") {
         #[derive(serde::Deserialize)]
@@ -76,7 +77,8 @@ pub fn read_item_texts(path: &Path) -> Result<HashMap<String, String>, ModelErro
             if line.trim().is_empty() {
                 continue;
             }
-            let item: Line = serde_json::from_str(line).map_err(|e| line_error(path, n + 1, e))?;
+            let item: Line =
+                serde_json::from_str(line).map_err(|e| line_error(path, n + 1, e.to_string()))?;
             let t = describe(&item.title, &item.category, &item.tags, &item.description);
             out.insert(item.item_id, t);
         }
@@ -113,14 +115,6 @@ pub fn read_item_texts(path: &Path) -> Result<HashMap<String, String>, ModelErro
         out.insert(item.to_owned(), parts.join(". "));
     }
     Ok(out)
-}
-
-fn line_error(path: &Path, line: usize, e: impl std::fmt::Display) -> ModelError {
-    ModelError::Data {
-        path: path.display().to_string(),
-        line,
-        message: e.to_string(),
-    }
 }
 
 /// The content hash of a text (64-bit FNV-1a over its UTF-8 bytes).
@@ -259,10 +253,7 @@ impl TextModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
-    }
+    use crate::infer::dot;
 
     /// Needs the model `scripts/fetch-datasets.sh` extracts; `ONREC_TEXT_MODEL` names its
     /// directory.
@@ -298,5 +289,49 @@ mod tests {
         assert_eq!(m.cached(), 4);
         let err = TextModel::load(Path::new("/nonexistent"), &Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("config.json"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod reading_tests {
+    use super::*;
+
+    fn file(name: &str, body: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("onrec-texts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    #[test]
+    fn item_texts_come_from_recbole_item_files_and_catalog_lines() {
+        let item = file(
+            "films.item",
+            "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n\
+             1\tToy Story\t1995\tAnimation Children's Comedy\n2\tHeat\t\tAction\n",
+        );
+        let texts = read_item_texts(&item).unwrap();
+        assert_eq!(texts["1"], "Toy Story. 1995. Animation Children's Comedy");
+        assert_eq!(texts["2"], "Heat. Action");
+        let catalog = file(
+            "catalog.jsonl",
+            "{\"item_id\":\"sku-1\",\"title\":\"Trail shoe\",\"category\":\"shoes\",\"tags\":[\"running\",\"waterproof\"],\"description\":\"Grips wet rock.\"}\n\n{\"item_id\":\"sku-2\"}\n",
+        );
+        let texts = read_item_texts(&catalog).unwrap();
+        assert_eq!(
+            texts["sku-1"],
+            "Trail shoe. shoes. running, waterproof. Grips wet rock."
+        );
+        assert_eq!(texts["sku-2"], "");
+        let bad = file("bad.jsonl", "{\"item_id\":\"a\"}\n{\"title\":\"no id\"}\n");
+        let err = read_item_texts(&bad).unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("item_id"), "{err}");
+        let no_id = file("no-id.item", "title:token_seq\nToy Story\n");
+        let err = read_item_texts(&no_id).unwrap_err().to_string();
+        assert!(
+            err.contains("line 1") && err.contains("no item_id column"),
+            "{err}"
+        );
     }
 }
