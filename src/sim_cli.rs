@@ -40,6 +40,11 @@ pub struct SimulateArgs {
     /// Seed of the world, its traffic and its users' responses
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Run in the worlds of several seeds instead (a list such as 1,2,3, ranges such as
+    /// 1-6), as many at once as there are cores, and print each policy's mean and
+    /// standard error over them
+    #[arg(long, value_name = "SEEDS", conflicts_with_all = ["seed", "plot", "json", "log_dir", "url", "write_catalog"])]
+    seeds: Option<String>,
     /// Policies to compare, comma-separated: onrec (the service as shipped), oracle,
     /// oracle_average (the best slate for the average user: no personalisation),
     /// uniform (a random slate from the whole catalog), popularity, random (uniform among
@@ -132,7 +137,12 @@ fn shipped_service(
     items: Vec<onrec_engine::Item>,
     logging: bool,
 ) -> Result<onrec_engine::Engine, SimError> {
-    let dir = std::env::temp_dir().join(format!("onrec-sim-{}", std::process::id()));
+    static BUILT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "onrec-sim-{}-{}",
+        std::process::id(),
+        BUILT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("catalog.jsonl");
     write_catalog(&items, &path)?;
@@ -152,25 +162,20 @@ fn shipped_service(
     engine
 }
 
-/// Runs `onrec simulate`.
-pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
+/// The simulation `args` describe in the world of `seed`, and the world's shape (users,
+/// items, categories), or the catalog written when `--write-catalog` asks for it.
+fn simulation(args: &SimulateArgs, seed: u64) -> anyhow::Result<Option<Simulation>> {
     let fresh = args.scenario == Scenario::Fresh;
     let pick = |given: Option<usize>, classic: usize, fresh_shop: usize| {
         given.unwrap_or(if fresh { fresh_shop } else { classic })
     };
-    let default_policies = if fresh {
-        "uniform,onrec,oracle_average,oracle"
-    } else {
-        DEFAULT_POLICIES
-    };
-    let specs = spec::parse_list(args.policies.as_deref().unwrap_or(default_policies))?;
     let shape = if fresh {
-        WorldConfig::fresh_shop(args.seed)
+        WorldConfig::fresh_shop(seed)
     } else {
         WorldConfig::default()
     };
     let world_config = WorldConfig {
-        seed: args.seed,
+        seed,
         users: args.users.unwrap_or(shape.users),
         items: args.items.unwrap_or(shape.items),
         categories: args.categories.unwrap_or(shape.categories),
@@ -187,7 +192,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         write_catalog(&world.catalog(), path)
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("{} items written to {}", world.num_items(), path.display());
-        return Ok(());
+        return Ok(None);
     }
     let rounds = pick(args.rounds, 100_000, 20_000);
     let n = args.n.unwrap_or(if fresh { 5 } else { 10 });
@@ -227,13 +232,9 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         eprintln!("onrec: driving {} over HTTP", shop.urls().join(", "));
         sim = sim.with_http(shop);
     }
-    if let Some(dir) = &args.log_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the log directory {}", dir.display()))?;
-    }
     eprintln!(
         "world: seed {}, {} users, {} items in {} categories ({:?} goods{}); {} rounds per policy, slates of {}, {} candidates{}",
-        args.seed,
+        seed,
         users,
         items,
         categories,
@@ -248,17 +249,147 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             ""
         },
     );
+    Ok(Some(sim))
+}
 
-    let mut encoder = None;
-    if specs.iter().any(|s| s.ranker == onrec_sim::Ranker::Encoder) {
-        let trained = sim.encoder().context("training the encoder")?;
-        let r = trained.report();
-        eprintln!(
-            "encoder: trained on {} organic interactions in {:.1} s ({} epochs); held-out NDCG@10 {:.4} (popularity {:.4})",
-            r.interactions, r.seconds, r.epochs_run, r.ndcg10, r.popularity_ndcg10
-        );
-        encoder = Some(r.clone());
+/// Trains the encoder of `encoder*` policies when `specs` has one, and reports it.
+fn train_encoder(
+    sim: &mut Simulation,
+    specs: &[spec::PolicySpec],
+) -> anyhow::Result<Option<onrec_sim::EncoderReport>> {
+    if !specs.iter().any(|s| s.ranker == onrec_sim::Ranker::Encoder) {
+        return Ok(None);
     }
+    let trained = sim.encoder().context("training the encoder")?;
+    let r = trained.report();
+    eprintln!(
+        "encoder: trained on {} organic interactions in {:.1} s ({} epochs); held-out NDCG@10 {:.4} (popularity {:.4})",
+        r.interactions, r.seconds, r.epochs_run, r.ndcg10, r.popularity_ndcg10
+    );
+    Ok(Some(r.clone()))
+}
+
+/// The seeds of a list such as `1,2,5-8`, in order, each once.
+fn parse_seeds(list: &str) -> anyhow::Result<Vec<u64>> {
+    let mut seeds: Vec<u64> = Vec::new();
+    for part in list.split(',').map(str::trim) {
+        let number = |s: &str| -> anyhow::Result<u64> {
+            s.trim().parse().with_context(|| {
+                format!("--seeds: '{s}' in '{list}' is not a seed (a whole number)")
+            })
+        };
+        let (from, to) = match part.split_once('-') {
+            Some((a, b)) => (number(a)?, number(b)?),
+            None => (number(part)?, number(part)?),
+        };
+        anyhow::ensure!(
+            from <= to,
+            "--seeds: the range '{part}' runs backwards (write {to}-{from})"
+        );
+        anyhow::ensure!(
+            to - from < MAX_SEEDS as u64,
+            "--seeds: at most {MAX_SEEDS} seeds"
+        );
+        for seed in from..=to {
+            anyhow::ensure!(
+                !seeds.contains(&seed),
+                "--seeds: seed {seed} is listed twice"
+            );
+            seeds.push(seed);
+        }
+    }
+    anyhow::ensure!(
+        seeds.len() <= MAX_SEEDS,
+        "--seeds: at most {MAX_SEEDS} seeds"
+    );
+    Ok(seeds)
+}
+
+/// Most seeds one `--seeds` run takes.
+const MAX_SEEDS: usize = 1000;
+
+/// Runs `specs` in the world of every seed, as many worlds at once as there are cores,
+/// and prints each policy's mean over them.
+fn across_seeds(
+    args: &SimulateArgs,
+    specs: &[spec::PolicySpec],
+    seeds: &[u64],
+) -> anyhow::Result<()> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(seeds.len())
+        .max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: std::sync::Mutex<Vec<(u64, Vec<onrec_sim::Summary>)>> =
+        std::sync::Mutex::new(Vec::with_capacity(seeds.len()));
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&seed) = seeds.get(k) else {
+                            return Ok(());
+                        };
+                        let Some(mut sim) = simulation(args, seed)? else {
+                            return Ok(());
+                        };
+                        train_encoder(&mut sim, specs)?;
+                        let mut summaries = Vec::with_capacity(specs.len());
+                        for spec in specs {
+                            let run = sim
+                                .run(spec, None)
+                                .with_context(|| format!("seed {seed}, {}", spec.name))?;
+                            eprintln!(
+                                "seed {seed}: {}: {:.1} s, CTR {:.2}%",
+                                spec.name,
+                                run.summary.wall_seconds,
+                                100.0 * run.summary.ctr
+                            );
+                            summaries.push(run.summary);
+                        }
+                        results
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("a seed's run panicked"))?
+                            .push((seed, summaries));
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("a seed's run panicked"))??;
+        }
+        Ok(())
+    })?;
+    let mut results = results
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("a seed's run panicked"))?;
+    results.sort_by_key(|(seed, _)| *seed);
+    print!("{}", report::across_seeds(&results));
+    Ok(())
+}
+
+/// Runs `onrec simulate`.
+pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
+    let default_policies = if args.scenario == Scenario::Fresh {
+        "uniform,onrec,oracle_average,oracle"
+    } else {
+        DEFAULT_POLICIES
+    };
+    let specs = spec::parse_list(args.policies.as_deref().unwrap_or(default_policies))?;
+    if let Some(list) = &args.seeds {
+        return across_seeds(&args, &specs, &parse_seeds(list)?);
+    }
+    let Some(mut sim) = simulation(&args, args.seed)? else {
+        return Ok(());
+    };
+    if let Some(dir) = &args.log_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the log directory {}", dir.display()))?;
+    }
+    let encoder = train_encoder(&mut sim, &specs)?;
 
     let mut runs = Vec::with_capacity(specs.len());
     for spec in &specs {
@@ -298,11 +429,34 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         let summaries: Vec<_> = runs.iter().map(|r| r.summary.clone()).collect();
         print!("{}", report::table(&summaries));
         print!("{}", report::tenths(&summaries));
+        print!("{}", report::visits(&summaries));
         println!(
             "regret: the oracle's expected reward minus the served slate's, summed over rounds \
              (cum. regret) and per round over the last 10% of rounds (regret/rd@end); \
-             pref-cat: share of slots in the user's preferred category"
+             pref-cat: share of slots in the user's preferred category; CTR by visit: \
+             by how many requests the user had made before in the run (1 = their first)"
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_lists_take_numbers_and_ranges_once_each() {
+        assert_eq!(parse_seeds("1-3,7, 9").unwrap(), [1, 2, 3, 7, 9]);
+        assert_eq!(parse_seeds("4").unwrap(), [4]);
+        for (bad, says) in [
+            ("3-1", "runs backwards"),
+            ("1,x", "'x' in '1,x' is not a seed"),
+            ("1-2,2", "seed 2 is listed twice"),
+            ("", "is not a seed"),
+            ("1-5000", "at most 1000 seeds"),
+        ] {
+            let e = parse_seeds(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

@@ -31,7 +31,7 @@ pub use crate::encoder::{EncoderReport, EncoderSettings, TrainedEncoder};
 pub use crate::error::SimError;
 pub use crate::http::HttpShop;
 pub use crate::run::{
-    DecisionSink, LearnerCounts, PolicyRun, QParams, SimConfig, Simulation, Summary,
+    DecisionSink, LearnerCounts, PolicyRun, QParams, SimConfig, Simulation, Summary, VISIT_BUCKETS,
     device_segments,
 };
 pub use crate::spec::{DEFAULT_POLICIES, Exploration, PolicyParams, PolicySpec, Ranker};

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::SimError;
 use crate::encoder::EncoderReport;
-use crate::run::{PolicyRun, QParams, Simulation, Summary};
+use crate::run::{PolicyRun, QParams, Simulation, Summary, VISIT_BUCKETS};
 use crate::spec::PolicyParams;
 use crate::world::{Rewards, WorldConfig};
 
@@ -49,14 +49,19 @@ fn thin(len: usize, points: usize) -> impl Iterator<Item = usize> {
         .take(points + 1)
 }
 
-/// The table of results, one row per policy.
-pub fn table(summaries: &[Summary]) -> String {
-    let width = summaries
-        .iter()
-        .map(|s| s.policy.len())
+/// The width of a first column holding `names` and `title`.
+fn name_width<'a>(names: impl IntoIterator<Item = &'a str>, title: &str) -> usize {
+    names
+        .into_iter()
+        .map(str::len)
         .max()
         .unwrap_or(0)
-        .max("policy".len());
+        .max(title.len())
+}
+
+/// The table of results, one row per policy.
+pub fn table(summaries: &[Summary]) -> String {
+    let width = name_width(summaries.iter().map(|s| s.policy.as_str()), "policy");
     let mut out = format!(
         "{:<width$}  {:>8}  {:>11}  {:>8}  {:>7}  {:>8}  {:>10}  {:>9}  {:>12}  {:>13}  {:>7}\n",
         "policy",
@@ -90,25 +95,162 @@ pub fn table(summaries: &[Summary]) -> String {
     out
 }
 
-/// CTR by tenth of the run, one row per policy.
-pub fn tenths(summaries: &[Summary]) -> String {
-    let width = summaries
-        .iter()
-        .map(|s| s.policy.len())
-        .max()
-        .unwrap_or(0)
-        .max("CTR by tenth".len());
-    let mut out = format!("{:<width$}", "CTR by tenth");
-    for k in 1..=10 {
-        out.push_str(&format!("  {:>6}", format!("{}0%", k)));
+/// A table of shares by column: a header row (`title`, then `columns`), the rows
+/// `above` gives (a name and its values), then one row per policy of `values`.
+fn share_table(
+    title: &str,
+    columns: &[String],
+    above: &[(&str, Vec<f64>)],
+    summaries: &[Summary],
+    values: fn(&Summary) -> &[f64],
+) -> String {
+    let width = name_width(
+        summaries
+            .iter()
+            .map(|s| s.policy.as_str())
+            .chain(above.iter().map(|(name, _)| *name)),
+        title,
+    );
+    let mut out = format!("{title:<width$}");
+    for column in columns {
+        out.push_str(&format!("  {column:>6}"));
     }
     out.push('\n');
-    for s in summaries {
-        out.push_str(&format!("{:<width$}", s.policy));
-        for ctr in &s.ctr_by_tenth {
-            out.push_str(&format!("  {:>5.2}%", 100.0 * ctr));
+    let rows = above
+        .iter()
+        .map(|(name, v)| (*name, v.as_slice()))
+        .chain(summaries.iter().map(|s| (s.policy.as_str(), values(s))));
+    for (name, shares) in rows {
+        out.push_str(&format!("{name:<width$}"));
+        for share in shares {
+            out.push_str(&format!("  {:>5.2}%", 100.0 * share));
         }
         out.push('\n');
+    }
+    out
+}
+
+/// CTR by tenth of the run, one row per policy.
+pub fn tenths(summaries: &[Summary]) -> String {
+    let columns: Vec<String> = (1..=10).map(|k| format!("{k}0%")).collect();
+    share_table("CTR by tenth", &columns, &[], summaries, |s| {
+        &s.ctr_by_tenth
+    })
+}
+
+/// CTR by the user's visit (see [`VISIT_BUCKETS`]), one row per policy, under the share
+/// of the rounds in each bucket.
+pub fn visits(summaries: &[Summary]) -> String {
+    let columns: Vec<String> = VISIT_BUCKETS
+        .iter()
+        .enumerate()
+        .map(|(k, &from)| match VISIT_BUCKETS.get(k + 1) {
+            Some(&next) if next == from + 1 => format!("{}", from + 1),
+            Some(&next) => format!("{}-{}", from + 1, next),
+            None => format!("{}+", from + 1),
+        })
+        .collect();
+    // Every policy meets the same traffic: the first one's shares are everyone's.
+    let above: Vec<(&str, Vec<f64>)> = summaries
+        .first()
+        .map(|first| {
+            let total = first.impressions_by_visit.iter().sum::<u64>().max(1) as f64;
+            let shares = first
+                .impressions_by_visit
+                .iter()
+                .map(|&imp| imp as f64 / total)
+                .collect();
+            ("share of rounds", shares)
+        })
+        .into_iter()
+        .collect();
+    share_table("CTR by visit", &columns, &above, summaries, |s| {
+        &s.ctr_by_visit
+    })
+}
+
+/// The mean and the standard error of the mean of `values` (0 for a single value).
+pub fn mean_and_error(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    if n == 1 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    (mean, (var / n as f64).sqrt())
+}
+
+/// What several seeds' runs of the same policies show: per policy, the mean and standard
+/// error over the seeds of CTR, reward per impression and cumulative regret, the mean
+/// preferred-category share, each seed's CTR, and, with `uniform` and `oracle` among the
+/// policies, the share of the gap between their CTRs each other policy closed.
+pub fn across_seeds(runs: &[(u64, Vec<Summary>)]) -> String {
+    let Some((_, first)) = runs.first() else {
+        return String::new();
+    };
+    let policies: Vec<&str> = first.iter().map(|s| s.policy.as_str()).collect();
+    let of = |policy: &str| -> Vec<&Summary> {
+        runs.iter()
+            .filter_map(|(_, summaries)| summaries.iter().find(|s| s.policy == policy))
+            .collect()
+    };
+    let width = name_width(policies.iter().copied(), "CTR by seed");
+    let mut out = format!(
+        "{:<width$}  {:>5}  {:>16}  {:>8}  {:>18}  {:>20}\n",
+        "policy",
+        "seeds",
+        "CTR (± s.e.)",
+        "pref-cat",
+        "reward/imp (± s.e.)",
+        "cum. regret (± s.e.)",
+    );
+    for &policy in &policies {
+        let runs = of(policy);
+        let stat =
+            |f: fn(&Summary) -> f64| mean_and_error(&runs.iter().map(|s| f(s)).collect::<Vec<_>>());
+        let (ctr, ctr_se) = stat(|s| 100.0 * s.ctr);
+        let (pref, _) = stat(|s| 100.0 * s.preferred_share);
+        let (reward, reward_se) = stat(|s| s.reward_per_impression);
+        let (regret, regret_se) = stat(|s| s.cumulative_regret);
+        out.push_str(&format!(
+            "{policy:<width$}  {:>5}  {:>16}  {:>7.1}%  {:>18}  {:>20}\n",
+            runs.len(),
+            format!("{ctr:.2}% ± {ctr_se:.2}"),
+            pref,
+            format!("{reward:.4} ± {reward_se:.4}"),
+            format!("{regret:.0} ± {regret_se:.0}"),
+        ));
+    }
+    out.push_str(&format!("{:<width$}", "CTR by seed"));
+    for (seed, _) in runs {
+        out.push_str(&format!("  {seed:>6}"));
+    }
+    out.push('\n');
+    for &policy in &policies {
+        out.push_str(&format!("{policy:<width$}"));
+        for s in of(policy) {
+            out.push_str(&format!("  {:>5.2}%", 100.0 * s.ctr));
+        }
+        out.push('\n');
+    }
+    let (uniform, oracle) = (of("uniform"), of("oracle"));
+    if uniform.len() == runs.len() && oracle.len() == runs.len() {
+        out.push_str("gap closed: (CTR − uniform's) / (oracle's − uniform's), mean ± s.e.\n");
+        for &policy in policies
+            .iter()
+            .filter(|&&p| p != "uniform" && p != "oracle")
+        {
+            let closed: Vec<f64> = of(policy)
+                .iter()
+                .zip(uniform.iter().zip(&oracle))
+                .map(|(s, (u, o))| 100.0 * (s.ctr - u.ctr) / (o.ctr - u.ctr).max(1e-12))
+                .collect();
+            let (mean, se) = mean_and_error(&closed);
+            out.push_str(&format!("{policy:<width$}  {mean:>5.1}% ± {se:.1}\n"));
+        }
     }
     out
 }
@@ -324,6 +466,113 @@ fn draw_policies<'a, 'b: 'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn summary(policy: &str, ctr: f64, regret: f64) -> Summary {
+        Summary {
+            policy: policy.to_owned(),
+            rounds: 100,
+            impressions: 500,
+            clicks: (ctr * 500.0).round() as u64,
+            ctr,
+            reward: 0.0,
+            reward_per_impression: 2.0 * ctr,
+            reward_per_round: 0.0,
+            expected_reward_per_round: 0.0,
+            oracle_reward_per_round: 0.0,
+            cumulative_regret: regret,
+            final_regret_per_round: 0.0,
+            encoder_rounds: 0,
+            q_rounds: 0,
+            preferred_share: 0.25,
+            ctr_by_tenth: vec![ctr; 10],
+            ctr_by_visit: vec![ctr; VISIT_BUCKETS.len()],
+            impressions_by_visit: vec![300, 100, 50, 50, 0],
+            encoder_versions: None,
+            learner: None,
+            wall_seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn means_come_with_their_standard_errors() {
+        let (mean, se) = mean_and_error(&[2.0, 4.0, 6.0]);
+        assert!((mean - 4.0).abs() < 1e-12);
+        assert!((se - 2.0 / 3f64.sqrt()).abs() < 1e-12, "{se}");
+        assert_eq!(mean_and_error(&[5.0]), (5.0, 0.0));
+        assert_eq!(mean_and_error(&[]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn seeds_are_summarised_per_policy_with_the_gap_closed() {
+        let runs = vec![
+            (
+                1,
+                vec![
+                    summary("uniform", 0.01, 300.0),
+                    summary("onrec", 0.05, 200.0),
+                    summary("oracle", 0.11, 0.0),
+                ],
+            ),
+            (
+                2,
+                vec![
+                    summary("uniform", 0.02, 310.0),
+                    summary("onrec", 0.08, 180.0),
+                    summary("oracle", 0.12, 0.0),
+                ],
+            ),
+        ];
+        let out = across_seeds(&runs);
+        let line = |start: &str| {
+            out.lines()
+                .find(|l| l.starts_with(start))
+                .unwrap_or_else(|| panic!("no line '{start}' in\n{out}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        // CTR 5% and 8%: mean 6.5%, standard error 1.5 points; regret 190 ± 10.
+        assert_eq!(
+            line("onrec "),
+            "onrec 2 6.50% ± 1.50 25.0% 0.1300 ± 0.0300 190 ± 10"
+        );
+        assert_eq!(line("CTR by seed"), "CTR by seed 1 2");
+        assert_eq!(
+            line("uniform "),
+            "uniform 2 1.50% ± 0.50 25.0% 0.0300 ± 0.0100 305 ± 5"
+        );
+        // Gap closed: 4/10 and 6/10 of the way from uniform to the oracle.
+        let gap: Vec<&str> = out.lines().filter(|l| l.starts_with("onrec")).collect();
+        assert_eq!(gap.len(), 3, "{out}");
+        assert_eq!(
+            gap[2].split_whitespace().collect::<Vec<_>>(),
+            ["onrec", "50.0%", "±", "10.0"]
+        );
+        // Only the policies between the two ends get a gap line.
+        let after = out
+            .lines()
+            .skip_while(|l| !l.starts_with("gap closed"))
+            .count();
+        assert_eq!(after, 2, "{out}");
+        assert_eq!(across_seeds(&[]), "");
+    }
+
+    #[test]
+    fn the_visit_table_shows_each_buckets_share_of_rounds() {
+        let out = visits(&[summary("onrec", 0.05, 0.0)]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            ["CTR", "by", "visit", "1", "2-3", "4-7", "8-15", "16+"]
+        );
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            [
+                "share", "of", "rounds", "60.00%", "20.00%", "10.00%", "10.00%", "0.00%"
+            ]
+        );
+        assert!(lines[2].starts_with("onrec"), "{out}");
+    }
 
     #[test]
     fn moving_averages_and_thinning() {

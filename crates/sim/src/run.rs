@@ -52,6 +52,18 @@ pub const ROUND_MS: i64 = 2;
 /// The stream of the engine's request ids, from the world's seed.
 const STREAM_ENGINE: u64 = 0x00e4_9100;
 
+/// The first visit number of each bucket of [`Summary::ctr_by_visit`]: a user's 1st
+/// visit, 2nd–3rd, 4th–7th, 8th–15th, 16th on.
+pub const VISIT_BUCKETS: [u32; 5] = [0, 1, 3, 7, 15];
+
+/// The bucket of [`VISIT_BUCKETS`] of a user's `earlier` requests.
+fn visit_bucket(earlier: u32) -> usize {
+    VISIT_BUCKETS
+        .iter()
+        .rposition(|&b| earlier >= b)
+        .unwrap_or(0)
+}
+
 /// Longest wait for the online encoder or the learner to catch up.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -255,6 +267,11 @@ pub struct Summary {
     pub preferred_share: f64,
     /// CTR in each tenth of the run, in order.
     pub ctr_by_tenth: Vec<f64>,
+    /// CTR by the user's visit: the rounds where the user had had as many earlier
+    /// requests in the run as each bucket of [`VISIT_BUCKETS`] spans.
+    pub ctr_by_visit: Vec<f64>,
+    /// Impressions served in each bucket of [`VISIT_BUCKETS`].
+    pub impressions_by_visit: Vec<u64>,
     /// Snapshots the online encoder published, when one trained.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encoder_versions: Option<u64>,
@@ -534,6 +551,8 @@ impl Simulation {
                 q_rounds: 0,
                 preferred_share: 0.0,
                 ctr_by_tenth: Vec::new(),
+                ctr_by_visit: Vec::new(),
+                impressions_by_visit: Vec::new(),
                 encoder_versions: None,
                 learner: None,
                 wall_seconds: 0.0,
@@ -545,6 +564,9 @@ impl Simulation {
         let tenth = config.rounds.div_ceil(10);
         let (mut tenth_clicks, mut tenth_impressions) = (0u64, 0u64);
         let mut preferred = 0u64;
+        let mut visits: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
+        // [clicks, impressions] by visit bucket.
+        let mut by_visit = [[0u64; 2]; VISIT_BUCKETS.len()];
         for (round, (u, moment)) in world.traffic().take(config.rounds).enumerate() {
             if let Some(engine) = engine {
                 if round > 0 && round % SETTLE_EVERY == 0 && !engine.settle(SETTLE_TIMEOUT) {
@@ -638,6 +660,11 @@ impl Simulation {
             run.summary.clicks += response.clicks;
             tenth_impressions += slate.len() as u64;
             tenth_clicks += response.clicks;
+            let earlier = visits.entry(u).or_insert(0);
+            let bucket = &mut by_visit[visit_bucket(*earlier)];
+            *earlier += 1;
+            bucket[0] += response.clicks;
+            bucket[1] += slate.len() as u64;
             if (round + 1) % tenth == 0 || round + 1 == config.rounds {
                 run.summary.ctr_by_tenth.push(if tenth_impressions > 0 {
                     tenth_clicks as f64 / tenth_impressions as f64
@@ -665,6 +692,17 @@ impl Simulation {
                 sink(record)?;
             }
         }
+        run.summary.ctr_by_visit = by_visit
+            .iter()
+            .map(|&[clicks, impressions]| {
+                if impressions > 0 {
+                    clicks as f64 / impressions as f64
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        run.summary.impressions_by_visit = by_visit.iter().map(|&[_, i]| i).collect();
         run.summary.preferred_share = if run.summary.impressions > 0 {
             preferred as f64 / run.summary.impressions as f64
         } else {
@@ -733,4 +771,18 @@ fn finish(s: &mut Summary, expected: &[f64], oracle: &[f64]) {
         regret[regret.len() - tail..].iter().sum::<f64>(),
         tail as f64,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visits_fall_into_their_buckets() {
+        let buckets: Vec<usize> = [0, 1, 2, 3, 6, 7, 14, 15, 1000]
+            .into_iter()
+            .map(visit_bucket)
+            .collect();
+        assert_eq!(buckets, [0, 1, 1, 2, 2, 3, 3, 4, 4]);
+    }
 }

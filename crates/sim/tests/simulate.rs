@@ -69,6 +69,19 @@ fn the_oracle_is_never_beaten_in_expectation() {
         assert_eq!(s.impressions, 400 * 5);
         assert!(s.clicks > 0 && s.ctr > 0.005 && s.ctr < 0.3, "{s:?}");
         assert!(s.cumulative_regret > 0.0, "{s:?}");
+        // Every impression is in one visit bucket, and the buckets' clicks add up.
+        assert_eq!(s.impressions_by_visit.len(), onrec_sim::VISIT_BUCKETS.len());
+        assert_eq!(s.impressions_by_visit.iter().sum::<u64>(), s.impressions);
+        let clicks: f64 = s
+            .ctr_by_visit
+            .iter()
+            .zip(&s.impressions_by_visit)
+            .map(|(ctr, &imp)| ctr * imp as f64)
+            .sum();
+        assert!((clicks - s.clicks as f64).abs() < 1e-6, "{s:?}");
+        // 400 rounds over 500 users: most are first visits, some users came back.
+        assert!(s.impressions_by_visit[0] > s.impressions / 2, "{s:?}");
+        assert!(s.impressions_by_visit[1] > 0, "{s:?}");
     }
     assert_eq!(runs[0].summary.encoder_rounds, 0);
     let encoder_q = &runs[4].summary;
