@@ -162,8 +162,8 @@ fn shipped_service(
     engine
 }
 
-/// The simulation `args` describe in the world of `seed`, and the world's shape (users,
-/// items, categories), or the catalog written when `--write-catalog` asks for it.
+/// The simulation `args` describe in the world of `seed`; `None` once the world's catalog
+/// is written, when `--write-catalog` asks only for that.
 fn simulation(args: &SimulateArgs, seed: u64) -> anyhow::Result<Option<Simulation>> {
     let fresh = args.scenario == Scenario::Fresh;
     let pick = |given: Option<usize>, classic: usize, fresh_shop: usize| {
@@ -308,6 +308,32 @@ fn parse_seeds(list: &str) -> anyhow::Result<Vec<u64>> {
 /// Most seeds one `--seeds` run takes.
 const MAX_SEEDS: usize = 1000;
 
+/// Runs `specs` in the world of `seed`: their summaries, in order.
+fn run_seed(
+    args: &SimulateArgs,
+    specs: &[spec::PolicySpec],
+    seed: u64,
+) -> anyhow::Result<Vec<onrec_sim::Summary>> {
+    let Some(mut sim) = simulation(args, seed)? else {
+        return Ok(Vec::new());
+    };
+    train_encoder(&mut sim, specs)?;
+    let mut summaries = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let run = sim
+            .run(spec, None)
+            .with_context(|| format!("seed {seed}, {}", spec.name))?;
+        eprintln!(
+            "seed {seed}: {}: {:.1} s, CTR {:.2}%",
+            spec.name,
+            run.summary.wall_seconds,
+            100.0 * run.summary.ctr
+        );
+        summaries.push(run.summary);
+    }
+    Ok(summaries)
+}
+
 /// Runs `specs` in the world of every seed, as many worlds at once as there are cores,
 /// and prints each policy's mean over them.
 fn across_seeds(
@@ -331,27 +357,17 @@ fn across_seeds(
                         let Some(&seed) = seeds.get(k) else {
                             return Ok(());
                         };
-                        let Some(mut sim) = simulation(args, seed)? else {
-                            return Ok(());
-                        };
-                        train_encoder(&mut sim, specs)?;
-                        let mut summaries = Vec::with_capacity(specs.len());
-                        for spec in specs {
-                            let run = sim
-                                .run(spec, None)
-                                .with_context(|| format!("seed {seed}, {}", spec.name))?;
-                            eprintln!(
-                                "seed {seed}: {}: {:.1} s, CTR {:.2}%",
-                                spec.name,
-                                run.summary.wall_seconds,
-                                100.0 * run.summary.ctr
-                            );
-                            summaries.push(run.summary);
+                        match run_seed(args, specs, seed) {
+                            Ok(summaries) => results
+                                .lock()
+                                .map_err(|_| anyhow::anyhow!("a seed's run panicked"))?
+                                .push((seed, summaries)),
+                            Err(e) => {
+                                // The other workers take no further seed.
+                                next.store(seeds.len(), std::sync::atomic::Ordering::Relaxed);
+                                return Err(e);
+                            }
                         }
-                        results
-                            .lock()
-                            .map_err(|_| anyhow::anyhow!("a seed's run panicked"))?
-                            .push((seed, summaries));
                     }
                 })
             })
