@@ -161,7 +161,7 @@ impl Default for EngineConfig {
             max_n: 100,
             half_life: Duration::from_secs(6 * 3600),
             hide_purchased: HidePurchased::Learned,
-            rest_after: 3,
+            rest_after: 5,
             category_taste: 1.0,
             history_len: 50,
             max_users: 1_000_000,
@@ -1173,21 +1173,23 @@ mod tests {
     }
 
     #[test]
-    fn items_passed_over_three_times_rest_until_clicked() {
+    fn items_passed_over_rest_after_times_rest_until_clicked() {
         let e = engine(30);
+        let times = EngineConfig::default().rest_after;
+        assert!(times > 1);
         let first = rec(&e, &RecommendRequest::new("v", 5)).unwrap();
-        for _ in 0..2 {
+        for _ in 1..times {
             assert_eq!(
                 ids(&rec(&e, &RecommendRequest::new("v", 5)).unwrap()),
                 ids(&first)
             );
         }
-        let fourth = rec(&e, &RecommendRequest::new("v", 5)).unwrap();
+        let next = rec(&e, &RecommendRequest::new("v", 5)).unwrap();
         assert!(
-            ids(&fourth).iter().all(|i| !ids(&first).contains(i)),
-            "shown three times without a click, they rest: {:?} then {:?}",
+            ids(&next).iter().all(|i| !ids(&first).contains(i)),
+            "shown {times} times without a click, they rest: {:?} then {:?}",
             ids(&first),
-            ids(&fourth)
+            ids(&next)
         );
         put(
             &e,
