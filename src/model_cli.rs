@@ -75,6 +75,11 @@ pub struct TrainArgs {
     /// category, tags, description) or a RecBole .item file (every column but item_id)
     #[arg(long, requires = "text_model")]
     item_text: Option<PathBuf>,
+    /// With item text: the share of items whose own embedding each training step leaves
+    /// out, so that the text projection learns to rank items on its own (as it must for
+    /// items never trained on)
+    #[arg(long, default_value_t = train::DEFAULT_ID_DROPOUT)]
+    id_dropout: f64,
     /// Cold-item protocol: withhold this share of the items (drawn with --seed) from
     /// training entirely; `onrec eval` then scores the users whose test item is one of them
     /// apart from the rest
@@ -193,6 +198,9 @@ fn interval_table(rankers: &[(&str, [[Interval; 5]; 2])], signed: bool) -> Strin
 
 /// Trains, evaluates on the test cases, and writes the checkpoint.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    if !(0.0..1.0).contains(&args.id_dropout) {
+        anyhow::bail!("--id-dropout must be in [0, 1), not {}", args.id_dropout);
+    }
     if !(0.0..1.0).contains(&args.cold_share) {
         anyhow::bail!("--cold-share must be in [0, 1), not {}", args.cold_share);
     }
@@ -256,6 +264,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         seed: args.seed,
         max_grad_norm: 5.0,
         progress: true,
+        id_dropout: args.id_dropout,
     };
     let inputs = ItemInputs {
         text,

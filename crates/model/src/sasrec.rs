@@ -295,7 +295,18 @@ impl SasRec {
     /// The item tower: one row per item index (row 0 is padding), `[num_items + 1, hidden]`,
     /// the category embeddings and the projected text added when there are any.
     pub fn folded_item_table(&self) -> candle_core::Result<Tensor> {
-        let own = self.items.embeddings();
+        self.item_table_keeping(None)
+    }
+
+    /// [`SasRec::folded_item_table`] with the items' own embeddings multiplied by `keep`
+    /// (`[num_items + 1, 1]`, 1 or 0 per item): a dropped item is known by its category
+    /// and text alone, as an item never trained on is.
+    pub fn item_table_keeping(&self, keep: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let own = match keep {
+            None => self.items.embeddings().clone(),
+            Some(keep) => self.items.embeddings().broadcast_mul(keep)?,
+        };
+        let own = &own;
         let table = match &self.categories {
             None => own.clone(),
             Some(c) => (own.affine(ITEM_SHARE, 0.0)? + c.table.forward(&c.of_item)?)?,
@@ -492,6 +503,27 @@ pub fn init_seeded(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
         var.set(&value)?;
     }
     Ok(())
+}
+
+/// Sets the own embeddings of `items` to zero, so that items never trained on are known by
+/// their category and text alone, as a dropped item is in training
+/// ([`SasRec::item_table_keeping`]) and not by a random vector.
+pub fn forget_items(varmap: &VarMap, items: &[u32]) -> candle_core::Result<()> {
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let Some(var) = vars.get("items.weight") else {
+        candle_core::bail!("the encoder has no item embeddings");
+    };
+    let (rows, width) = var.dims2()?;
+    let mut table: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+    for &i in items {
+        if let Some(row) = table.chunks_exact_mut(width).nth(i as usize) {
+            row.fill(0.0);
+        }
+    }
+    var.set(&Tensor::from_vec(table, (rows, width), var.device())?)
 }
 
 /// Cross-entropy of next-item prediction over the positions whose target is not padding,

@@ -39,6 +39,11 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     /// Draw progress bars on a terminal (per-epoch lines otherwise).
     pub progress: bool,
+    /// With item text: the share of items whose own embedding is left out of each step,
+    /// so that they are scored by their category and text alone, as items never trained
+    /// on are (their own embeddings are zero). It teaches the text projection to rank
+    /// items on its own.
+    pub id_dropout: f64,
 }
 
 impl Default for TrainConfig {
@@ -52,6 +57,7 @@ impl Default for TrainConfig {
             seed: 42,
             max_grad_norm: 5.0,
             progress: true,
+            id_dropout: DEFAULT_ID_DROPOUT,
         }
     }
 }
@@ -219,6 +225,24 @@ fn restore(varmap: &VarMap, saved: &HashMap<String, Tensor>) -> Result<(), Model
     Ok(())
 }
 
+/// Share of items whose own embedding a training step leaves out when items have text
+/// (see [`TrainConfig::id_dropout`]).
+pub const DEFAULT_ID_DROPOUT: f64 = 0.2;
+
+/// Which items keep their own embedding in one step: `[num_items + 1, 1]`, 0 for a share
+/// `p` of the items drawn from `rng`, 1 for the rest and for padding.
+fn kept_items(
+    rng: &mut SplitMix64,
+    p: f64,
+    num_items: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let keep: Vec<f32> = std::iter::once(1.0)
+        .chain((0..num_items).map(|_| if rng.unit() < p { 0.0 } else { 1.0 }))
+        .collect();
+    Tensor::from_vec(keep, (num_items + 1, 1), device)
+}
+
 /// The learning rate at `step` (from 0) of `total`: `peak · step / warmup` during the
 /// first `warmup` steps, then a cosine from `peak` down to 0 at `total`.
 fn scheduled_lr(peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
@@ -252,6 +276,7 @@ pub fn train(
         }
     }
     sasrec::init_seeded(&varmap, tc.seed)?;
+    sasrec::forget_items(&varmap, &items.withheld)?;
     let withheld = if items.withheld.is_empty() {
         None
     } else {
@@ -281,6 +306,8 @@ pub fn train(
     let mut order: Vec<usize> = (0..all.len()).collect();
     let mut rng = SplitMix64::new(tc.seed ^ 0x5eed_0bd3);
     let mut noise = Noise::new(cfg.dropout, tc.seed.wrapping_add(1));
+    let mut dropping = (tc.id_dropout > 0.0 && model.text_vectors().is_some())
+        .then(|| SplitMix64::new(tc.seed ^ 0x1d_d209));
     let draw = tc.progress && std::io::stderr().is_terminal();
     let batches = all.len().div_ceil(tc.batch_size);
 
@@ -309,7 +336,11 @@ pub fn train(
             opt.set_learning_rate(scheduled_lr(tc.lr, step, batches, tc.epochs * batches));
             let ws: Vec<&Window> = chunk.iter().map(|&i| &all[i]).collect();
             let [ids, targets, hours, devs] = batch_tensors(&ws, cfg.max_len, device)?;
-            let table = model.folded_item_table()?;
+            let keep = match dropping.as_mut() {
+                Some(rng) => Some(kept_items(rng, tc.id_dropout, cfg.num_items, device)?),
+                None => None,
+            };
+            let table = model.item_table_keeping(keep.as_ref())?;
             let hidden = model.forward_train(&table, &ids, &hours, &devs, Some(&mut noise))?;
             let seen = if cfg.repeat {
                 Some(seen_from(&ws, cfg.max_len, cfg.num_items, device)?)
