@@ -234,6 +234,7 @@ pub fn demo_catalog(n: usize) -> Vec<Item> {
                 category: category.to_owned(),
                 price: Some(price),
                 tags: vec![adjective.to_lowercase()],
+                description: String::new(),
                 available: true,
                 popularity: Some(100.0 / (rank[i] as f64 + 1.0).powf(0.8)),
             }

@@ -527,12 +527,14 @@ impl Engine {
     }
 
     /// Trains an encoder online from the interactions of accepted events, starting from
-    /// nothing, and ranks with each snapshot it publishes. Items added to the catalog
-    /// later join it. With a shared state, the process that holds the learner lease also
+    /// nothing (or the settings' checkpoint), and ranks with each snapshot it publishes.
+    /// Items added to the catalog later join it; with `text` (the checkpoint's text
+    /// projection), items it knows nothing of are placed by their text. With a shared state, the process that holds the learner lease also
     /// publishes the snapshots' weights to Redis for the serve replicas.
     pub fn start_online_encoder(
         &self,
         settings: online::OnlineSettings,
+        text: Option<onrec_model::text::TextProjection>,
     ) -> Result<Arc<online::OnlineEncoder>, onrec_learn::LearnError> {
         let weak = Arc::downgrade(&self.inner);
         let publish: online::Publish = Box::new(move |encoder, items, version, newcomers| {
@@ -567,10 +569,10 @@ impl Engine {
             .catalog
             .items()
             .iter()
-            .map(|i| (i.item_id.clone(), i.category.clone()))
+            .map(online::EncoderItem::from)
             .collect();
         let trainer = Arc::new(online::OnlineEncoder::start(
-            settings, items, publish, export,
+            settings, items, text, publish, export,
         )?);
         if !matches!(ranking.encoder, EncoderState::Ready(_)) {
             ranking.encoder = EncoderState::Learning;
@@ -942,10 +944,7 @@ impl Engine {
             online.grow(
                 created
                     .iter()
-                    .map(|&i| {
-                        let item = ranking.catalog.get(i);
-                        (item.item_id.clone(), item.category.clone())
-                    })
+                    .map(|&i| online::EncoderItem::from(ranking.catalog.get(i)))
                     .collect(),
             );
         }

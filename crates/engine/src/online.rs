@@ -15,6 +15,7 @@ use onrec_model::context::ContextIds;
 use onrec_model::device::{self, DeviceChoice};
 use onrec_model::online::{OnlineConfig, OnlineTrainer};
 use onrec_model::serve::{Batching, Encoder};
+use onrec_model::text::TextProjection;
 use parking_lot::{Mutex, RwLock};
 
 /// How the online encoder trains and serves.
@@ -99,6 +100,27 @@ const EXPORT_EVERY: Duration = Duration::from_secs(1);
 /// and learn only from choices among those.
 pub const NEWCOMER_EXAMPLES: usize = 500;
 
+/// A catalog item as the online encoder takes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncoderItem {
+    /// The item's id.
+    pub id: String,
+    /// Its category ("" for none).
+    pub category: String,
+    /// Its text (title, category, tags, description; see [`crate::Item::text`]).
+    pub text: String,
+}
+
+impl From<&crate::Item> for EncoderItem {
+    fn from(item: &crate::Item) -> Self {
+        Self {
+            id: item.item_id.clone(),
+            category: item.category.clone(),
+            text: item.text(),
+        }
+    }
+}
+
 enum Msg {
     Observe {
         user: String,
@@ -106,7 +128,7 @@ enum Msg {
         context: ContextIds,
         shown: Vec<u32>,
     },
-    Grow(Vec<(String, String)>),
+    Grow(Vec<EncoderItem>),
     Settle(Sender<u64>),
     /// From now on, train only while a settle waits.
     Pace,
@@ -124,18 +146,21 @@ pub struct OnlineEncoder {
 }
 
 impl OnlineEncoder {
-    /// Starts training a fresh encoder over `items` (id, category) in catalog order;
-    /// snapshots go to `publish`, and their weights to `export` when there is one (at
-    /// most every [`EXPORT_EVERY`], and the last one before training pauses).
+    /// Starts training a fresh encoder over `items` in catalog order; snapshots go to
+    /// `publish`, and their weights to `export` when there is one (at most every
+    /// [`EXPORT_EVERY`], and the last one before training pauses). With `text`, items
+    /// nothing was learned of (at start, and added later) are placed by their text.
     pub(crate) fn start(
         settings: OnlineSettings,
-        items: Vec<(String, String)>,
+        items: Vec<EncoderItem>,
+        text: Option<TextProjection>,
         publish: Publish,
         export: Option<Export>,
     ) -> Result<Self, LearnError> {
-        let categories: Vec<String> = items.iter().map(|(_, c)| c.clone()).collect();
+        let categories: Vec<String> = items.iter().map(|i| i.category.clone()).collect();
+        let texts: Vec<String> = items.iter().map(|i| i.text.clone()).collect();
         let mut vocabulary = vec![String::new()];
-        vocabulary.extend(items.into_iter().map(|(id, _)| id));
+        vocabulary.extend(items.into_iter().map(|i| i.id));
         let (tx, rx) = mpsc::sync_channel(settings.queue.max(1));
         let published = Arc::new(AtomicU64::new(0));
         let steps = Arc::new(AtomicU64::new(0));
@@ -153,6 +178,16 @@ impl OnlineEncoder {
                         published,
                         steps,
                     )?;
+                    if let Some(text) = text {
+                        worker.text = Some(text);
+                        let unlearned: Vec<(u32, String)> = worker
+                            .trainer
+                            .unlearned()
+                            .iter()
+                            .map(|&i| (i, texts[i as usize - 1].clone()))
+                            .collect();
+                        worker.place_by_text(unlearned);
+                    }
                     worker.run(&rx);
                     worker.save();
                     Ok(())
@@ -192,8 +227,8 @@ impl OnlineEncoder {
         }
     }
 
-    /// Adds catalog items (id, category), in catalog order after the known ones.
-    pub fn grow(&self, items: Vec<(String, String)>) {
+    /// Adds catalog items, in catalog order after the known ones.
+    pub fn grow(&self, items: Vec<EncoderItem>) {
         if !items.is_empty() && !self.send(Msg::Grow(items)) {
             tracing::warn!("the encoder trainer's queue is full; new items join it later");
         }
@@ -272,6 +307,8 @@ struct Worker {
     saved_at: (Instant, u64),
     /// Whether it trains only while a settle waits (see [`OnlineEncoder::pace`]).
     paced: bool,
+    /// Places items nothing was learned of by their text.
+    text: Option<TextProjection>,
 }
 
 /// Time between checkpoints while training goes on.
@@ -346,7 +383,42 @@ impl Worker {
             since_publish,
             saved_at,
             paced: false,
+            text: None,
         })
+    }
+
+    /// Places items (index, text) by their text when there is a text projection, and
+    /// publishes them with the next snapshot; items with no text stay where they are.
+    fn place_by_text(&mut self, items: Vec<(u32, String)>) {
+        let Some(projection) = self.text.as_mut() else {
+            return;
+        };
+        let items: Vec<(u32, String)> = items
+            .into_iter()
+            .filter(|(_, t)| !t.trim().is_empty())
+            .collect();
+        if items.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let texts: Vec<&str> = items.iter().map(|(_, t)| t.as_str()).collect();
+        let placed = projection.rows(&texts).and_then(|rows| {
+            let rows: Vec<(u32, Vec<f32>)> = items.iter().map(|&(i, _)| i).zip(rows).collect();
+            self.trainer.place(&rows)
+        });
+        match placed {
+            Ok(()) => {
+                self.since_publish += 1;
+                metrics::counter!("onrec_encoder_items_placed_by_text_total")
+                    .increment(items.len() as u64);
+                tracing::info!(
+                    items = items.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "items placed in the encoder by their text"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "placing items by their text failed"),
+        }
     }
 
     /// Hands the last publication's weights to `export` if they were not yet, and `now`
@@ -460,9 +532,16 @@ impl Worker {
                 shown,
             } => self.trainer.observe(&user, item, context, &shown),
             Msg::Grow(items) => {
-                let categories: Vec<String> = items.iter().map(|(_, c)| c.clone()).collect();
+                let categories: Vec<String> = items.iter().map(|i| i.category.clone()).collect();
                 match self.trainer.grow(&categories) {
-                    Ok(()) => self.vocabulary.extend(items.into_iter().map(|(id, _)| id)),
+                    Ok(()) => {
+                        let first = self.vocabulary.len() as u32;
+                        let texts = (first..)
+                            .zip(items.iter().map(|i| i.text.clone()))
+                            .collect();
+                        self.vocabulary.extend(items.into_iter().map(|i| i.id));
+                        self.place_by_text(texts);
+                    }
                     Err(e) => tracing::error!(error = %e, "the online encoder cannot grow"),
                 }
             }

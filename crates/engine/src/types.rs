@@ -21,6 +21,8 @@ pub const MAX_CONTEXT_ATTRIBUTES: usize = 32;
 pub const MAX_LABEL_CHARS: usize = 128;
 /// Longest accepted item title, in characters.
 pub const MAX_TITLE_CHARS: usize = 1024;
+/// Longest accepted item description, in characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 8192;
 /// Number of items returned when a request does not say.
 pub const DEFAULT_N: u32 = 10;
 
@@ -68,6 +70,21 @@ fn check_text(field: &str, text: &str, max: usize) -> Result<(), FieldError> {
         ));
     }
     Ok(())
+}
+
+/// Checks prose: as [`check_text`], but line breaks and tabs are allowed.
+fn check_prose(field: &str, text: &str, max: usize) -> Result<(), FieldError> {
+    let flat: String = text
+        .chars()
+        .map(|c| {
+            if matches!(c, '\n' | '\r' | '\t') {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
+    check_text(field, &flat, max)
 }
 
 fn check_ids(field: &str, ids: &[String]) -> Result<(), FieldError> {
@@ -523,6 +540,10 @@ pub struct Item {
     /// Free-form tags.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// What the item is, in prose (line breaks and tabs allowed). With a text model, an
+    /// item new to the encoder is placed by its text: title, category, tags and this.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
     /// Unavailable items are kept but never recommended.
     #[serde(default = "default_true")]
     pub available: bool,
@@ -540,9 +561,15 @@ impl Item {
             category: category.into(),
             price: None,
             tags: Vec::new(),
+            description: String::new(),
             available: true,
             popularity: None,
         }
+    }
+
+    /// The item's text, as a text model reads it: title, category, tags and description.
+    pub fn text(&self) -> String {
+        onrec_model::text::describe(&self.title, &self.category, &self.tags, &self.description)
     }
 
     /// Checks every field; the error names the first bad one.
@@ -550,6 +577,7 @@ impl Item {
         check_id("item_id", &self.item_id)?;
         check_text("title", &self.title, MAX_TITLE_CHARS)?;
         check_text("category", &self.category, MAX_LABEL_CHARS)?;
+        check_prose("description", &self.description, MAX_DESCRIPTION_CHARS)?;
         for (name, value) in [("price", self.price), ("popularity", self.popularity)] {
             if let Some(v) = value
                 && !(v.is_finite() && (0.0..=MAX_AMOUNT).contains(&v))

@@ -192,6 +192,8 @@ pub struct OnlineTrainer {
     noise: Noise,
     steps: u64,
     last_loss: f32,
+    /// Items (1-based) nothing had been learned of when it was made.
+    unlearned: Vec<u32>,
 }
 
 impl std::fmt::Debug for OnlineTrainer {
@@ -250,7 +252,14 @@ impl OnlineTrainer {
             clock: 0,
             steps: 0,
             last_loss: f32::NAN,
+            unlearned: (1..=categories.len() as u32).collect(),
         })
+    }
+
+    /// Items (1-based) nothing had been learned of when this trainer was made: all of a
+    /// fresh one's, those the checkpoint or the saved state it started from did not know.
+    pub fn unlearned(&self) -> &[u32] {
+        &self.unlearned
     }
 
     fn category_of(index: &mut HashMap<String, u32>, category: &str) -> u32 {
@@ -405,6 +414,48 @@ impl OnlineTrainer {
         self.varmap = varmap;
         self.model = model;
         self.item_category = item_category;
+        Ok(())
+    }
+
+    /// Places items by the row each should score with (item index, 1-based; `hidden`
+    /// wide): its own embedding becomes what the row adds to its category's, so an item
+    /// known by something other than interactions (its text) starts where that puts it.
+    /// Training goes on from there.
+    pub fn place(&mut self, rows: &[(u32, Vec<f32>)]) -> Result<(), ModelError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let width = self.cfg.hidden;
+        let vars = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|e| ModelError::Train(e.to_string()))?;
+        let (Some(items), Some(cats)) = (vars.get(ITEM_TABLE), vars.get(CATEGORY_TABLE)) else {
+            return Err(ModelError::Train("the item tower has no tables".into()));
+        };
+        let mut own = items.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let cat_rows = cats.as_tensor().to_vec2::<f32>()?;
+        for (item, row) in rows {
+            let i = *item as usize;
+            if i == 0 || i >= self.item_category.len() || row.len() != width {
+                return Err(ModelError::Train(format!(
+                    "cannot place item {item} by a row {} wide: {} items of width {width}",
+                    row.len(),
+                    self.item_category.len() - 1
+                )));
+            }
+            let mean = &cat_rows[self.item_category[i] as usize];
+            for ((d, v), m) in own[i * width..(i + 1) * width]
+                .iter_mut()
+                .zip(row)
+                .zip(mean)
+            {
+                *d = ((v - m) as f64 / sasrec::ITEM_SHARE) as f32;
+            }
+        }
+        let n = own.len() / width;
+        items.set(&Tensor::from_vec(own, (n, width), &self.device)?)?;
         Ok(())
     }
 
@@ -660,6 +711,13 @@ impl OnlineTrainer {
         let old_items: Vec<Option<u32>> = std::iter::once(Some(0))
             .chain(state.items.iter().map(|id| index.get(id.as_str()).copied()))
             .collect();
+        let mut learned = vec![false; vocabulary.len()];
+        for &i in old_items.iter().flatten() {
+            learned[i as usize] = true;
+        }
+        trainer.unlearned = (1..vocabulary.len() as u32)
+            .filter(|&i| !learned[i as usize])
+            .collect();
         {
             let vars = trainer
                 .varmap
@@ -757,7 +815,9 @@ impl OnlineTrainer {
     /// padding). Its shape is the checkpoint's (`cfg` gives the pace of training). It
     /// scores exactly as the checkpoint does: each category's embedding is the mean of its
     /// items' rows in the checkpoint, and each item keeps the rest as its own, so a catalog
-    /// item the checkpoint does not know starts at its category's mean.
+    /// item the checkpoint does not know starts at its category's mean (or where
+    /// [`OnlineTrainer::place`] puts it). A checkpoint trained with item text gives rows
+    /// with the projected text folded in: online training goes on from those rows.
     pub fn from_checkpoint(
         cfg: OnlineConfig,
         dir: &Path,
@@ -766,12 +826,6 @@ impl OnlineTrainer {
         device: Device,
     ) -> Result<Self, ModelError> {
         let shape = crate::checkpoint::read_config(dir)?;
-        if shape.text_dim > 0 {
-            return Err(io(
-                dir,
-                "reads item text; online training does not go on from such a checkpoint yet (serve it with encoder_online = false)",
-            ));
-        }
         let cfg = OnlineConfig {
             max_len: shape.max_len,
             hidden: shape.hidden,
@@ -806,9 +860,11 @@ impl OnlineTrainer {
                     .ok_or_else(|| io(&weights, format!("has no {name}")))?;
                 set_same_shape(var, before, name, &weights, "in its own config.json")?;
             }
-            let table = saved
-                .get(ITEM_TABLE)
-                .ok_or_else(|| io(&weights, format!("has no {ITEM_TABLE}")))?
+            // The rows the checkpoint scores with: with item text, its projected text
+            // is folded into each item's row, and online training goes on from there.
+            let table = crate::checkpoint::load(dir, &device)?
+                .model
+                .folded_item_table()?
                 .to_vec2::<f32>()?;
             let width = trainer.cfg.hidden;
             if table.len() != ids.len() + 1 || table.iter().any(|r| r.len() != width) {
@@ -826,6 +882,9 @@ impl OnlineTrainer {
             let known: Vec<Option<&Vec<f32>>> = vocabulary
                 .iter()
                 .map(|id| row_of.get(id.as_str()).and_then(|&r| table.get(r)))
+                .collect();
+            trainer.unlearned = (1..known.len() as u32)
+                .filter(|&i| known[i as usize].is_none())
                 .collect();
             let (mut item_rows, mut cat_rows) = (
                 items.as_tensor().to_vec2::<f32>()?,
@@ -1036,8 +1095,19 @@ mod tests {
 
     #[test]
     fn an_encoder_from_a_checkpoint_scores_as_it_and_places_new_items_by_category() {
-        // A checkpoint as `onrec train` writes it, over items a0..a9, with item rows far
-        // from a fresh encoder's.
+        from_checkpoint(0);
+    }
+
+    #[test]
+    fn an_encoder_from_a_checkpoint_with_item_text_scores_as_it_and_places_items_by_text() {
+        from_checkpoint(4);
+    }
+
+    /// A checkpoint as `onrec train` writes it, over items a0..a9, with item rows far from
+    /// a fresh encoder's (and item text `text_dim` wide), goes on online over today's
+    /// catalog: it scores as the checkpoint did, a new item starts at its category's mean,
+    /// and one placed by a row scores by that row.
+    fn from_checkpoint(text_dim: usize) {
         let shape = Config {
             num_items: 10,
             max_len: 8,
@@ -1047,11 +1117,17 @@ mod tests {
             ff: 32,
             dropout: 0.0,
             repeat: false,
-            text_dim: 0,
+            text_dim,
         };
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let ckpt_model = SasRec::load(vb, &shape).unwrap();
+        let mut ckpt_model = SasRec::load(vb.clone(), &shape).unwrap();
+        let mut rng = SplitMix64::new(3);
+        let vectors: Vec<f32> = (0..11 * text_dim).map(|_| rng.normal() as f32).collect();
+        let vectors = Tensor::from_vec(vectors, (11, text_dim), &Device::Cpu).unwrap();
+        if text_dim > 0 {
+            ckpt_model = ckpt_model.with_text(vb, vectors.clone()).unwrap();
+        }
         sasrec::init_seeded(&varmap, 5).unwrap();
         {
             let vars = varmap.data().lock().unwrap();
@@ -1067,9 +1143,13 @@ mod tests {
         let ckpt_items: Vec<String> = std::iter::once(String::new())
             .chain((0..10).map(|i| format!("a{i}")))
             .collect();
-        let dir = std::env::temp_dir().join(format!("onrec-online-ckpt-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "onrec-online-ckpt-{text_dim}-{}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
-        crate::checkpoint::save(&dir, &varmap, &shape, &ckpt_items, None, &()).unwrap();
+        let text = (text_dim > 0).then_some(&vectors);
+        crate::checkpoint::save(&dir, &varmap, &shape, &ckpt_items, text, &()).unwrap();
 
         // Today's catalog: the checkpoint's items in another order, one new item "n" in
         // category x, where a1 and a3 are.
@@ -1085,7 +1165,7 @@ mod tests {
                 _ => "y".to_owned(),
             })
             .collect();
-        let t = OnlineTrainer::from_checkpoint(
+        let mut t = OnlineTrainer::from_checkpoint(
             OnlineConfig::default(),
             &dir,
             &today,
@@ -1138,6 +1218,19 @@ mod tests {
             .map(|(n, (x, y))| (n - (x + y) / 2.0).abs())
             .fold(0.0, f32::max);
         assert!(off < 0.1, "the new item is {off} from its category's mean");
+        let n = index(&today, "n");
+        assert_eq!(
+            t.unlearned(),
+            [n],
+            "only the new item is unknown to the checkpoint"
+        );
+        let placed: Vec<f32> = (0..16).map(|k| k as f32 / 8.0 - 1.0).collect();
+        t.place(&[(n, placed.clone())]).unwrap();
+        let folded = t.snapshot().unwrap().folded_item_table().unwrap();
+        for (got, want) in row(&folded, n).iter().zip(&placed) {
+            assert!((got - want).abs() < 1e-5, "placed at {got}, not {want}");
+        }
+        assert!(t.place(&[(99, placed)]).is_err(), "no such item");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

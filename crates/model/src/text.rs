@@ -117,6 +117,86 @@ pub fn read_item_texts(path: &Path) -> Result<HashMap<String, String>, ModelErro
     Ok(out)
 }
 
+/// Item vectors from item text alone, as an encoder trained with text places an item it
+/// never trained on: the sentence encoder's vector of its text through the encoder's
+/// learned projection (`text.proj.weight`). What an item added with only a description
+/// gets in the item tower.
+#[derive(Debug)]
+pub struct TextProjection {
+    model: TextModel,
+    /// `[hidden, text_dim]`, row-major.
+    weight: Vec<f32>,
+    hidden: usize,
+}
+
+impl TextProjection {
+    /// The sentence encoder in `text_model` with the projection of the checkpoint in
+    /// `checkpoint` (written by `onrec train --text-model`), on `device`. Errors say which
+    /// one does not fit.
+    pub fn load(text_model: &Path, checkpoint: &Path, device: &Device) -> Result<Self, ModelError> {
+        let shape = crate::checkpoint::read_config(checkpoint)?;
+        if shape.text_dim == 0 {
+            return Err(io(
+                checkpoint,
+                "was trained without item text, so it cannot place items by their text (train it with --text-model and --item-text)",
+            ));
+        }
+        let path = checkpoint.join(crate::checkpoint::WEIGHTS);
+        let weight = candle_core::safetensors::load(&path, &Device::Cpu)
+            .map_err(|e| io(&path, e))?
+            .remove("text.proj.weight")
+            .ok_or_else(|| io(&path, "has no tensor named text.proj.weight"))?;
+        if weight.dims() != [shape.hidden, shape.text_dim] {
+            return Err(io(
+                &path,
+                format!(
+                    "text.proj.weight is {:?}, config.json says [{}, {}]",
+                    weight.dims(),
+                    shape.hidden,
+                    shape.text_dim
+                ),
+            ));
+        }
+        let model = TextModel::load(text_model, device)?;
+        if model.dim() != shape.text_dim {
+            return Err(io(
+                text_model,
+                format!(
+                    "gives {}-wide vectors, and the checkpoint was trained on {}-wide ones",
+                    model.dim(),
+                    shape.text_dim
+                ),
+            ));
+        }
+        Ok(Self {
+            model,
+            weight: weight.flatten_all()?.to_vec1()?,
+            hidden: shape.hidden,
+        })
+    }
+
+    /// The item-tower row (`hidden` wide) of each text.
+    pub fn rows(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let dim = self.model.dim();
+        Ok(self
+            .model
+            .embed(texts)?
+            .iter()
+            .map(|v| {
+                self.weight
+                    .chunks_exact(dim)
+                    .map(|w| crate::infer::dot(w, v))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Width of its rows.
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+}
+
 /// The content hash of a text (64-bit FNV-1a over its UTF-8 bytes).
 pub fn content_hash(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -255,12 +335,12 @@ mod tests {
     use super::*;
     use crate::infer::dot;
 
-    /// Needs the model `scripts/fetch-datasets.sh` extracts; `ONREC_TEXT_MODEL` names its
+    /// Needs the model `scripts/fetch-datasets.sh` extracts; `ONREC_TEST_TEXT_MODEL` names its
     /// directory.
     #[test]
     fn the_sentence_encoder_gives_sentence_transformers_vectors() {
-        let Some(dir) = std::env::var_os("ONREC_TEXT_MODEL") else {
-            eprintln!("ONREC_TEXT_MODEL is unset; skipping the sentence encoder test");
+        let Some(dir) = std::env::var_os("ONREC_TEST_TEXT_MODEL") else {
+            eprintln!("ONREC_TEST_TEXT_MODEL is unset; skipping the sentence encoder test");
             return;
         };
         let mut m = TextModel::load(Path::new(&dir), &Device::Cpu).unwrap();
@@ -289,6 +369,98 @@ mod tests {
         assert_eq!(m.cached(), 4);
         let err = TextModel::load(Path::new("/nonexistent"), &Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("config.json"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod projection_tests {
+    use candle_nn::{VarBuilder, VarMap};
+
+    use super::*;
+    use crate::infer::dot;
+    use crate::sasrec::{Config, SasRec};
+
+    /// A checkpoint over two items whose item tower reads `text_dim`-wide text, in a
+    /// directory of its own.
+    fn checkpoint(text_dim: usize) -> std::path::PathBuf {
+        let shape = Config {
+            num_items: 2,
+            max_len: 4,
+            hidden: 8,
+            heads: 2,
+            layers: 1,
+            ff: 16,
+            dropout: 0.0,
+            repeat: false,
+            text_dim,
+        };
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let vectors = Tensor::ones((3, text_dim), DType::F32, &Device::Cpu).unwrap();
+        // Loading makes the weights (the text projection too) in the varmap.
+        let model = SasRec::load(vb.clone(), &shape).unwrap();
+        if text_dim > 0 {
+            model.with_text(vb, vectors.clone()).unwrap();
+        }
+        crate::sasrec::init_seeded(&varmap, 1).unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "onrec-projection-{text_dim}-{}",
+            std::process::id()
+        ));
+        let items = ["".to_owned(), "a".to_owned(), "b".to_owned()];
+        let text = (text_dim > 0).then_some(&vectors);
+        crate::checkpoint::save(&dir, &varmap, &shape, &items, text, &()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_checkpoint_without_item_text_cannot_place_items_by_text() {
+        let dir = checkpoint(0);
+        let err = TextProjection::load(Path::new("/nonexistent"), &dir, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("trained without item text"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Needs the model `scripts/fetch-datasets.sh` extracts; `ONREC_TEST_TEXT_MODEL` names
+    /// its directory.
+    #[test]
+    fn a_text_row_is_the_projection_of_the_sentence_vector() {
+        let Some(text_model) = std::env::var_os("ONREC_TEST_TEXT_MODEL") else {
+            eprintln!("ONREC_TEST_TEXT_MODEL is unset; skipping the text projection test");
+            return;
+        };
+        let text_model = Path::new(&text_model);
+        let narrow = checkpoint(16);
+        let err = TextProjection::load(text_model, &narrow, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("384-wide vectors") && err.contains("16-wide"),
+            "{err}"
+        );
+        let dir = checkpoint(384);
+        let mut p = TextProjection::load(text_model, &dir, &Device::Cpu).unwrap();
+        let rows = p.rows(&["forged steel chef knife"]).unwrap();
+        assert_eq!((rows.len(), rows[0].len(), p.hidden()), (1, 8, 8));
+        let v = TextModel::load(text_model, &Device::Cpu)
+            .unwrap()
+            .embed(&["forged steel chef knife"])
+            .unwrap()
+            .remove(0);
+        let weight = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .remove("text.proj.weight")
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (got, w) in rows[0].iter().zip(&weight) {
+            assert!((got - dot(w, &v)).abs() < 1e-5);
+        }
+        for d in [narrow, dir] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
     }
 }
 

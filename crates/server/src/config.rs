@@ -187,6 +187,15 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<PathBuf>,
 
+    /// A sentence-transformers directory (config.json, tokenizer.json, model.safetensors;
+    /// scripts/fetch-datasets.sh extracts all-MiniLM-L6-v2): items the encoder knows
+    /// nothing of (added later, or missing from the checkpoint) are placed by their text
+    /// (title, category, tags, description) through the model's text projection. Needs a
+    /// model trained with item text (onrec train --text-model) and encoder_online
+    #[arg(long, env = "ONREC_TEXT_MODEL")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_model: Option<PathBuf>,
+
     /// With the demo catalog and no model: hand the online encoder synthetic sessions as
     /// its first events at start (popularity serves until it publishes)
     #[arg(long, env = "ONREC_DEMO_ENCODER", default_value_t = true, action = clap::ArgAction::Set)]
@@ -684,6 +693,11 @@ impl Config {
                 bail!("{name} must be a finite, non-negative number");
             }
         }
+        if self.text_model.is_some() && (self.model.is_none() || !self.encoder_online) {
+            bail!(
+                "text_model needs model (a checkpoint trained with item text) and encoder_online: the online encoder places new items by their text"
+            );
+        }
         if self.redis_ca_file.is_some() && self.redis_url.is_none() {
             bail!("redis_ca_file needs redis_url");
         }
@@ -965,6 +979,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("'lb' is not an IP address"), "{err}");
+        for args in [
+            &["--text-model", "minilm"][..],
+            &[
+                "--text-model",
+                "minilm",
+                "--model",
+                "m",
+                "--encoder-online",
+                "false",
+            ],
+        ] {
+            let err = load(args).unwrap_err().to_string();
+            assert!(err.contains("text_model needs model"), "{err}");
+        }
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! one it forbids is refused.
 
 use onrec_engine::types::{
-    MAX_AMOUNT, MAX_CONTEXT_ATTRIBUTES, MAX_ID_CHARS, MAX_LABEL_CHARS, MAX_LIST_LEN,
-    MAX_TITLE_CHARS, MIN_TIMESTAMP_MS,
+    MAX_AMOUNT, MAX_CONTEXT_ATTRIBUTES, MAX_DESCRIPTION_CHARS, MAX_ID_CHARS, MAX_LABEL_CHARS,
+    MAX_LIST_LEN, MAX_TITLE_CHARS, MIN_TIMESTAMP_MS,
 };
 use onrec_policy::segment::MAX_SEGMENT_CHARS;
 use serde_json::{Map, Value, json};
@@ -22,6 +22,12 @@ const SPACE: &str = r"\u0020\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3
 /// Text without control characters, at most `max` characters long.
 fn text(max: usize) -> Value {
     json!({"maxLength": max, "pattern": format!("^[^{CONTROL}]*$")})
+}
+
+/// Prose: text of at most `max` characters without control characters but line breaks
+/// and tabs.
+fn prose(max: usize) -> Value {
+    json!({"maxLength": max, "pattern": r"^[^\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]*$"})
 }
 
 /// An identifier: text of at most `max` characters with something besides white space.
@@ -140,6 +146,7 @@ fn patches(max_n: u32) -> Vec<(&'static str, &'static str, Value)> {
         ("Event", "timestamp", json!({"minimum": MIN_TIMESTAMP_MS})),
         ("Item", "item_id", id(MAX_ID_CHARS)),
         ("Item", "title", text(MAX_TITLE_CHARS)),
+        ("Item", "description", prose(MAX_DESCRIPTION_CHARS)),
         ("Item", "category", label.clone()),
         ("Item", "tags", list(MAX_CONTEXT_ATTRIBUTES, label)),
         ("Item", "price", range(0.0, MAX_AMOUNT)),

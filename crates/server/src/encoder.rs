@@ -13,6 +13,7 @@ use onrec_engine::online::OnlineSettings;
 use onrec_model::context::ContextIds;
 use onrec_model::online::{ONLINE_STATE, OnlineConfig};
 use onrec_model::serve::{Batching, Encoder};
+use onrec_model::text::TextProjection;
 use onrec_model::{checkpoint, data, device, synth};
 
 use crate::Config;
@@ -98,8 +99,15 @@ pub fn start_online(
         start_from: config.model.clone(),
         ..OnlineSettings::default()
     };
+    let text = match (&config.text_model, &config.model) {
+        (Some(text_model), Some(model)) => Some(
+            TextProjection::load(text_model, model, &device::select(config.device))
+                .context("loading the text model")?,
+        ),
+        _ => None,
+    };
     engine
-        .start_online_encoder(settings)
+        .start_online_encoder(settings, text)
         .context("starting the online encoder")?;
     if config.model.is_some() {
         tracing::info!("online encoder started: it goes on learning from accepted events");

@@ -320,6 +320,7 @@ pub(crate) fn item_from(i: pb::Item) -> engine::Item {
         category: i.category,
         price: i.price,
         tags: i.tags,
+        description: i.description,
         available: i.available.unwrap_or(true),
         popularity: i.popularity,
     }
