@@ -77,7 +77,7 @@ pub struct TrainArgs {
     item_text: Option<PathBuf>,
     /// With item text: the share of items whose own embedding each training step leaves
     /// out, so that the text projection learns to rank items on its own (as it must for
-    /// items never trained on)
+    /// items never trained on); it costs some accuracy on the items trained on
     #[arg(long, default_value_t = train::DEFAULT_ID_DROPOUT)]
     id_dropout: f64,
     /// Cold-item protocol: withhold this share of the items (drawn with --seed) from

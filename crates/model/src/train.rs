@@ -226,8 +226,10 @@ fn restore(varmap: &VarMap, saved: &HashMap<String, Tensor>) -> Result<(), Model
 }
 
 /// Share of items whose own embedding a training step leaves out when items have text
-/// (see [`TrainConfig::id_dropout`]).
-pub const DEFAULT_ID_DROPOUT: f64 = 0.2;
+/// (see [`TrainConfig::id_dropout`]): none, since on MovieLens-100K 0.2 traded as much
+/// NDCG@10 on the items trained on as it gained on items never trained on, both within
+/// noise.
+pub const DEFAULT_ID_DROPOUT: f64 = 0.0;
 
 /// Which items keep their own embedding in one step: `[num_items + 1, 1]`, 0 for a share
 /// `p` of the items drawn from `rng`, 1 for the rest and for padding.
