@@ -238,6 +238,7 @@ async fn upsert_items_over_grpc() {
                 item_id: "grpc-item".into(),
                 category: "books".into(),
                 popularity: Some(1e6),
+                description: "A novel in three parts.\nHardcover.".into(),
                 ..Default::default()
             }],
         })
@@ -261,6 +262,21 @@ async fn upsert_items_over_grpc() {
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(bad.message().starts_with("[0].price"), "{bad:?}");
+    let bad = client
+        .upsert_items(pb::UpsertItemsRequest {
+            items: vec![pb::Item {
+                item_id: "y".into(),
+                description: "x".repeat(8193),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(
+        bad.message().starts_with("[0].description") && bad.message().contains("8192"),
+        "{bad:?}"
+    );
 }
 
 #[tokio::test]

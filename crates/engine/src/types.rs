@@ -708,6 +708,29 @@ mod tests {
     }
 
     #[test]
+    fn a_description_is_prose_and_joins_the_item_text() {
+        let mut item = Item {
+            title: "Trail shoe".into(),
+            tags: vec!["running".into(), "waterproof".into()],
+            description: "Grips wet rock.\r\n\tLight.".into(),
+            ..Item::new("sku-1", "shoes")
+        };
+        assert!(item.validate().is_ok(), "line breaks and tabs are prose");
+        assert_eq!(
+            item.text(),
+            "Trail shoe. shoes. running, waterproof. Grips wet rock.\r\n\tLight."
+        );
+        item.description = "bell\u{7}".into();
+        let err = item.validate().unwrap_err();
+        assert_eq!(err.field, "description");
+        assert!(err.to_string().contains("control characters"), "{err}");
+        item.description = "é".repeat(MAX_DESCRIPTION_CHARS);
+        assert!(item.validate().is_ok(), "characters are counted, not bytes");
+        item.description.push('x');
+        assert!(item.validate().unwrap_err().to_string().contains("8193"));
+    }
+
+    #[test]
     fn event_validation_bounds_values_and_time() {
         let e = Event {
             event_id: "e1".into(),
