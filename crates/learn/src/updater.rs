@@ -996,9 +996,10 @@ mod tests {
     }
 
     /// Waits until the published weights include `updates` steps; a guard against
-    /// hanging, not a speed check.
+    /// hanging, not a speed check: ten minutes, since a learner thread on two cores
+    /// shared with several builds and simulations took over a minute.
     fn wait_for_updates(learner: &Learner, updates: u64) -> Arc<Published> {
-        for _ in 0..1200 {
+        for _ in 0..12_000 {
             let current = learner.current();
             if current.updates >= updates {
                 return current;

@@ -81,7 +81,7 @@ impl Default for OnlineConfig {
             repeat: false,
             batch_size: 32,
             lr: 3e-3,
-            replays: 8.0,
+            replays: 16.0,
             max_users: 200_000,
             max_examples: 200_000,
             seed: 7,

@@ -208,7 +208,7 @@ pub struct Config {
 
     /// Training effort of the online encoder: sequence visits each interaction buys (how
     /// often, on average, training goes over it)
-    #[arg(long, env = "ONREC_ENCODER_REPLAYS", default_value_t = 8.0)]
+    #[arg(long, env = "ONREC_ENCODER_REPLAYS", default_value_t = 16.0)]
     pub encoder_replays: f64,
 
     /// Where the encoder runs: cpu, or cuda (falls back to cpu without a GPU)
