@@ -529,8 +529,9 @@ impl Engine {
     /// Trains an encoder online from the interactions of accepted events, starting from
     /// nothing (or the settings' checkpoint), and ranks with each snapshot it publishes.
     /// Items added to the catalog later join it; with `text` (the checkpoint's text
-    /// projection), items it knows nothing of are placed by their text. With a shared state, the process that holds the learner lease also
-    /// publishes the snapshots' weights to Redis for the serve replicas.
+    /// projection), items it knows nothing of are placed by their text. With a shared
+    /// state, the process that holds the learner lease also publishes the snapshots'
+    /// weights to Redis for the serve replicas.
     pub fn start_online_encoder(
         &self,
         settings: online::OnlineSettings,

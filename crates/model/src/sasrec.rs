@@ -306,9 +306,8 @@ impl SasRec {
             None => self.items.embeddings().clone(),
             Some(keep) => self.items.embeddings().broadcast_mul(keep)?,
         };
-        let own = &own;
         let table = match &self.categories {
-            None => own.clone(),
+            None => own,
             Some(c) => (own.affine(ITEM_SHARE, 0.0)? + c.table.forward(&c.of_item)?)?,
         };
         match &self.text {
