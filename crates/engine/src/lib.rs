@@ -161,7 +161,7 @@ impl Default for EngineConfig {
             max_n: 100,
             half_life: Duration::from_secs(6 * 3600),
             hide_purchased: HidePurchased::Learned,
-            rest_after: 5,
+            rest_after: 10,
             category_taste: 1.0,
             history_len: 50,
             max_users: 1_000_000,

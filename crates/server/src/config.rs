@@ -247,7 +247,7 @@ pub struct Config {
 
     /// Rest an item for a user once it was shown to them this many times among their last
     /// 50 shown slots without a click; 0 never rests items
-    #[arg(long, env = "ONREC_REST_AFTER", default_value_t = 5)]
+    #[arg(long, env = "ONREC_REST_AFTER", default_value_t = 10)]
     pub rest_after: u32,
 
     /// Weight of each user's taste for categories in the encoder's ranking: the log-ratio
