@@ -69,6 +69,10 @@ pub struct OnlineConfig {
     pub seed: u64,
 }
 
+/// Example visits each interaction buys unless configured: in the simulator's fresh shop
+/// 16 closed more of the gap to the oracle than 8 in each kind of goods, and 32 did worse.
+pub const DEFAULT_REPLAYS: f64 = 16.0;
+
 impl Default for OnlineConfig {
     fn default() -> Self {
         Self {
@@ -81,7 +85,7 @@ impl Default for OnlineConfig {
             repeat: false,
             batch_size: 32,
             lr: 3e-3,
-            replays: 16.0,
+            replays: DEFAULT_REPLAYS,
             max_users: 200_000,
             max_examples: 200_000,
             seed: 7,

@@ -208,7 +208,7 @@ pub struct Config {
 
     /// Training effort of the online encoder: sequence visits each interaction buys (how
     /// often, on average, training goes over it)
-    #[arg(long, env = "ONREC_ENCODER_REPLAYS", default_value_t = 16.0)]
+    #[arg(long, env = "ONREC_ENCODER_REPLAYS", default_value_t = onrec_model::online::DEFAULT_REPLAYS)]
     pub encoder_replays: f64,
 
     /// Where the encoder runs: cpu, or cuda (falls back to cpu without a GPU)
@@ -247,7 +247,7 @@ pub struct Config {
 
     /// Rest an item for a user once it was shown to them this many times among their last
     /// 50 shown slots without a click; 0 never rests items
-    #[arg(long, env = "ONREC_REST_AFTER", default_value_t = 10)]
+    #[arg(long, env = "ONREC_REST_AFTER", default_value_t = onrec_engine::DEFAULT_REST_AFTER)]
     pub rest_after: u32,
 
     /// Weight of each user's taste for categories in the encoder's ranking: the log-ratio
