@@ -449,8 +449,8 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         println!(
             "regret: the oracle's expected reward minus the served slate's, summed over rounds \
              (cum. regret) and per round over the last 10% of rounds (regret/rd@end); \
-             pref-cat: share of slots in the user's preferred category; CTR by visit: \
-             by how many requests the user had made before in the run (1 = their first)"
+             pref-cat: share of slots in the user's preferred category; by visit: by how \
+             many requests the user had made before in the run (1 = their first)"
         );
     }
     Ok(())

@@ -139,7 +139,7 @@ pub fn tenths(summaries: &[Summary]) -> String {
 }
 
 /// CTR by the user's visit (see [`VISIT_BUCKETS`]), one row per policy, under the share
-/// of the rounds in each bucket.
+/// of the rounds in each bucket; then the preferred-category share by the same buckets.
 pub fn visits(summaries: &[Summary]) -> String {
     let columns: Vec<String> = VISIT_BUCKETS
         .iter()
@@ -164,9 +164,17 @@ pub fn visits(summaries: &[Summary]) -> String {
         })
         .into_iter()
         .collect();
-    share_table("CTR by visit", &columns, &above, summaries, |s| {
+    let mut out = share_table("CTR by visit", &columns, &above, summaries, |s| {
         &s.ctr_by_visit
-    })
+    });
+    out.push_str(&share_table(
+        "pref-cat by visit",
+        &columns,
+        &[],
+        summaries,
+        |s| &s.preferred_by_visit,
+    ));
+    out
 }
 
 /// The mean and the standard error of the mean of `values` (0 for a single value).
@@ -486,6 +494,7 @@ mod tests {
             preferred_share: 0.25,
             ctr_by_tenth: vec![ctr; 10],
             ctr_by_visit: vec![ctr; VISIT_BUCKETS.len()],
+            preferred_by_visit: vec![0.1, 0.2, 0.3, 0.3, 0.0],
             impressions_by_visit: vec![300, 100, 50, 50, 0],
             encoder_versions: None,
             learner: None,
@@ -572,6 +581,14 @@ mod tests {
             ]
         );
         assert!(lines[2].starts_with("onrec"), "{out}");
+        assert_eq!(
+            lines[3].split_whitespace().collect::<Vec<_>>(),
+            ["pref-cat", "by", "visit", "1", "2-3", "4-7", "8-15", "16+"]
+        );
+        assert_eq!(
+            lines[4].split_whitespace().collect::<Vec<_>>(),
+            ["onrec", "10.00%", "20.00%", "30.00%", "30.00%", "0.00%"]
+        );
     }
 
     #[test]

@@ -270,6 +270,8 @@ pub struct Summary {
     /// CTR by the user's visit: the rounds where the user had had as many earlier
     /// requests in the run as each bucket of [`VISIT_BUCKETS`] spans.
     pub ctr_by_visit: Vec<f64>,
+    /// Share of served slots in the user's preferred category, by the same buckets.
+    pub preferred_by_visit: Vec<f64>,
     /// Impressions served in each bucket of [`VISIT_BUCKETS`].
     pub impressions_by_visit: Vec<u64>,
     /// Snapshots the online encoder published, when one trained.
@@ -552,6 +554,7 @@ impl Simulation {
                 preferred_share: 0.0,
                 ctr_by_tenth: Vec::new(),
                 ctr_by_visit: Vec::new(),
+                preferred_by_visit: Vec::new(),
                 impressions_by_visit: Vec::new(),
                 encoder_versions: None,
                 learner: None,
@@ -566,7 +569,7 @@ impl Simulation {
         let mut preferred = 0u64;
         let mut visits: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
         // [clicks, impressions] by visit bucket.
-        let mut by_visit = [[0u64; 2]; VISIT_BUCKETS.len()];
+        let mut by_visit = [[0u64; 3]; VISIT_BUCKETS.len()];
         for (round, (u, moment)) in world.traffic().take(config.rounds).enumerate() {
             if let Some(engine) = engine {
                 if round > 0 && round % SETTLE_EVERY == 0 && !engine.settle(SETTLE_TIMEOUT) {
@@ -617,10 +620,11 @@ impl Simulation {
                 (slate, Some(served.request_id))
             };
             let liked = world.preferred_category(u);
-            preferred += slate
+            let liked_slots = slate
                 .iter()
                 .filter(|&&i| world.category_index(i) == liked)
                 .count() as u64;
+            preferred += liked_slots;
             let expected = oracle.slate_value(u, moment, &slate);
             let response = oracle.respond(u, moment, &slate, outcomes.next_round(n));
             let event = |slot: usize, item: u32, kind: EventType| Event {
@@ -665,6 +669,7 @@ impl Simulation {
             *earlier += 1;
             bucket[0] += response.clicks;
             bucket[1] += slate.len() as u64;
+            bucket[2] += liked_slots;
             if (round + 1) % tenth == 0 || round + 1 == config.rounds {
                 run.summary.ctr_by_tenth.push(if tenth_impressions > 0 {
                     tenth_clicks as f64 / tenth_impressions as f64
@@ -692,22 +697,17 @@ impl Simulation {
                 sink(record)?;
             }
         }
+        let share = |part: u64, of: u64| if of > 0 { part as f64 / of as f64 } else { 0.0 };
         run.summary.ctr_by_visit = by_visit
             .iter()
-            .map(|&[clicks, impressions]| {
-                if impressions > 0 {
-                    clicks as f64 / impressions as f64
-                } else {
-                    0.0
-                }
-            })
+            .map(|&[clicks, impressions, _]| share(clicks, impressions))
             .collect();
-        run.summary.impressions_by_visit = by_visit.iter().map(|&[_, i]| i).collect();
-        run.summary.preferred_share = if run.summary.impressions > 0 {
-            preferred as f64 / run.summary.impressions as f64
-        } else {
-            0.0
-        };
+        run.summary.preferred_by_visit = by_visit
+            .iter()
+            .map(|&[_, impressions, liked]| share(liked, impressions))
+            .collect();
+        run.summary.impressions_by_visit = by_visit.iter().map(|&[_, i, _]| i).collect();
+        run.summary.preferred_share = share(preferred, run.summary.impressions);
         finish(&mut run.summary, &run.expected, &run.oracle);
         Ok(run)
     }

@@ -79,6 +79,17 @@ fn the_oracle_is_never_beaten_in_expectation() {
             .map(|(ctr, &imp)| ctr * imp as f64)
             .sum();
         assert!((clicks - s.clicks as f64).abs() < 1e-6, "{s:?}");
+        // So do the buckets' slots in the users' preferred categories.
+        let liked: f64 = s
+            .preferred_by_visit
+            .iter()
+            .zip(&s.impressions_by_visit)
+            .map(|(share, &imp)| share * imp as f64)
+            .sum();
+        assert!(
+            (liked - s.preferred_share * s.impressions as f64).abs() < 1e-6,
+            "{s:?}"
+        );
         // 400 rounds over 500 users: most are first visits, some users came back.
         assert!(s.impressions_by_visit[0] > s.impressions / 2, "{s:?}");
         assert!(s.impressions_by_visit[1] > 0, "{s:?}");
