@@ -1,7 +1,8 @@
 //! Encoder and retrieval speed: the encoder's forward pass per batch of users, the scoring
 //! step (user vectors · item table) per batch and catalog size, with the bytes it reads so
 //! that criterion reports its memory bandwidth, encode + top-100 for one user, and
-//! encode + top-10 for one user through candle and through the CPU serving path. Weights
+//! encode + top-10 for one user through candle and through the CPU serving path, and one
+//! step of the online encoder's training per catalog size. Weights
 //! are random: speed does not depend on them. On CUDA it first checks that CPU and CUDA
 //! compute the same user vectors.
 //!
@@ -197,11 +198,55 @@ fn encode_and_top10(c: &mut Criterion) {
     group.finish();
 }
 
+/// One step of the online encoder's training (default settings: batch 32, width 32, the
+/// last 20 items, slates of 10) over catalogs of each size: its cost should follow the
+/// batch, not the catalog. Interactions are added between timed steps whenever the
+/// trainer has none pending.
+fn online_training_step(c: &mut Criterion) {
+    use onrec_model::online::{OnlineConfig, OnlineTrainer};
+    use onrec_model::rng::SplitMix64;
+    let mut group = c.benchmark_group("online_training_step_cpu");
+    for items in list("ONREC_BENCH_ITEMS", &[10_000, 100_000]) {
+        let categories: Vec<String> = (0..items).map(|i| format!("c{}", i % 50)).collect();
+        let mut trainer =
+            OnlineTrainer::new(OnlineConfig::default(), &categories, Device::Cpu).unwrap();
+        let mut rng = SplitMix64::new(1);
+        let mut user = 0u64;
+        group.bench_with_input(BenchmarkId::from_parameter(items), &items, |bench, _| {
+            bench.iter_custom(|iters| {
+                let mut spent = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    while !trainer.pending() {
+                        user += 1;
+                        for _ in 0..5 {
+                            let shown: Vec<u32> = (0..10)
+                                .map(|_| 1 + rng.below(items as u64) as u32)
+                                .collect();
+                            trainer.observe(
+                                &format!("u{}", user % 2000),
+                                shown[0],
+                                ContextIds::default(),
+                                &shown,
+                            );
+                        }
+                    }
+                    let start = std::time::Instant::now();
+                    trainer.step().unwrap();
+                    spent += start.elapsed();
+                }
+                spent
+            });
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     encoder_forward,
     scoring,
     encode_and_retrieve,
-    encode_and_top10
+    encode_and_top10,
+    online_training_step
 );
 criterion_main!(benches);
