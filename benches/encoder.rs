@@ -199,9 +199,9 @@ fn encode_and_top10(c: &mut Criterion) {
 }
 
 /// One step of the online encoder's training (default settings: batch 32, width 32, the
-/// last 20 items, slates of 10) over catalogs of each size: its cost should follow the
-/// batch, not the catalog. Interactions are added between timed steps whenever the
-/// trainer has none pending.
+/// last 20 items, slates of 10) over catalogs of each size, to show how its cost grows
+/// with the catalog. Interactions are added between timed steps whenever the trainer has
+/// none pending.
 fn online_training_step(c: &mut Criterion) {
     use onrec_model::online::{OnlineConfig, OnlineTrainer};
     use onrec_model::rng::SplitMix64;

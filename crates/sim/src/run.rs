@@ -568,7 +568,7 @@ impl Simulation {
         let (mut tenth_clicks, mut tenth_impressions) = (0u64, 0u64);
         let mut preferred = 0u64;
         let mut visits: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
-        // [clicks, impressions] by visit bucket.
+        // [clicks, impressions, slots in the preferred category] by visit bucket.
         let mut by_visit = [[0u64; 3]; VISIT_BUCKETS.len()];
         for (round, (u, moment)) in world.traffic().take(config.rounds).enumerate() {
             if let Some(engine) = engine {
