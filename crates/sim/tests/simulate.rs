@@ -72,20 +72,18 @@ fn the_oracle_is_never_beaten_in_expectation() {
         // Every impression is in one visit bucket, and the buckets' clicks add up.
         assert_eq!(s.impressions_by_visit.len(), onrec_sim::VISIT_BUCKETS.len());
         assert_eq!(s.impressions_by_visit.iter().sum::<u64>(), s.impressions);
-        let clicks: f64 = s
-            .ctr_by_visit
-            .iter()
-            .zip(&s.impressions_by_visit)
-            .map(|(ctr, &imp)| ctr * imp as f64)
-            .sum();
+        // A per-bucket share, weighted back into a count by the buckets' impressions.
+        let count = |shares: &[f64]| -> f64 {
+            shares
+                .iter()
+                .zip(&s.impressions_by_visit)
+                .map(|(share, &imp)| share * imp as f64)
+                .sum()
+        };
+        let clicks = count(&s.ctr_by_visit);
         assert!((clicks - s.clicks as f64).abs() < 1e-6, "{s:?}");
         // So do the buckets' slots in the users' preferred categories.
-        let liked: f64 = s
-            .preferred_by_visit
-            .iter()
-            .zip(&s.impressions_by_visit)
-            .map(|(share, &imp)| share * imp as f64)
-            .sum();
+        let liked = count(&s.preferred_by_visit);
         assert!(
             (liked - s.preferred_share * s.impressions as f64).abs() < 1e-6,
             "{s:?}"
