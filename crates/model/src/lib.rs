@@ -9,6 +9,7 @@ pub mod eval;
 pub mod infer;
 pub mod metrics;
 pub mod online;
+pub mod optim;
 pub mod rng;
 pub mod sasrec;
 pub mod serve;

@@ -27,12 +27,13 @@ use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 use crate::checkpoint::{io, read_json, write_json};
 use crate::context::ContextIds;
+use crate::optim::DenseAdamW;
 use crate::rng::SplitMix64;
 use crate::sasrec::{self, Config, Noise, SasRec};
 
@@ -179,7 +180,7 @@ pub struct OnlineTrainer {
     cfg: OnlineConfig,
     varmap: VarMap,
     model: SasRec,
-    opt: AdamW,
+    opt: DenseAdamW,
     device: Device,
     /// Category index of every item index (index 0 is padding, category 0 "none").
     item_category: Vec<u32>,
@@ -321,8 +322,8 @@ impl OnlineTrainer {
         Ok(())
     }
 
-    fn optimizer(varmap: &VarMap, cfg: &OnlineConfig) -> Result<AdamW, ModelError> {
-        Ok(AdamW::new(
+    fn optimizer(varmap: &VarMap, cfg: &OnlineConfig) -> Result<DenseAdamW, ModelError> {
+        Ok(DenseAdamW::new(
             varmap.all_vars(),
             ParamsAdamW {
                 lr: cfg.lr,
@@ -613,8 +614,7 @@ impl OnlineTrainer {
             .user_vectors_train(&ids, &hours, &devices, &mut self.noise)?;
         let vectors = self
             .model
-            .folded_item_table()?
-            .index_select(&Tensor::from_vec(candidates, rows * k, d)?, 0)?
+            .item_rows(&candidates)?
             .reshape((rows, k, self.cfg.hidden))?;
         let mut logits = vectors
             .matmul(&users.unsqueeze(2)?)?

@@ -298,6 +298,37 @@ impl SasRec {
         self.item_table_keeping(None)
     }
 
+    /// The item-tower rows of `ids` (`[ids.len(), hidden]`): what
+    /// `folded_item_table()?.index_select(ids)` gives, in values and in the gradients it
+    /// passes back, without folding the whole table. The distinct ids, ascending, are
+    /// folded, and each id's row is taken from them; so the gradient of an item met
+    /// several times is summed in the order of `ids` before it is scaled, and the
+    /// gradients of a category's items are added in item order, as with the whole table.
+    pub fn item_rows(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let device = self.items.embeddings().device();
+        let mut distinct = ids.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let at: Vec<u32> = ids
+            .iter()
+            .map(|i| distinct.binary_search(i).unwrap_or_default() as u32)
+            .collect();
+        let picked = Tensor::from_slice(&distinct, distinct.len(), device)?;
+        let own = self.items.embeddings().index_select(&picked, 0)?;
+        let rows = match &self.categories {
+            None => own,
+            Some(c) => {
+                let of = c.of_item.index_select(&picked, 0)?;
+                (own.affine(ITEM_SHARE, 0.0)? + c.table.forward(&of)?)?
+            }
+        };
+        let rows = match &self.text {
+            None => rows,
+            Some(t) => (rows + t.proj.forward(&t.vectors.index_select(&picked, 0)?)?)?,
+        };
+        rows.index_select(&Tensor::from_vec(at, ids.len(), device)?, 0)
+    }
+
     /// [`SasRec::folded_item_table`] with the items' own embeddings multiplied by `keep`
     /// (`[num_items + 1, 1]`, 1 or 0 per item): a dropped item is known by its category
     /// and text alone, as an item never trained on is.
@@ -316,11 +347,12 @@ impl SasRec {
         }
     }
 
-    /// Runs the blocks over left-padded item ids `[b, l]` (0 = padding). With `last_only`,
-    /// the final block computes only the last position: `[b, 1, d]`, else `[b, l, d]`.
+    /// Runs the blocks over left-padded item ids `[b, l]` (0 = padding), whose item-tower
+    /// rows are `rows` (`[b·l, d]`, in the order of `ids`). With `last_only`, the final
+    /// block computes only the last position: `[b, 1, d]`, else `[b, l, d]`.
     fn encode(
         &self,
-        table: &Tensor,
+        rows: &Tensor,
         ids: &Tensor,
         last_only: bool,
         noise: &mut Option<&mut Noise>,
@@ -329,8 +361,7 @@ impl SasRec {
         let device = ids.device();
         let pos = Tensor::arange(0u32, l as u32, device)?;
         let scale = (self.cfg.hidden as f64).sqrt();
-        let x = table
-            .index_select(&ids.flatten_all()?, 0)?
+        let x = rows
             .reshape((b, l, self.cfg.hidden))?
             .affine(scale, 0.0)?
             .broadcast_add(&self.positions.forward(&pos)?)?;
@@ -382,7 +413,8 @@ impl SasRec {
         noise: Option<&mut Noise>,
     ) -> candle_core::Result<Tensor> {
         let mut noise = noise;
-        let x = self.encode(table, ids, false, &mut noise)?;
+        let rows = table.index_select(&ids.flatten_all()?, 0)?;
+        let x = self.encode(&rows, ids, false, &mut noise)?;
         self.head(&x, hours, devices)
     }
 
@@ -394,13 +426,15 @@ impl SasRec {
         hours: &Tensor,
         devices: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let last = self
-            .encode(&self.folded_item_table()?, ids, true, &mut None)?
-            .squeeze(1)?;
+        let rows = self
+            .folded_item_table()?
+            .index_select(&ids.flatten_all()?, 0)?;
+        let last = self.encode(&rows, ids, true, &mut None)?.squeeze(1)?;
         self.head(&last, hours, devices)
     }
 
-    /// [`SasRec::user_vectors`] with dropout, for training.
+    /// [`SasRec::user_vectors`] with dropout, for training; it folds only the rows of the
+    /// items in `ids` ([`SasRec::item_rows`]), so its cost does not grow with the catalog.
     pub fn user_vectors_train(
         &self,
         ids: &Tensor,
@@ -408,8 +442,9 @@ impl SasRec {
         devices: &Tensor,
         noise: &mut Noise,
     ) -> candle_core::Result<Tensor> {
+        let rows = self.item_rows(&ids.flatten_all()?.to_vec1()?)?;
         let last = self
-            .encode(&self.folded_item_table()?, ids, true, &mut Some(noise))?
+            .encode(&rows, ids, true, &mut Some(noise))?
             .squeeze(1)?;
         self.head(&last, hours, devices)
     }
@@ -626,7 +661,16 @@ mod tests {
         let (ids, hours, devices) = model.batch(&histories, &contexts, &Device::Cpu).unwrap();
         let fast = model.user_vectors(&ids, &hours, &devices).unwrap();
         let full = model
-            .encode(&model.folded_item_table().unwrap(), &ids, false, &mut None)
+            .encode(
+                &model
+                    .folded_item_table()
+                    .unwrap()
+                    .index_select(&ids.flatten_all().unwrap(), 0)
+                    .unwrap(),
+                &ids,
+                false,
+                &mut None,
+            )
             .unwrap();
         let full = model
             .head(
@@ -648,5 +692,61 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-5, "{diff}");
+    }
+    #[test]
+    fn item_rows_are_the_folded_tables_rows_with_the_same_gradients() {
+        let cfg = Config {
+            num_items: 30,
+            text_dim: 6,
+            ..Config::for_items(30)
+        };
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let of_item: Vec<u32> = (0..31).map(|i| i % 4).collect();
+        let mut rng = SplitMix64::new(11);
+        let vectors: Vec<f32> = (0..31 * 6).map(|_| rng.normal() as f32).collect();
+        let model = SasRec::load(vb.clone(), &cfg)
+            .unwrap()
+            .with_categories(vb.clone(), 4, &of_item)
+            .unwrap()
+            .with_text(
+                vb,
+                Tensor::from_vec(vectors, (31, 6), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        init_seeded(&varmap, 5).unwrap();
+        // Repeats, padding and items of one category, in no order.
+        let ids = [7u32, 3, 7, 0, 11, 30, 3, 7, 15, 0, 19];
+        let index = Tensor::from_slice(&ids, ids.len(), &Device::Cpu).unwrap();
+        let weights: Vec<f32> = (0..ids.len() * cfg.hidden)
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let weights = Tensor::from_vec(weights, (ids.len(), cfg.hidden), &Device::Cpu).unwrap();
+        let full = model
+            .folded_item_table()
+            .unwrap()
+            .index_select(&index, 0)
+            .unwrap();
+        let rows = model.item_rows(&ids).unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in values(&full).iter().zip(values(&rows)) {
+            assert!((a - b).abs() < 1e-6, "{a} against {b}");
+        }
+        let grads = |t: &Tensor| {
+            (t * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (gf, gr) = (grads(&full), grads(&rows));
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if !["items.weight", "categories.weight"].contains(&name.as_str()) {
+                continue;
+            }
+            let (a, b) = (gf.get(var).unwrap(), gr.get(var).unwrap());
+            assert_eq!(values(a), values(b), "the gradient of {name}");
+        }
     }
 }

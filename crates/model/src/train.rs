@@ -10,12 +10,13 @@ use std::io::IsTerminal;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use serde::Serialize;
 
 use crate::ModelError;
 use crate::data::{Split, Step};
 use crate::eval::{self, Report};
+use crate::optim::DenseAdamW;
 use crate::rng::SplitMix64;
 use crate::sasrec::{self, Config, Noise, SasRec};
 
@@ -290,7 +291,7 @@ pub fn train(
         }
         Some(Tensor::from_vec(mask, cfg.num_items + 1, device)?)
     };
-    let mut opt = AdamW::new(
+    let mut opt = DenseAdamW::new(
         varmap.all_vars(),
         ParamsAdamW {
             lr: tc.lr,
