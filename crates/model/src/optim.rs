@@ -11,15 +11,15 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 /// AdamW with decoupled weight decay (candle's `AdamW`, computed in place on the CPU).
 #[derive(Debug)]
 pub enum DenseAdamW {
-    /// Every variable on the CPU: the fused update.
-    Cpu(Fused),
-    /// A variable elsewhere (CUDA): candle's own.
+    /// Every variable an f32 on the CPU: the update in place.
+    Cpu(InPlace),
+    /// A variable elsewhere (CUDA) or of another type: candle's own.
     Candle(AdamW),
 }
 
 /// The CPU form: each variable with its two moments.
 #[derive(Debug)]
-pub struct Fused {
+pub struct InPlace {
     vars: Vec<(Var, Tensor, Tensor)>,
     params: ParamsAdamW,
     step_t: usize,
@@ -42,7 +42,7 @@ impl DenseAdamW {
                 Ok((v, m, s))
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self::Cpu(Fused {
+        Ok(Self::Cpu(InPlace {
             vars,
             params,
             step_t: 0,
@@ -67,7 +67,7 @@ impl DenseAdamW {
     }
 }
 
-impl Fused {
+impl InPlace {
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
         self.step_t += 1;
         let p = &self.params;
@@ -248,13 +248,13 @@ mod tests {
             ..ParamsAdamW::default()
         };
         let (ours, theirs) = (vars(3), vars(3));
-        let mut fused = DenseAdamW::new(ours.clone(), params.clone()).unwrap();
-        assert!(matches!(fused, DenseAdamW::Cpu(_)));
+        let mut in_place = DenseAdamW::new(ours.clone(), params.clone()).unwrap();
+        assert!(matches!(in_place, DenseAdamW::Cpu(_)));
         let mut candle = AdamW::new(theirs.clone(), params).unwrap();
         let mut rng = SplitMix64::new(9);
         for step in 0..30 {
             if step == 20 {
-                fused.set_learning_rate(0.003);
+                in_place.set_learning_rate(0.003);
                 candle.set_learning_rate(0.003);
             }
             // The same loss on both: a random linear function of the variables, squared.
@@ -271,7 +271,7 @@ mod tests {
                 }
                 total
             };
-            fused.step(&loss(&ours).backward().unwrap()).unwrap();
+            in_place.step(&loss(&ours).backward().unwrap()).unwrap();
             candle.step(&loss(&theirs).backward().unwrap()).unwrap();
         }
         for (a, b) in ours.iter().zip(&theirs) {

@@ -311,7 +311,7 @@ impl SasRec {
         distinct.dedup();
         let at: Vec<u32> = ids
             .iter()
-            .map(|i| distinct.binary_search(i).unwrap_or_default() as u32)
+            .map(|i| distinct.partition_point(|d| d < i) as u32)
             .collect();
         let picked = Tensor::from_slice(&distinct, distinct.len(), device)?;
         let own = self.items.embeddings().index_select(&picked, 0)?;
@@ -434,7 +434,7 @@ impl SasRec {
     }
 
     /// [`SasRec::user_vectors`] with dropout, for training; it folds only the rows of the
-    /// items in `ids` ([`SasRec::item_rows`]), so its cost does not grow with the catalog.
+    /// items in `ids` ([`SasRec::item_rows`]), not the whole catalog's.
     pub fn user_vectors_train(
         &self,
         ids: &Tensor,
@@ -693,6 +693,7 @@ mod tests {
             .unwrap();
         assert!(diff < 1e-5, "{diff}");
     }
+
     #[test]
     fn item_rows_are_the_folded_tables_rows_with_the_same_gradients() {
         let cfg = Config {
