@@ -1,11 +1,13 @@
 //! AdamW computed in place on the CPU: the same update as candle's `AdamW`, to the bit,
-//! in three passes over each variable instead of about fifteen tensor operations that
-//! each allocate a buffer the size of the variable. For an item table of 100,000 rows
-//! those buffers (and the kernel's page faults for them) were most of a training step.
-//! On other devices it is candle's `AdamW`.
+//! in one pass over each variable (its value, gradient and two moments) instead of about
+//! fifteen tensor operations that each allocate a buffer the size of the variable. For an
+//! item table of 100,000 rows those buffers (and the kernel's page faults for them) were
+//! most of a training step. On other devices it is candle's `AdamW`.
+
+use std::cell::RefCell;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 /// AdamW with decoupled weight decay (candle's `AdamW`, computed in place on the CPU).
@@ -20,7 +22,7 @@ pub enum DenseAdamW {
 /// The CPU form: each variable with its two moments.
 #[derive(Debug)]
 pub struct InPlace {
-    vars: Vec<(Var, Tensor, Tensor)>,
+    vars: Vec<(Var, Vec<f32>, Vec<f32>)>,
     params: ParamsAdamW,
     step_t: usize,
 }
@@ -37,11 +39,10 @@ impl DenseAdamW {
         let vars = vars
             .into_iter()
             .map(|v| {
-                let m = Tensor::zeros(v.shape(), v.dtype(), v.device())?;
-                let s = Tensor::zeros(v.shape(), v.dtype(), v.device())?;
-                Ok((v, m, s))
+                let n = v.elem_count();
+                (v, vec![0.0; n], vec![0.0; n])
             })
-            .collect::<candle_core::Result<_>>()?;
+            .collect();
         Ok(Self::Cpu(InPlace {
             vars,
             params,
@@ -73,42 +74,37 @@ impl InPlace {
         let p = &self.params;
         let t = self.step_t as i32;
         // The constants as candle's tensor-times-scalar ops round them: f64 to f32.
-        let moments = Moments {
+        let k = Constants {
             beta1: p.beta1 as f32,
             one_minus_beta1: (1.0 - p.beta1) as f32,
             beta2: p.beta2 as f32,
             one_minus_beta2: (1.0 - p.beta2) as f32,
-        };
-        let update = Update {
             scale_m: (1.0 / (1.0 - p.beta1.powi(t))) as f32,
             scale_v: (1.0 / (1.0 - p.beta2.powi(t))) as f32,
             decay: (1.0 - p.lr * p.weight_decay) as f32,
             eps: p.eps as f32,
             lr: p.lr as f32,
         };
-        for (theta, m, v) in &self.vars {
+        for (theta, m, v) in &mut self.vars {
             let Some(g) = grads.get(theta) else {
                 continue;
             };
-            let g = g.contiguous()?;
-            m.inplace_op2(&g, &MomentsOp(moments))?;
-            v.inplace_op2(&g, &SecondMomentOp(moments))?;
-            theta.as_tensor().inplace_op3(m, v, &UpdateOp(update))?;
+            let op = StepOp {
+                moments: RefCell::new((m, v)),
+                k,
+            };
+            theta.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
         }
         Ok(())
     }
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Moments {
+struct Constants {
     beta1: f32,
     one_minus_beta1: f32,
     beta2: f32,
     one_minus_beta2: f32,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Update {
     scale_m: f32,
     scale_v: f32,
     decay: f32,
@@ -116,105 +112,45 @@ struct Update {
     lr: f32,
 }
 
-/// The contiguous f32 slice of an in-place op's tensor, or an error naming the op.
-fn slice<'a>(name: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let (CpuStorage::F32(data), Some((from, to))) = (s, l.contiguous_offsets()) else {
-        candle_core::bail!("{name}: only contiguous f32 tensors");
-    };
-    Ok(&data[from..to])
+/// One AdamW step of a variable θ with gradient g and moments m and v, in candle's order
+/// of rounding:
+/// m ← m·β₁ + g·(1 − β₁); v ← v·β₂ + g²·(1 − β₂);
+/// θ ← θ·(1 − lr·λ) − lr·(m·s_m) / (√(v·s_v) + ε), with s the bias corrections.
+/// Each `x * c + 0.0` is candle's tensor-times-scalar (an affine map with offset 0): the
+/// `+ 0.0` turns a −0 into +0 as it does, so that even the signs of zeros agree.
+struct StepOp<'a> {
+    moments: RefCell<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+    k: Constants,
 }
 
-/// [`slice`] of the destination, with the sources that must be as long.
-fn slice_mut<'a>(
-    name: &str,
-    s: &'a mut CpuStorage,
-    l: &Layout,
-    sources: &[&[f32]],
-) -> candle_core::Result<&'a mut [f32]> {
-    let (CpuStorage::F32(data), Some((from, to))) = (s, l.contiguous_offsets()) else {
-        candle_core::bail!("{name}: only contiguous f32 tensors");
-    };
-    if sources.iter().any(|src| src.len() != to - from) {
-        candle_core::bail!("{name}: the tensors differ in size");
-    }
-    Ok(&mut data[from..to])
-}
-
-// Each `x * c + 0.0` is candle's tensor-times-scalar (an affine map with offset 0): the
-// `+ 0.0` turns a −0 into +0 as it does, so that even the signs of zeros agree.
-
-/// m ← m·β₁ + g·(1 − β₁), in candle's order of rounding.
-struct MomentsOp(Moments);
-
-impl InplaceOp2 for MomentsOp {
+impl InplaceOp2 for StepOp<'_> {
     fn name(&self) -> &'static str {
-        "adamw-first-moment"
-    }
-
-    fn cpu_fwd(
-        &self,
-        m: &mut CpuStorage,
-        ml: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<()> {
-        let g = slice(self.name(), g, gl)?;
-        let m = slice_mut(self.name(), m, ml, &[g])?;
-        let k = self.0;
-        for (m, &g) in m.iter_mut().zip(g) {
-            *m = (*m * k.beta1 + 0.0) + (g * k.one_minus_beta1 + 0.0);
-        }
-        Ok(())
-    }
-}
-
-/// v ← v·β₂ + g²·(1 − β₂), in candle's order of rounding.
-struct SecondMomentOp(Moments);
-
-impl InplaceOp2 for SecondMomentOp {
-    fn name(&self) -> &'static str {
-        "adamw-second-moment"
-    }
-
-    fn cpu_fwd(
-        &self,
-        v: &mut CpuStorage,
-        vl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<()> {
-        let g = slice(self.name(), g, gl)?;
-        let v = slice_mut(self.name(), v, vl, &[g])?;
-        let k = self.0;
-        for (v, &g) in v.iter_mut().zip(g) {
-            *v = (*v * k.beta2 + 0.0) + ((g * g) * k.one_minus_beta2 + 0.0);
-        }
-        Ok(())
-    }
-}
-
-/// θ ← θ·(1 − lr·λ) − lr·m̂ / (√v̂ + ε), in candle's order of rounding.
-struct UpdateOp(Update);
-
-impl InplaceOp3 for UpdateOp {
-    fn name(&self) -> &'static str {
-        "adamw-update"
+        "adamw-step"
     }
 
     fn cpu_fwd(
         &self,
         theta: &mut CpuStorage,
         tl: &Layout,
-        m: &CpuStorage,
-        ml: &Layout,
-        v: &CpuStorage,
-        vl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
     ) -> candle_core::Result<()> {
-        let (m, v) = (slice(self.name(), m, ml)?, slice(self.name(), v, vl)?);
-        let theta = slice_mut(self.name(), theta, tl, &[m, v])?;
-        let k = self.0;
-        for ((t, &m), &v) in theta.iter_mut().zip(m).zip(v) {
-            let adjusted = (m * k.scale_m + 0.0) / ((v * k.scale_v + 0.0).sqrt() + k.eps);
+        let (CpuStorage::F32(theta), CpuStorage::F32(g), Some((t0, t1)), Some((g0, g1))) =
+            (theta, g, tl.contiguous_offsets(), gl.contiguous_offsets())
+        else {
+            candle_core::bail!("{}: only contiguous f32 tensors", self.name());
+        };
+        let (theta, g) = (&mut theta[t0..t1], &g[g0..g1]);
+        let mut moments = self.moments.borrow_mut();
+        let (m, v) = &mut *moments;
+        if g.len() != theta.len() || m.len() != theta.len() || v.len() != theta.len() {
+            candle_core::bail!("{}: the tensors differ in size", self.name());
+        }
+        let k = self.k;
+        for (((t, &g), m), v) in theta.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            *m = (*m * k.beta1 + 0.0) + (g * k.one_minus_beta1 + 0.0);
+            *v = (*v * k.beta2 + 0.0) + ((g * g) * k.one_minus_beta2 + 0.0);
+            let adjusted = (*m * k.scale_m + 0.0) / ((*v * k.scale_v + 0.0).sqrt() + k.eps);
             *t = (*t * k.decay + 0.0) - (adjusted * k.lr + 0.0);
         }
         Ok(())
@@ -223,7 +159,7 @@ impl InplaceOp3 for UpdateOp {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device};
+    use candle_core::{DType, Device, Tensor};
     use candle_nn::VarMap;
 
     use super::*;
