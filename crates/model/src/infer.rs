@@ -9,19 +9,17 @@
 //! - the encoded last position depends on the history alone, the context joins only in
 //!   the head, so [`HostEncoder::encode`] and [`HostEncoder::head`] are separate and a
 //!   caller can keep the first per history;
-//! - items are scored from the table stored in panels of rows (column-major within a
-//!   panel, so the products vectorise with no sums across lanes), read once for the whole
-//!   batch, and each user's top k are kept in a bounded heap.
+//! - items are scored by [`crate::scan`]: 8-bit codes of the table, read once for the
+//!   whole batch, then the items that may be in a user's top k scored again exactly.
 //!
 //! Training and CUDA keep candle.
-
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
 
 use candle_core::Tensor;
 
 use crate::context::{ContextIds, DEVICE_BUCKETS, HOUR_BUCKETS};
 use crate::sasrec::{Block, Config, SasRec};
+use crate::scan::ItemTable;
+pub use crate::scan::TopK;
 
 /// A layer norm's scale and shift.
 #[derive(Debug, Clone)]
@@ -217,8 +215,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[derive(Debug, Clone)]
 pub struct HostEncoder {
     cfg: Config,
-    /// The folded item table (row 0 is padding), in panels.
-    panels: Panels,
+    /// The folded item table (row 0 is padding), exact and coded for the scan.
+    items: ItemTable,
     positions: Vec<f32>,
     hours: Vec<f32>,
     devices: Vec<f32>,
@@ -237,7 +235,7 @@ impl HostEncoder {
     pub fn of(model: &SasRec) -> candle_core::Result<Self> {
         Ok(Self {
             cfg: model.config().clone(),
-            panels: Panels::new(&rows(&model.folded_item_table()?)?, model.config().hidden),
+            items: ItemTable::new(&rows(&model.folded_item_table()?)?, model.config().hidden),
             positions: rows(model.positions.embeddings())?,
             hours: rows(model.hours.embeddings())?,
             devices: rows(model.devices.embeddings())?,
@@ -280,8 +278,9 @@ impl HostEncoder {
         for &(p, id) in &real {
             let pos = &self.positions[p * d..(p + 1) * d];
             x.extend(
-                self.panels
+                self.items
                     .row(id as usize)
+                    .iter()
                     .zip(pos)
                     .map(|(e, q)| e * scale + q),
             );
@@ -311,223 +310,11 @@ impl HostEncoder {
     }
 
     /// Each query's top (index, score) pairs, best first (ties: lower index first),
-    /// reading the item table once for all of them, a panel of rows at a time. Index 0,
-    /// excluded indices and non-finite scores are never returned. Items of the query's
-    /// history get the encoder's repeat weight.
+    /// reading the item table once for all of them ([`crate::scan`]). Index 0, excluded
+    /// indices and non-finite scores are never returned. Items of the query's history get
+    /// the encoder's repeat weight.
     pub fn top_ks(&self, queries: &[TopK<'_>]) -> Vec<Vec<(u32, f32)>> {
-        let mut picks: Vec<Pick> = queries.iter().map(|q| Pick::new(q, self.repeat)).collect();
-        let rows = self.panels.rows;
-        for p in 0..rows.div_ceil(LANES) {
-            let start = p * LANES;
-            let len = LANES.min(rows - start);
-            for (q, pick) in queries.iter().zip(&mut picks) {
-                let mut scores = self.panels.scores(p, q.user);
-                let scores = &mut scores[..len];
-                if start == 0 {
-                    // Padding.
-                    scores[0] = f32::NEG_INFINITY;
-                }
-                if let Some((groups, offsets)) = q.offsets {
-                    for (s, g) in scores.iter_mut().zip(groups.get(start..).unwrap_or(&[])) {
-                        *s += offsets.get(*g as usize).copied().unwrap_or(0.0);
-                    }
-                }
-                pick.keep(scores, start, q.k);
-            }
-        }
-        picks
-            .into_iter()
-            .map(|pick| {
-                pick.heap
-                    .into_sorted_vec()
-                    .into_iter()
-                    .map(|k| (k.idx, k.score))
-                    .collect()
-            })
-            .collect()
-    }
-}
-
-/// Sorted item indices walked panel by panel.
-struct Cursor {
-    indices: Vec<u32>,
-    at: usize,
-}
-
-impl Cursor {
-    fn new(indices: &[u32]) -> Self {
-        let mut indices = indices.to_vec();
-        indices.sort_unstable();
-        indices.dedup();
-        Self { indices, at: 0 }
-    }
-
-    /// Applies `f` to the scores of this cursor's indices in `start..start + scores.len()`.
-    fn each(&mut self, scores: &mut [f32], start: usize, f: impl Fn(&mut f32)) {
-        let end = start + scores.len();
-        while let Some(&e) = self.indices.get(self.at).filter(|&&e| (e as usize) < end) {
-            if let Some(s) = (e as usize)
-                .checked_sub(start)
-                .and_then(|i| scores.get_mut(i))
-            {
-                f(s);
-            }
-            self.at += 1;
-        }
-    }
-}
-
-/// One query's top items so far, and where it is in its sorted exclusions and history.
-struct Pick {
-    heap: BinaryHeap<Kept>,
-    skip: Cursor,
-    /// The history, with the repeat weight.
-    seen: Option<(Cursor, f32)>,
-}
-
-impl Pick {
-    fn new(q: &TopK<'_>, repeat: Option<f32>) -> Self {
-        Self {
-            heap: BinaryHeap::with_capacity(q.k + 1),
-            skip: Cursor::new(q.exclude),
-            seen: repeat.map(|w| (Cursor::new(q.history), w)),
-        }
-    }
-
-    /// Keeps the best of `scores`, the scores of indices `start..`, up to `k` in all.
-    fn keep(&mut self, scores: &mut [f32], start: usize, k: usize) {
-        if let Some((seen, w)) = &mut self.seen {
-            seen.each(scores, start, |s| *s += *w);
-        }
-        self.skip.each(scores, start, |s| *s = f32::NEG_INFINITY);
-        // Most panels hold no score above the worst kept one.
-        if let Some(worst) = self.heap.peek()
-            && self.heap.len() >= k
-            && scores.iter().all(|&s| s <= worst.score || s.is_nan())
-        {
-            return;
-        }
-        for (i, &score) in scores.iter().enumerate() {
-            keep(&mut self.heap, score, (start + i) as u32, k);
-        }
-    }
-}
-
-/// Keeps (`score`, `idx`) among the best `k` of `heap` (indices come in ascending order).
-fn keep(heap: &mut BinaryHeap<Kept>, score: f32, idx: u32, k: usize) {
-    if !score.is_finite() || k == 0 {
-        return;
-    }
-    // A later index ties worse, so an equal score never displaces a kept one.
-    match heap.peek() {
-        Some(worst) if heap.len() >= k => {
-            if score > worst.score {
-                heap.pop();
-                heap.push(Kept { score, idx });
-            }
-        }
-        _ => heap.push(Kept { score, idx }),
-    }
-}
-
-/// Rows scored together: one panel.
-const LANES: usize = 8;
-
-/// The item table in panels of [`LANES`] rows, column-major within a panel: one pass
-/// over a user vector gives a panel's scores in as many lanes, with no sums across lanes
-/// (it vectorises), and the table is read front to back once.
-#[derive(Debug, Clone)]
-struct Panels {
-    data: Vec<f32>,
-    width: usize,
-    rows: usize,
-}
-
-impl Panels {
-    /// From a row-major table `width` wide; the last panel is padded with zeros.
-    fn new(table: &[f32], width: usize) -> Self {
-        let width = width.max(1);
-        let rows = table.len() / width;
-        let mut data = vec![0.0; rows.div_ceil(LANES) * LANES * width];
-        for (i, row) in table.chunks_exact(width).enumerate() {
-            let (p, r) = (i / LANES, i % LANES);
-            for (j, &v) in row.iter().enumerate() {
-                data[(p * width + j) * LANES + r] = v;
-            }
-        }
-        Self { data, width, rows }
-    }
-
-    /// Row `i`.
-    fn row(&self, i: usize) -> impl Iterator<Item = f32> + '_ {
-        let (p, r) = (i / LANES, i % LANES);
-        (0..self.width).map(move |j| self.data[(p * self.width + j) * LANES + r])
-    }
-
-    /// The products of panel `p`'s rows with `user`.
-    fn scores(&self, p: usize, user: &[f32]) -> [f32; LANES] {
-        let panel = &self.data[p * self.width * LANES..(p + 1) * self.width * LANES];
-        let columns = panel.as_chunks::<LANES>().0;
-        // Four sums in flight, so that each addition does not wait for the one before.
-        let mut acc = [[0f32; LANES]; 4];
-        let (c4, u4) = (columns.chunks_exact(4), user.chunks_exact(4));
-        let (c_rest, u_rest) = (c4.remainder(), u4.remainder());
-        for (c, u) in c4.zip(u4) {
-            for a in 0..4 {
-                for r in 0..LANES {
-                    acc[a][r] += c[a][r] * u[a];
-                }
-            }
-        }
-        for (column, &u) in c_rest.iter().zip(u_rest) {
-            for r in 0..LANES {
-                acc[0][r] += column[r] * u;
-            }
-        }
-        let mut out = [0f32; LANES];
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = (acc[0][r] + acc[1][r]) + (acc[2][r] + acc[3][r]);
-        }
-        out
-    }
-}
-
-/// One user's request for [`HostEncoder::top_ks`].
-#[derive(Debug, Clone, Copy)]
-pub struct TopK<'a> {
-    /// The user vector.
-    pub user: &'a [f32],
-    /// Item indices not to return.
-    pub exclude: &'a [u32],
-    /// The user's history (item indices), for the encoder's repeat weight.
-    pub history: &'a [u32],
-    /// Score offsets by group: (group of every item index, offset of every group).
-    pub offsets: Option<(&'a [u32], &'a [f32])>,
-    /// How many to return.
-    pub k: usize,
-}
-
-/// A kept (score, index), ordered best first: the heap's top is the worst kept.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Kept {
-    score: f32,
-    idx: u32,
-}
-
-impl Eq for Kept {}
-
-impl Ord for Kept {
-    fn cmp(&self, other: &Self) -> Ordering {
-        other
-            .score
-            .total_cmp(&self.score)
-            .then(self.idx.cmp(&other.idx))
-    }
-}
-
-impl PartialOrd for Kept {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
+        self.items.top_ks(queries, self.repeat)
     }
 }
 
@@ -563,75 +350,6 @@ mod tests {
             }
         }
         m
-    }
-
-    #[test]
-    fn panels_return_the_top_items_of_the_row_by_row_products() {
-        let mut rng = crate::rng::SplitMix64::new(5);
-        let (rows, d) = (5003, 32);
-        // Rows of very different sizes, and a block of exact duplicates (ties).
-        let mut table: Vec<f32> = (0..rows * d)
-            .map(|i| (rng.normal() * (1.0 + (i / d % 7) as f64)) as f32)
-            .collect();
-        let first: Vec<f32> = table[100 * d..101 * d].to_vec();
-        for r in 101..110 {
-            table[r * d..(r + 1) * d].copy_from_slice(&first);
-        }
-        let panels = Panels::new(&table, d);
-        let groups: Vec<u32> = (0..rows as u32).map(|i| i % 5).collect();
-        let offsets = [0.5f32, -1.0, 0.0, 2.0, 0.25];
-        let exclude: Vec<u32> = (0..rows as u32).step_by(13).collect();
-        for u in 0..40 {
-            let user: Vec<f32> = (0..d).map(|_| (rng.normal() * 0.7) as f32).collect();
-            let user = if u == 0 { first.clone() } else { user };
-            let k = [1, 10, 50][u % 3];
-            let offsets = (u % 2 == 1).then_some((&groups[..], &offsets[..]));
-            let host = HostEncoder {
-                panels: panels.clone(),
-                ..tiny(d)
-            };
-            let got = host.top_ks(&[TopK {
-                user: &user,
-                exclude: &exclude,
-                history: &[],
-                offsets,
-                k,
-            }]);
-            let mut exact: Vec<f32> = table
-                .chunks_exact(d)
-                .enumerate()
-                .map(|(i, row)| dot(row, &user) + offsets.map_or(0.0, |(g, o)| o[g[i] as usize]))
-                .collect();
-            exact[0] = f32::NEG_INFINITY;
-            let want = top_k(exact, &exclude, k);
-            assert_eq!(
-                got[0].iter().map(|p| p.0).collect::<Vec<_>>(),
-                want.iter().map(|p| p.0).collect::<Vec<_>>(),
-                "user {u}, k {k}"
-            );
-            assert!(
-                got[0]
-                    .iter()
-                    .zip(&want)
-                    .all(|(a, b)| (a.1 - b.1).abs() < 1e-4)
-            );
-        }
-    }
-
-    /// An encoder `hidden` wide whose only use is to carry a test's tables.
-    fn tiny(hidden: usize) -> HostEncoder {
-        let cfg = Config {
-            num_items: 3,
-            max_len: 2,
-            hidden,
-            heads: 1,
-            layers: 1,
-            ff: 8,
-            dropout: 0.0,
-            repeat: false,
-            text_dim: 0,
-        };
-        HostEncoder::of(&model(&cfg, false)).unwrap()
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod online;
 pub mod optim;
 pub mod rng;
 pub mod sasrec;
+mod scan;
 pub mod serve;
 pub mod synth;
 pub mod text;
