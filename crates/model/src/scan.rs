@@ -271,7 +271,7 @@ impl<D: Dots> pulp::WithSimd for Scan<'_, '_, D> {
         picks
             .into_iter()
             .zip(queries)
-            .map(|(pick, q)| pick.finish(table, q, repeat))
+            .map(|(pick, q)| pick.finish(table, q))
             .collect()
     }
 }
@@ -302,6 +302,11 @@ impl Cursor {
             }
             self.at += 1;
         }
+    }
+
+    /// The same indices, walked again from the first.
+    fn rewound(self) -> Self {
+        Self { at: 0, ..self }
     }
 
     /// Whether an index not yet passed is below `end`.
@@ -455,10 +460,11 @@ impl Pick {
     }
 
     /// The top k of the candidates by exact score, best first.
-    fn finish(self, table: &ItemTable, q: &TopK<'_>, repeat: Option<f32>) -> Vec<(u32, f32)> {
+    fn finish(self, table: &ItemTable, q: &TopK<'_>) -> Vec<(u32, f32)> {
         let floor = self.floor;
-        let mut skip = Cursor::new(q.exclude);
-        let mut seen = repeat.map(|w| (Cursor::new(q.history), w));
+        // The candidates come in ascending order too: the cursors walk again from the start.
+        let mut skip = self.skip.rewound();
+        let mut seen = self.seen.map(|(history, w)| (history.rewound(), w));
         let mut heap = BinaryHeap::with_capacity(q.k + 1);
         for (i, upper) in self.candidates {
             // Upper bounds are never NaN: only those that reached a floor were kept.
