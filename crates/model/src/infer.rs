@@ -235,7 +235,7 @@ impl HostEncoder {
     pub fn of(model: &SasRec) -> candle_core::Result<Self> {
         Ok(Self {
             cfg: model.config().clone(),
-            items: ItemTable::new(&rows(&model.folded_item_table()?)?, model.config().hidden),
+            items: ItemTable::new(rows(&model.folded_item_table()?)?, model.config().hidden),
             positions: rows(model.positions.embeddings())?,
             hours: rows(model.hours.embeddings())?,
             devices: rows(model.devices.embeddings())?,

@@ -65,8 +65,8 @@ pub(crate) struct ItemTable {
 }
 
 impl ItemTable {
-    /// From a row-major table `width` wide.
-    pub(crate) fn new(table: &[f32], width: usize) -> Self {
+    /// From a row-major table `width` wide, which it keeps as the exact values.
+    pub(crate) fn new(mut table: Vec<f32>, width: usize) -> Self {
         let width = width.max(1);
         let rows = table.len() / width;
         let panels = rows.div_ceil(LANES);
@@ -85,8 +85,9 @@ impl ItemTable {
                 }
             }
         }
+        table.truncate(rows * width);
         Self {
-            exact: table[..rows * width].to_vec(),
+            exact: table,
             codes,
             max_scale: scales.iter().copied().fold(0.0, f32::max),
             scales,
@@ -604,7 +605,7 @@ mod tests {
         let mut rng = SplitMix64::new(5);
         for (rows, width) in [(5003, 32), (801, 13), (9, 4), (1, 8)] {
             let t = table(&mut rng, rows, width);
-            let items = ItemTable::new(&t, width);
+            let items = ItemTable::new(t.clone(), width);
             let groups: Vec<u32> = (0..rows as u32 / 2).map(|i| i % 5).collect();
             let offsets = [0.5f32, -1.0, 0.0, 2.0, 0.25];
             let exclude: Vec<u32> = (0..rows as u32).step_by(13).collect();
@@ -663,7 +664,7 @@ mod tests {
         let mut rng = SplitMix64::new(9);
         let width = 8;
         let t = table(&mut rng, 300, width);
-        let items = ItemTable::new(&t, width);
+        let items = ItemTable::new(t.clone(), width);
         let mut huge = vec![3e38f32; width];
         huge[1] = -3e38;
         // Finite products of the exact rows, but past f32 in the codes' sums.
