@@ -325,7 +325,7 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let now = now_ms();
         let mut ranking = Ranking {
-            catalog: Catalog::default(),
+            catalog: Arc::default(),
             popularity: Popularity::new(config.half_life.as_secs_f64() * 1000.0, now),
             encoder: EncoderState::None,
             catalog_generation: 1,
@@ -479,7 +479,7 @@ impl Engine {
 
     fn insert_item(ranking: &mut Ranking, item: Item, now: i64) -> Inserted {
         let prior = item.popularity;
-        let inserted = ranking.catalog.upsert(item);
+        let inserted = Arc::make_mut(&mut ranking.catalog).upsert(item);
         ranking.popularity.grow(ranking.catalog.len());
         if let (Inserted::Created(idx), Some(prior)) = (inserted, prior) {
             ranking.popularity.add(idx, prior, now);
@@ -523,11 +523,25 @@ impl Engine {
         version: String,
         newcomers: bool,
     ) -> (usize, usize) {
-        let mut ranking = inner.ranking.write();
-        let mut link = EncoderLink::new(encoder, items, version, &ranking.catalog);
+        // The link is built without the lock: at 100,000 items it takes milliseconds, and
+        // requests and events would wait on them. It is synced again should the catalog
+        // change meanwhile.
+        let (catalog, generation) = {
+            let ranking = inner.ranking.read();
+            (Arc::clone(&ranking.catalog), ranking.catalog_generation)
+        };
+        let mut link = EncoderLink::new(encoder, items, version, &catalog);
+        drop(catalog);
         link.newcomers = newcomers;
+        let mut ranking = inner.ranking.write();
+        if ranking.catalog_generation != generation {
+            link.sync(&ranking.catalog);
+        }
         let known = (link.known_items(), ranking.catalog.len());
-        ranking.encoder = EncoderState::Ready(link);
+        let replaced = std::mem::replace(&mut ranking.encoder, EncoderState::Ready(link));
+        drop(ranking);
+        // The replaced encoder's tables are freed and its thread stopped after the lock.
+        drop(replaced);
         known
     }
 

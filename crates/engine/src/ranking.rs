@@ -2,6 +2,7 @@
 //! catalog) and the popularity ranking that fills what the encoder does not.
 
 use std::collections::{BinaryHeap, HashSet};
+use std::sync::Arc;
 
 use onrec_model::rng::SplitMix64;
 
@@ -27,7 +28,9 @@ pub(crate) enum EncoderState {
 /// together under one lock.
 #[derive(Debug)]
 pub(crate) struct Ranking {
-    pub(crate) catalog: Catalog,
+    /// Shared so that a new encoder is linked to it without holding the lock; a change
+    /// copies it only while such a link is being built.
+    pub(crate) catalog: Arc<Catalog>,
     pub(crate) popularity: Popularity,
     pub(crate) encoder: EncoderState,
     /// Bumped by every catalog change; part of the model version.
