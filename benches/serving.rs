@@ -283,6 +283,10 @@ async fn main() {
         "thompson",
         "--learner",
         "live",
+        "--encoder-priority",
+        "idle",
+        "--q-priority",
+        "idle",
     ];
     server_args.extend(extra.split_whitespace());
     let server = common::Server::start(&server_args);

@@ -25,6 +25,11 @@ fn field(line: &Value, name: &str) -> Option<SocketAddr> {
 }
 
 impl Server {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts `onrec serve` with `args` on 127.0.0.1:0 and waits until it listens.
     pub fn start(args: &[&str]) -> Server {
         Self::try_start(args).unwrap_or_else(|e| panic!("server did not start: {e}"))
@@ -56,6 +61,14 @@ impl Server {
         }
         if !args.contains(&"--learner") {
             defaults.extend(["--learner", "off"]);
+        }
+        // Training competes for the CPU as an equal, so that a test waiting on it does not
+        // wait on whatever else the machine runs. The shipped default (idle) has its own
+        // test.
+        for flag in ["--encoder-priority", "--q-priority"] {
+            if !args.contains(&flag) {
+                defaults.extend([flag, "normal"]);
+            }
         }
         // ONREC_BIN runs another build (the load bench on a GPU machine, say).
         let binary =

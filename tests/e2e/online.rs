@@ -84,6 +84,73 @@ async fn clicks(s: &Server, prefix: &str, users: usize) {
     assert_eq!(summary["accepted"], json!(users * 4), "{summary}");
 }
 
+/// The scheduling policy (`SCHED_OTHER` 0, `SCHED_IDLE` 5) of each of `pid`'s threads,
+/// by thread name.
+#[cfg(target_os = "linux")]
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // Field 41 of stat; the fields after the name (in parentheses) start at field 3.
+        let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+        let policy = after_name.split_whitespace().nth(41 - 3).unwrap();
+        threads.push((name.trim().to_owned(), policy.parse().unwrap()));
+    }
+    threads
+}
+
+/// The training threads yield to serving at once (the idle policy, as shipped); the
+/// encoder's serving thread, though built by the training thread, does not inherit it.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn training_threads_are_idle_and_the_encoders_serving_thread_is_not() {
+    let path = catalog(60);
+    let s = Server::start(&[
+        "--catalog",
+        path.to_str().unwrap(),
+        "--encoder-online",
+        "true",
+        "--encoder-priority",
+        "idle",
+        "--learner",
+        "live",
+        "--q-priority",
+        "idle",
+    ]);
+    // Few events, so that the idle trainer's first publication needs little CPU.
+    clicks(&s, "a", 3).await;
+    let first = wait_for_version(&s, "a0", 0).await;
+    assert_eq!(first["ranker"], "transformer", "{first}");
+    let threads = thread_policies(s.pid());
+    let of = |name: &str| -> Vec<u32> {
+        threads
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|&(_, p)| p)
+            .collect()
+    };
+    // Thread names are cut to 15 bytes: "onrec-encoder-train" reads "onrec-encoder-t".
+    for (name, policy) in [
+        ("onrec-encoder-t", 5),
+        ("onrec-learner", 5),
+        ("onrec-encoder", 0),
+    ] {
+        let found = of(name);
+        assert!(!found.is_empty(), "no thread {name}: {threads:?}");
+        assert!(
+            found.iter().all(|&p| p == policy),
+            "{name} should have policy {policy}: {threads:?}"
+        );
+    }
+    std::fs::remove_file(&path).unwrap();
+}
+
 #[tokio::test]
 async fn a_fresh_catalog_gets_a_transformer_trained_from_its_own_events() {
     let path = catalog(60);

@@ -49,7 +49,7 @@ impl Default for OnlineSettings {
         Self {
             config: OnlineConfig::default(),
             publish_every: 50,
-            priority: Priority::Normal,
+            priority: Priority::Idle,
             queue: 65_536,
             device: DeviceChoice::Cpu,
             encoder_queue: 1024,

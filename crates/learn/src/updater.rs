@@ -40,11 +40,13 @@ use crate::optim::{AdamParams, AdamW};
 use crate::qnet::{Dense, Items, QConfig, QNet, Rows, State};
 use crate::replay::{Replay, Transition};
 
-/// The learner thread's scheduling priority.
+/// A training thread's scheduling priority.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
-    /// The lowest (nice 19): serving runs first and the learner uses idle CPU.
+    /// The lowest: Linux's idle scheduling policy (`SCHED_IDLE`). Any other thread that
+    /// wakes takes the CPU from it at once, so serving runs first and training uses idle
+    /// CPU. Threads it starts inherit the policy.
     #[default]
     Idle,
     /// The process's own, for machines with cores to spare for training.
@@ -418,13 +420,19 @@ pub fn spawn_training_thread<T: Send + 'static>(
         })
 }
 
-/// Gives the calling thread the lowest scheduling priority (nice 19; on Linux a thread's
-/// own). A refusal leaves it as it was, with a warning.
+/// Gives the calling thread the lowest scheduling priority: the idle policy, which any
+/// other thread preempts when it wakes (a lower nice value only shortens the thread's
+/// share, and a waking request may still wait out its time slice). A refusal leaves it
+/// as it was, with a warning.
 #[cfg(target_os = "linux")]
 fn lower_priority() {
-    let tid = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), 19) {
-        tracing::warn!(error = %e, "a training thread keeps its priority");
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy};
+    if let Err(e) = thread_priority::set_thread_priority_and_policy(
+        thread_priority::thread_native_id(),
+        ThreadPriority::Min,
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+    ) {
+        tracing::warn!(error = ?e, "a training thread keeps its priority");
     }
 }
 

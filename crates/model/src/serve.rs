@@ -8,8 +8,8 @@
 //! context and the scoring; elsewhere candle runs it (one forward pass, one product).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -59,19 +59,40 @@ pub struct Scored {
 
 type Reply = tokio::sync::oneshot::Sender<Result<Scored, ServeError>>;
 
+/// Starts an encoder's worker thread.
+type Start = Box<dyn FnOnce() -> std::io::Result<()> + Send>;
+
 /// A cheap handle to the encoder thread.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Encoder {
     tx: SyncSender<(Query, Reply)>,
+    shared: Arc<Shared>,
+}
+
+/// What the handles of one encoder share.
+struct Shared {
+    /// The worker thread's start, made by the first query. A thread takes its scheduling
+    /// policy from the thread that creates it, and encoders are built by training
+    /// threads, which run at idle priority; requests come from serving threads.
+    start: Mutex<Option<Start>>,
     num_items: usize,
     width: usize,
 }
 
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("num_items", &self.shared.num_items)
+            .field("width", &self.shared.width)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Encoder {
-    /// Starts the worker thread for `model` on `device`: at most `queue` jobs wait, and
-    /// batches are gathered as `batching` says. On the CPU the written-out serving path is
-    /// built here, on the caller's thread, so that a new encoder is ready before the first
-    /// request reaches it.
+    /// Readies the worker for `model` on `device`; its thread starts with the first query
+    /// (see [`Encoder`]). At most `queue` jobs wait, and batches are gathered as
+    /// `batching` says. On the CPU the written-out serving path is built here, on the
+    /// caller's thread, so that a new encoder is ready before the first request reaches it.
     pub fn start(
         model: SasRec,
         device: Device,
@@ -90,28 +111,44 @@ impl Encoder {
         } else {
             None
         };
-        std::thread::Builder::new()
-            .name("onrec-encoder".into())
-            .spawn(move || worker(&model, host, &device, &rx, batching))?;
+        let start: Start = Box::new(move || {
+            std::thread::Builder::new()
+                .name("onrec-encoder".into())
+                .spawn(move || worker(&model, host, &device, &rx, batching))
+                .map(drop)
+        });
         Ok(Self {
             tx,
-            num_items,
-            width,
+            shared: Arc::new(Shared {
+                start: Mutex::new(Some(start)),
+                num_items,
+                width,
+            }),
         })
     }
 
     /// Items the model knows (indices 1..=num_items).
     pub fn num_items(&self) -> usize {
-        self.num_items
+        self.shared.num_items
     }
 
     /// Width of its user vectors.
     pub fn width(&self) -> usize {
-        self.width
+        self.shared.width
     }
 
     /// The top `k` (index, score) pairs for one user, best first, and the user's vector.
     pub async fn top_k(&self, query: Query) -> Result<Scored, ServeError> {
+        let start = self
+            .shared
+            .start
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(start) = start {
+            start()
+                .map_err(|e| ServeError::Failed(format!("cannot start the encoder thread: {e}")))?;
+        }
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.tx.try_send((query, reply)).map_err(|e| match e {
             TrySendError::Full(_) => ServeError::Overloaded,

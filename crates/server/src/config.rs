@@ -105,14 +105,24 @@ pub enum LearnerMode {
     Live,
 }
 
-/// The Q-network learner thread's scheduling priority.
+/// A training thread's scheduling priority (the online encoder's, the Q-network's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LearnerPriority {
-    /// The lowest (nice 19): serving takes the CPU first, the learner uses what is idle.
+    /// The lowest (Linux's idle scheduling policy): any serving thread that wakes takes
+    /// the CPU from it at once; it trains on what is idle.
     Idle,
     /// The process's own: for machines with cores to spare for training.
     Normal,
+}
+
+impl From<LearnerPriority> for onrec_learn::Priority {
+    fn from(p: LearnerPriority) -> Self {
+        match p {
+            LearnerPriority::Idle => Self::Idle,
+            LearnerPriority::Normal => Self::Normal,
+        }
+    }
 }
 
 /// Where bandit impressions come from.
@@ -205,6 +215,12 @@ pub struct Config {
     /// model's checkpoint, or from nothing without one), and rank with it as it learns
     #[arg(long, env = "ONREC_ENCODER_ONLINE", default_value_t = true, action = clap::ArgAction::Set)]
     pub encoder_online: bool,
+
+    /// Scheduling priority of the online encoder's training thread: idle lets serving
+    /// take the CPU first (under load it then trains on fewer interactions), normal
+    /// competes with it
+    #[arg(long, env = "ONREC_ENCODER_PRIORITY", default_value = "idle")]
+    pub encoder_priority: LearnerPriority,
 
     /// Training effort of the online encoder: sequence visits each interaction buys (how
     /// often, on average, training goes over it)
@@ -562,7 +578,7 @@ pub struct Config {
 
     /// Scheduling priority of the learner thread: idle lets serving take the CPU first
     /// (under load the learner then drops more transitions), normal competes with it
-    #[arg(long, env = "ONREC_Q_PRIORITY", default_value = "normal")]
+    #[arg(long, env = "ONREC_Q_PRIORITY", default_value = "idle")]
     pub q_priority: LearnerPriority,
 
     /// Directory of the Q-network's checkpoints: resumed from at start, written
@@ -898,6 +914,9 @@ mod tests {
         assert_eq!(c.grpc_addr.port(), 50051);
         assert_eq!(c.half_life, Duration::from_secs(6 * 3600));
         assert_eq!(c.engine(), EngineConfig::default());
+        // Serving first: both training threads take only idle CPU unless told otherwise.
+        assert_eq!(c.encoder_priority, LearnerPriority::Idle);
+        assert_eq!(c.q_priority, LearnerPriority::Idle);
     }
 
     #[test]

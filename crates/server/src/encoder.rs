@@ -97,6 +97,7 @@ pub fn start_online(
         batching: batching(config),
         dir,
         start_from: config.model.clone(),
+        priority: config.encoder_priority.into(),
         ..OnlineSettings::default()
     };
     let text = match (&config.text_model, &config.model) {

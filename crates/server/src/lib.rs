@@ -30,7 +30,7 @@ use onrec_engine::background::BackgroundSettings;
 use onrec_engine::learning::{QMode, QSettings};
 use onrec_engine::shared::{RedisShared, SharedConfig};
 use onrec_engine::{Engine, catalog};
-use onrec_learn::{LearnConfig, Priority};
+use onrec_learn::LearnConfig;
 use onrec_policy::{
     BanditStore, Explorer, MemoryStore, RedisConfig, RedisStore, ResilientConfig, ResilientStore,
     StatsConfig,
@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Access, ApiKeys};
 use crate::client::{Caller, Client, ClientLimit, ClientPlace};
 pub use crate::config::Config;
-use crate::config::{LearnerMode, LearnerPriority, Role};
+use crate::config::{LearnerMode, Role};
 use crate::error::ApiError;
 use crate::metrics::{Inflight, Transport};
 
@@ -422,10 +422,7 @@ fn attach_learner(engine: &Engine, config: &Config) -> anyhow::Result<()> {
     learn.q.user_dim = encoder::user_width(config)?;
     learn.gamma = config.q_gamma as f32;
     learn.max_busy = config.q_max_busy;
-    learn.priority = match config.q_priority {
-        LearnerPriority::Idle => Priority::Idle,
-        LearnerPriority::Normal => Priority::Normal,
-    };
+    learn.priority = config.q_priority.into();
     let learner = engine
         .start_learner(learn, config.q_checkpoints().as_deref(), settings)
         .with_context(|| match config.q_checkpoints() {
