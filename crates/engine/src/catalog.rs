@@ -18,6 +18,8 @@ pub struct Catalog {
     items: Vec<Item>,
     index: HashMap<String, u32>,
     available: usize,
+    /// Whether each item is available, in index order (what a scan of the catalog reads).
+    availability: Vec<bool>,
     /// The category group of every item: categories numbered in the order they appeared.
     groups: Vec<u32>,
     group_index: HashMap<String, u32>,
@@ -78,6 +80,11 @@ impl Catalog {
         *self.group_index.entry(category.to_owned()).or_insert(next)
     }
 
+    /// Whether each item is available, in index order.
+    pub fn availability(&self) -> &[bool] {
+        &self.availability
+    }
+
     /// All item ids in index order.
     pub fn ids(&self) -> Vec<String> {
         self.items.iter().map(|i| i.item_id.clone()).collect()
@@ -92,6 +99,7 @@ impl Catalog {
         match self.index.get(&item.item_id) {
             Some(&idx) => {
                 self.groups[idx as usize] = group;
+                self.availability[idx as usize] = item.available;
                 let old = std::mem::replace(&mut self.items[idx as usize], item);
                 if old.available {
                     self.available -= 1;
@@ -101,6 +109,7 @@ impl Catalog {
             None => {
                 let idx = u32::try_from(self.items.len()).unwrap_or(u32::MAX);
                 self.index.insert(item.item_id.clone(), idx);
+                self.availability.push(item.available);
                 self.items.push(item);
                 self.groups.push(group);
                 Inserted::Created(idx)

@@ -57,19 +57,29 @@ impl Ranking {
     /// The `n` most popular available items outside `skip`. Ties (a fresh catalog is all
     /// ties) are broken by a hash of the item and `salt`, so each request draws them in
     /// another order, never in catalog order.
+    ///
+    /// A full heap admits only an item that beats its worst, and only such an item is
+    /// looked up in `skip`: most of a large catalog costs a key, a hash and a comparison.
     pub(crate) fn popular(&self, skip: &HashSet<u32>, n: usize, salt: u64) -> Vec<u32> {
-        let mut heap = BinaryHeap::with_capacity(n + 1);
-        for (idx, item) in self.catalog.items().iter().enumerate() {
-            let idx = idx as u32;
-            if !item.available || skip.contains(&idx) {
+        let mut heap: BinaryHeap<Ranked> = BinaryHeap::with_capacity(n + 1);
+        for (idx, &available) in self.catalog.availability().iter().enumerate() {
+            if !available {
                 continue;
             }
-            heap.push(Ranked {
+            let idx = idx as u32;
+            let ranked = Ranked {
                 key: self.popularity.rank_key(idx),
                 // SplitMix64's first output: nearby inputs give unrelated values.
                 tie: SplitMix64::new(u64::from(idx) ^ salt).next_u64(),
                 idx,
-            });
+            };
+            if heap.len() == n && heap.peek().is_some_and(|worst| ranked >= *worst) {
+                continue;
+            }
+            if skip.contains(&idx) {
+                continue;
+            }
+            heap.push(ranked);
             if heap.len() > n {
                 heap.pop();
             }
@@ -109,5 +119,65 @@ impl Ord for Ranked {
 impl PartialOrd for Ranked {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Item;
+
+    #[test]
+    fn popular_items_are_the_best_of_a_full_sort() {
+        let mut rng = SplitMix64::new(3);
+        let mut catalog = Catalog::default();
+        let mut popularity = Popularity::new(3_600_000.0, 0);
+        let items = 3_000u32;
+        for i in 0..items {
+            let mut item = Item::new(format!("sku-{i}"), "c");
+            item.available = rng.next_u64() % 10 != 0;
+            catalog.upsert(item);
+        }
+        // Replacing an item may change whether it is available.
+        for i in (0..items).step_by(7) {
+            let mut item = Item::new(format!("sku-{i}"), "c");
+            item.available = !catalog.get(i).available;
+            catalog.upsert(item);
+        }
+        popularity.grow(items as usize);
+        // Most items tie at 0; the others tie in small groups, some below 0 (dislikes).
+        for _ in 0..400 {
+            let idx = (rng.next_u64() % u64::from(items)) as u32;
+            let weight = [1.0, 2.0, 3.0, -1.0][(rng.next_u64() % 4) as usize];
+            popularity.add(idx, weight, 0);
+        }
+        let ranking = Ranking {
+            catalog: Arc::new(catalog),
+            popularity,
+            encoder: EncoderState::None,
+            catalog_generation: 1,
+        };
+        for (salt, n, skipped) in [
+            (1, 50, 0),
+            (2, 5, 30),
+            (3, 1, 300),
+            (4, 0, 10),
+            (5, 4_000, 50),
+        ] {
+            let skip: HashSet<u32> = (0..skipped)
+                .map(|_| (rng.next_u64() % u64::from(items)) as u32)
+                .collect();
+            let mut all: Vec<Ranked> = (0..items)
+                .filter(|&i| ranking.catalog.get(i).available && !skip.contains(&i))
+                .map(|idx| Ranked {
+                    key: ranking.popularity.rank_key(idx),
+                    tie: SplitMix64::new(u64::from(idx) ^ salt).next_u64(),
+                    idx,
+                })
+                .collect();
+            all.sort();
+            let want: Vec<u32> = all.iter().take(n).map(|r| r.idx).collect();
+            assert_eq!(ranking.popular(&skip, n, salt), want, "salt {salt}, n {n}");
+        }
     }
 }
