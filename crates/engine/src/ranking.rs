@@ -135,7 +135,7 @@ mod tests {
         let items = 3_000u32;
         for i in 0..items {
             let mut item = Item::new(format!("sku-{i}"), "c");
-            item.available = rng.next_u64() % 10 != 0;
+            item.available = !rng.next_u64().is_multiple_of(10);
             catalog.upsert(item);
         }
         // Replacing an item may change whether it is available.
