@@ -206,6 +206,12 @@ async fn main() {
     // ONREC_LOAD_SERVER_ARGS adds server settings, e.g. "--device cuda --demo-items 100000".
     let extra = std::env::var("ONREC_LOAD_SERVER_ARGS").unwrap_or_default();
     let mut extra: Vec<&str> = extra.split_whitespace().collect();
+    // Training at its shipped priority (the test helper otherwise runs it at normal).
+    for flag in ["--encoder-priority", "--q-priority"] {
+        if !extra.contains(&flag) {
+            extra.extend([flag, "idle"]);
+        }
+    }
     let redis = args.redis.as_deref().map(|kind| match kind {
         "aof" => common::RedisServer::start_appendonly(),
         _ => common::RedisServer::start(),
