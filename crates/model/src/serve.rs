@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -75,6 +75,8 @@ struct Shared {
     /// policy from the thread that creates it, and encoders are built by training
     /// threads, which run at idle priority; requests come from serving threads.
     start: Mutex<Option<Start>>,
+    /// Set once the first query has started the thread: later queries read only this.
+    started: OnceLock<Result<(), String>>,
     num_items: usize,
     width: usize,
 }
@@ -121,6 +123,7 @@ impl Encoder {
             tx,
             shared: Arc::new(Shared {
                 start: Mutex::new(Some(start)),
+                started: OnceLock::new(),
                 num_items,
                 width,
             }),
@@ -139,16 +142,19 @@ impl Encoder {
 
     /// The top `k` (index, score) pairs for one user, best first, and the user's vector.
     pub async fn top_k(&self, query: Query) -> Result<Scored, ServeError> {
-        let start = self
-            .shared
-            .start
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(start) = start {
-            start()
-                .map_err(|e| ServeError::Failed(format!("cannot start the encoder thread: {e}")))?;
-        }
+        let shared = &self.shared;
+        shared
+            .started
+            .get_or_init(|| {
+                let start = shared
+                    .start
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                start.map_or(Ok(()), |start| start().map_err(|e| e.to_string()))
+            })
+            .clone()
+            .map_err(|e| ServeError::Failed(format!("cannot start the encoder thread: {e}")))?;
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.tx.try_send((query, reply)).map_err(|e| match e {
             TrySendError::Full(_) => ServeError::Overloaded,
