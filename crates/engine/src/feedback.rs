@@ -89,7 +89,12 @@ impl Engine {
         if !applied {
             return Ok(EventOutcome::Duplicate);
         }
-        self.inner.ranking.write().popularity.add(idx, weight, at);
+        self.inner
+            .ranking
+            .read()
+            .popularity
+            .lock()
+            .add(idx, weight, at);
         self.accepted(event, idx, at, found, &segment);
         Ok(EventOutcome::Accepted)
     }
@@ -97,22 +102,27 @@ impl Engine {
     /// Claims and applies an event in this process alone.
     fn record_here(&self, event: &Event, at: i64) -> EventOutcome {
         let cfg = &self.inner.config;
-        // The write lock is taken before the dedupe check so that an event is marked seen
-        // only together with its effect: a concurrent duplicate waits and then sees it.
-        let mut ranking = self.inner.ranking.write();
-        let Some(idx) = ranking.catalog.index_of(&event.item_id) else {
-            return EventOutcome::UnknownItem;
-        };
         let digest = event_digest(&event.event_id);
-        {
+        // Under the shared lock of the ranking: requests go on meanwhile. The event's
+        // shard of seen ids stays locked until its popularity is added, so that an event
+        // is marked seen only together with its effect: a concurrent duplicate waits and
+        // then sees it.
+        let idx = {
+            let ranking = self.inner.ranking.read();
+            let Some(idx) = ranking.catalog.index_of(&event.item_id) else {
+                return EventOutcome::UnknownItem;
+            };
             let mut seen = self.inner.seen_events.shard(&digest);
             if seen.contains(&digest) {
                 return EventOutcome::Duplicate;
             }
             seen.get_or_insert_with(digest, || ());
-        }
-        ranking.popularity.add(idx, cfg.weights.of(event.kind), at);
-        drop(ranking);
+            ranking
+                .popularity
+                .lock()
+                .add(idx, cfg.weights.of(event.kind), at);
+            idx
+        };
         let candidates: Vec<String> = match &event.request_id {
             Some(id) => vec![id.clone()],
             None => {

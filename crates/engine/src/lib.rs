@@ -326,7 +326,10 @@ impl Engine {
         let now = now_ms();
         let mut ranking = Ranking {
             catalog: Arc::default(),
-            popularity: Popularity::new(config.half_life.as_secs_f64() * 1000.0, now),
+            popularity: parking_lot::Mutex::new(Popularity::new(
+                config.half_life.as_secs_f64() * 1000.0,
+                now,
+            )),
             encoder: EncoderState::None,
             catalog_generation: 1,
         };
@@ -408,12 +411,12 @@ impl Engine {
                     user_id,
                     interaction,
                 } => {
-                    let mut ranking = self.inner.ranking.write();
+                    let ranking = self.inner.ranking.read();
                     let Some(idx) = ranking.catalog.index_of(&item_id) else {
                         continue;
                     };
                     if weight != 0.0 {
-                        ranking.popularity.add(idx, weight, at_ms);
+                        ranking.popularity.lock().add(idx, weight, at_ms);
                     }
                     let Some(interaction) = interaction else {
                         continue;
@@ -480,9 +483,10 @@ impl Engine {
     fn insert_item(ranking: &mut Ranking, item: Item, now: i64) -> Inserted {
         let prior = item.popularity;
         let inserted = Arc::make_mut(&mut ranking.catalog).upsert(item);
-        ranking.popularity.grow(ranking.catalog.len());
+        let popularity = ranking.popularity.get_mut();
+        popularity.grow(ranking.catalog.len());
         if let (Inserted::Created(idx), Some(prior)) = (inserted, prior) {
-            ranking.popularity.add(idx, prior, now);
+            popularity.add(idx, prior, now);
         }
         inserted
     }

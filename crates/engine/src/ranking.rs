@@ -5,6 +5,7 @@ use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
 
 use onrec_model::rng::SplitMix64;
+use parking_lot::Mutex;
 
 use crate::catalog::Catalog;
 use crate::encoder::EncoderLink;
@@ -31,7 +32,9 @@ pub(crate) struct Ranking {
     /// Shared so that a new encoder is linked to it without holding the lock; a change
     /// copies it only while such a link is being built.
     pub(crate) catalog: Arc<Catalog>,
-    pub(crate) popularity: Popularity,
+    /// Behind its own lock, so that an event adds to it under the shared (read) lock of
+    /// the ranking and never holds up requests.
+    pub(crate) popularity: Mutex<Popularity>,
     pub(crate) encoder: EncoderState,
     /// Bumped by every catalog change; part of the model version.
     pub(crate) catalog_generation: u64,
@@ -62,13 +65,14 @@ impl Ranking {
     /// looked up in `skip`: most of a large catalog costs a key, a hash and a comparison.
     pub(crate) fn popular(&self, skip: &HashSet<u32>, n: usize, salt: u64) -> Vec<u32> {
         let mut heap: BinaryHeap<Ranked> = BinaryHeap::with_capacity(n + 1);
+        let popularity = self.popularity.lock();
         for (idx, &available) in self.catalog.availability().iter().enumerate() {
             if !available {
                 continue;
             }
             let idx = idx as u32;
             let ranked = Ranked {
-                key: self.popularity.rank_key(idx),
+                key: popularity.rank_key(idx),
                 // SplitMix64's first output: nearby inputs give unrelated values.
                 tie: SplitMix64::new(u64::from(idx) ^ salt).next_u64(),
                 idx,
@@ -153,7 +157,7 @@ mod tests {
         }
         let ranking = Ranking {
             catalog: Arc::new(catalog),
-            popularity,
+            popularity: Mutex::new(popularity),
             encoder: EncoderState::None,
             catalog_generation: 1,
         };
@@ -170,7 +174,7 @@ mod tests {
             let mut all: Vec<Ranked> = (0..items)
                 .filter(|&i| ranking.catalog.get(i).available && !skip.contains(&i))
                 .map(|idx| Ranked {
-                    key: ranking.popularity.rank_key(idx),
+                    key: ranking.popularity.lock().rank_key(idx),
                     tie: SplitMix64::new(u64::from(idx) ^ salt).next_u64(),
                     idx,
                 })

@@ -292,9 +292,10 @@ impl Engine {
         }
         if picked.len() < m {
             let fill = ranking.popular(hidden, m - picked.len(), view.request_id.as_u64_pair().1);
+            let popularity = ranking.popularity.lock();
             picked.extend(
                 fill.into_iter()
-                    .map(|idx| (idx, ranking.popularity.score_at(idx, now))),
+                    .map(|idx| (idx, popularity.score_at(idx, now))),
             );
         }
         // The Q-network re-scores without the lock, so events are not held up by it;

@@ -79,9 +79,10 @@ impl Engine {
         let (item_ids, popularity) = {
             let ranking = self.inner.ranking.read();
             let catalog = &ranking.catalog;
+            let popularity = ranking.popularity.lock();
             let item_ids: Vec<String> = catalog.items().iter().map(|i| i.item_id.clone()).collect();
             let popularity: Vec<(String, f64)> = (0..catalog.len() as u32)
-                .map(|i| (i, ranking.popularity.score_at(i, now)))
+                .map(|i| (i, popularity.score_at(i, now)))
                 .filter(|&(_, score)| score != 0.0)
                 .map(|(i, score)| (catalog.get(i).item_id.clone(), score))
                 .collect();
@@ -181,8 +182,9 @@ impl Engine {
             for (id, score) in &snapshot.popularity {
                 if let Some(i) = ranking.catalog.index_of(id) {
                     // On top of what the catalog gave the item at start.
-                    let delta = score - ranking.popularity.score_at(i, now);
-                    ranking.popularity.add(i, delta, now);
+                    let popularity = ranking.popularity.get_mut();
+                    let delta = score - popularity.score_at(i, now);
+                    popularity.add(i, delta, now);
                     counts.items += 1;
                 }
             }
