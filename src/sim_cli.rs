@@ -446,11 +446,19 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         print!("{}", report::table(&summaries));
         print!("{}", report::tenths(&summaries));
         print!("{}", report::visits(&summaries));
+        print!(
+            "{}",
+            report::logit_terms(summaries.iter().map(|s| (s.policy.as_str(), s.logit_terms)))
+        );
         println!(
             "regret: the oracle's expected reward minus the served slate's, summed over rounds \
              (cum. regret) and per round over the last 10% of rounds (regret/rd@end); \
              pref-cat: share of slots in the user's preferred category; by visit: by how \
-             many requests the user had made before in the run (1 = their first)"
+             many requests the user had made before in the run (1 = their first); click \
+             logit: the mean per served slot, over the second half of the run, of each term \
+             of the truth's click logit past its base rate (item appeal, the user's taste \
+             for its category, their latent affinity for it, the moment's shift of its \
+             category)"
         );
     }
     Ok(())

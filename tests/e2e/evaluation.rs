@@ -197,6 +197,15 @@ fn a_simulated_fresh_shop_logs_the_shipped_service_for_ope_and_replays_exactly()
         (&onrec["policy"], &onrec["rounds"]),
         (&json!("onrec"), &json!(300))
     );
+    // What the served slots' click logits were made of, term by term.
+    for term in ["appeal", "taste", "affinity", "context"] {
+        assert!(
+            onrec["logit_terms"][term]
+                .as_f64()
+                .is_some_and(f64::is_finite),
+            "{term}: {onrec}"
+        );
+    }
     // The service as shipped wrote a decision per round; the log takes `onrec ope`.
     let log = dir.join("onrec.jsonl");
     let text = std::fs::read_to_string(&log).unwrap();

@@ -35,5 +35,5 @@ pub use crate::run::{
     device_segments,
 };
 pub use crate::spec::{DEFAULT_POLICIES, Exploration, PolicyParams, PolicySpec, Ranker};
-pub use crate::world::{Moment, Oracle, Repeats, Rewards, World, WorldConfig};
+pub use crate::world::{LogitTerms, Moment, Oracle, Repeats, Rewards, World, WorldConfig};
 pub use onrec_engine::decisions::LogRecord;

@@ -11,7 +11,7 @@ use crate::SimError;
 use crate::encoder::EncoderReport;
 use crate::run::{PolicyRun, QParams, Simulation, Summary, VISIT_BUCKETS};
 use crate::spec::PolicyParams;
-use crate::world::{Rewards, WorldConfig};
+use crate::world::{LogitTerms, Rewards, WorldConfig};
 
 /// Most points of one line in the plot; longer series are thinned evenly.
 const PLOT_POINTS: usize = 1000;
@@ -177,6 +177,30 @@ pub fn visits(summaries: &[Summary]) -> String {
     out
 }
 
+/// The terms of the click logit of each policy's served slots (see
+/// [`Summary::logit_terms`]), one row per policy: what its CTR is made of, and where it
+/// falls short of the oracle's.
+pub fn logit_terms<'a>(rows: impl IntoIterator<Item = (&'a str, LogitTerms)>) -> String {
+    let rows: Vec<(&str, LogitTerms)> = rows.into_iter().collect();
+    let title = "click logit, 2nd half";
+    let width = name_width(rows.iter().map(|(name, _)| *name), title);
+    let mut out = format!(
+        "{title:<width$}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}\n",
+        "appeal", "taste", "affinity", "context", "sum"
+    );
+    for (name, t) in rows {
+        out.push_str(&format!(
+            "{name:<width$}  {:>8.3}  {:>8.3}  {:>8.3}  {:>8.3}  {:>8.3}\n",
+            t.appeal,
+            t.taste,
+            t.affinity,
+            t.context,
+            t.sum()
+        ));
+    }
+    out
+}
+
 /// The mean and the standard error of the mean of `values` (0 for a single value).
 pub fn mean_and_error(values: &[f64]) -> (f64, f64) {
     let n = values.len();
@@ -260,6 +284,14 @@ pub fn across_seeds(runs: &[(u64, Vec<Summary>)]) -> String {
             out.push_str(&format!("{policy:<width$}  {mean:>5.1}% ± {se:.1}\n"));
         }
     }
+    out.push_str(&logit_terms(policies.iter().map(|&policy| {
+        let runs = of(policy);
+        let mut sum = LogitTerms::default();
+        for s in &runs {
+            sum.add(&s.logit_terms);
+        }
+        (policy, sum.scaled(1.0 / runs.len().max(1) as f64))
+    })));
     out
 }
 
@@ -496,6 +528,12 @@ mod tests {
             ctr_by_visit: vec![ctr; VISIT_BUCKETS.len()],
             preferred_by_visit: vec![0.1, 0.2, 0.3, 0.3, 0.0],
             impressions_by_visit: vec![300, 100, 50, 50, 0],
+            logit_terms: LogitTerms {
+                appeal: ctr,
+                taste: 2.0 * ctr,
+                affinity: 0.0,
+                context: -ctr,
+            },
             encoder_versions: None,
             learner: None,
             wall_seconds: 1.0,
@@ -551,18 +589,35 @@ mod tests {
             "uniform 2 1.50% ± 0.50 25.0% 0.0300 ± 0.0100 305 ± 5"
         );
         // Gap closed: 4/10 and 6/10 of the way from uniform to the oracle.
-        let gap: Vec<&str> = out.lines().filter(|l| l.starts_with("onrec")).collect();
+        let above_terms = || out.lines().take_while(|l| !l.starts_with("click logit"));
+        let gap: Vec<&str> = above_terms().filter(|l| l.starts_with("onrec")).collect();
         assert_eq!(gap.len(), 3, "{out}");
         assert_eq!(
             gap[2].split_whitespace().collect::<Vec<_>>(),
             ["onrec", "50.0%", "±", "10.0"]
         );
         // Only the policies between the two ends get a gap line.
-        let after = out
-            .lines()
+        let after = above_terms()
             .skip_while(|l| !l.starts_with("gap closed"))
             .count();
         assert_eq!(after, 2, "{out}");
+        // The logit terms, averaged over the seeds.
+        let terms: Vec<Vec<&str>> = out
+            .lines()
+            .skip_while(|l| !l.starts_with("click logit"))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            terms[0],
+            [
+                "click", "logit,", "2nd", "half", "appeal", "taste", "affinity", "context", "sum"
+            ]
+        );
+        assert_eq!(
+            terms[2],
+            ["onrec", "0.065", "0.130", "0.000", "-0.065", "0.130"]
+        );
+        assert_eq!(terms.len(), 4, "{out}");
         assert_eq!(across_seeds(&[]), "");
     }
 

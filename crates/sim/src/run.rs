@@ -37,7 +37,7 @@ use crate::SimError;
 use crate::encoder::{EncoderSettings, TrainedEncoder};
 use crate::http::HttpShop;
 use crate::spec::{PolicyParams, PolicySpec, Ranker};
-use crate::world::{DEVICES, Oracle, Rewards, World};
+use crate::world::{DEVICES, LogitTerms, Oracle, Rewards, World};
 
 /// Decision log records queued between the engine and a sink; drained every round.
 const LOG_QUEUE: usize = 4096;
@@ -274,6 +274,10 @@ pub struct Summary {
     pub preferred_by_visit: Vec<f64>,
     /// Impressions served in each bucket of [`VISIT_BUCKETS`].
     pub impressions_by_visit: Vec<u64>,
+    /// The terms of the click logit of the served slots, per slot, over the second half
+    /// of the run: which of the truth's parts (the items' appeal, the users' category
+    /// tastes, their latent affinities, the moment) the policy had learned to serve.
+    pub logit_terms: LogitTerms,
     /// Snapshots the online encoder published, when one trained.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encoder_versions: Option<u64>,
@@ -556,6 +560,7 @@ impl Simulation {
                 ctr_by_visit: Vec::new(),
                 preferred_by_visit: Vec::new(),
                 impressions_by_visit: Vec::new(),
+                logit_terms: LogitTerms::default(),
                 encoder_versions: None,
                 learner: None,
                 wall_seconds: 0.0,
@@ -567,6 +572,8 @@ impl Simulation {
         let tenth = config.rounds.div_ceil(10);
         let (mut tenth_clicks, mut tenth_impressions) = (0u64, 0u64);
         let mut preferred = 0u64;
+        // Summed logit terms of the slots served in the second half, and their count.
+        let (mut terms, mut terms_slots) = (LogitTerms::default(), 0u64);
         let mut visits: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
         // [clicks, impressions, slots in the preferred category] by visit bucket.
         let mut by_visit = [[0u64; 3]; VISIT_BUCKETS.len()];
@@ -619,6 +626,12 @@ impl Simulation {
                 }
                 (slate, Some(served.request_id))
             };
+            if round >= config.rounds / 2 {
+                for &i in &slate {
+                    terms.add(&world.logit_terms(u, i, moment));
+                }
+                terms_slots += slate.len() as u64;
+            }
             let liked = world.preferred_category(u);
             let liked_slots = slate
                 .iter()
@@ -708,6 +721,7 @@ impl Simulation {
             .collect();
         run.summary.impressions_by_visit = by_visit.iter().map(|&[_, i, _]| i).collect();
         run.summary.preferred_share = share(preferred, run.summary.impressions);
+        run.summary.logit_terms = terms.scaled(1.0 / terms_slots.max(1) as f64);
         finish(&mut run.summary, &run.expected, &run.oracle);
         Ok(run)
     }

@@ -75,6 +75,45 @@ impl std::str::FromStr for Repeats {
     }
 }
 
+/// The terms of a click logit past the base rate b: what a served item owes its click
+/// probability to (see the module documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct LogitTerms {
+    /// The item's appeal to everyone, aᵢ.
+    pub appeal: f64,
+    /// The user's taste for the item's category, t_u[cᵢ].
+    pub taste: f64,
+    /// The user's latent affinity for the item, λ·⟨w_u, vᵢ⟩.
+    pub affinity: f64,
+    /// The moment's shift of the item's category, d[device][cᵢ] + h[band][cᵢ].
+    pub context: f64,
+}
+
+impl LogitTerms {
+    /// The terms added up.
+    pub fn sum(&self) -> f64 {
+        self.appeal + self.taste + self.affinity + self.context
+    }
+
+    /// Each term plus `other`'s.
+    pub fn add(&mut self, other: &Self) {
+        self.appeal += other.appeal;
+        self.taste += other.taste;
+        self.affinity += other.affinity;
+        self.context += other.context;
+    }
+
+    /// Each term times `factor`.
+    pub fn scaled(&self, factor: f64) -> Self {
+        Self {
+            appeal: self.appeal * factor,
+            taste: self.taste * factor,
+            affinity: self.affinity * factor,
+            context: self.context * factor,
+        }
+    }
+}
+
 /// How much a consumable's click logit rises for one who bought it.
 pub const REPEAT_BOOST: f64 = 1.5;
 /// The share of its click probability an owned durable item keeps.
@@ -490,18 +529,24 @@ impl World {
     }
 
     fn logit(&self, u: usize, i: u32, m: Moment) -> f64 {
+        self.config.base_logit + self.logit_terms(u, i, m).sum()
+    }
+
+    /// The terms of the click logit of user `u` for item `i` in moment `m` past the base
+    /// rate (before what an earlier purchase does).
+    pub fn logit_terms(&self, u: usize, i: u32, m: Moment) -> LogitTerms {
         let dim = self.config.latent_dim;
         let item = &self.items[i as usize];
         let c = item.category;
         let v = &self.item_latent[i as usize * dim..(i as usize + 1) * dim];
         let w = &self.user_latent[u * dim..(u + 1) * dim];
         let affinity: f64 = v.iter().zip(w).map(|(a, b)| a * b).sum();
-        self.config.base_logit
-            + item.appeal
-            + self.users[u].taste[c]
-            + self.config.latent_weight * affinity
-            + self.device_shift[m.device][c]
-            + self.band_shift[m.band()][c]
+        LogitTerms {
+            appeal: item.appeal,
+            taste: self.users[u].taste[c],
+            affinity: self.config.latent_weight * affinity,
+            context: self.device_shift[m.device][c] + self.band_shift[m.band()][c],
+        }
     }
 
     /// The expected reward of a click on item `i`: the click and the discounted funnel.
@@ -909,6 +954,43 @@ mod tests {
             replaced[4] = other;
             assert!(mean(&oracle, &replaced) <= for_anyone + 1e-12);
         }
+    }
+
+    #[test]
+    fn the_logit_terms_add_up_to_the_click_probability_and_tell_the_parts_apart() {
+        let w = small(4);
+        let m = Moment {
+            device: 2,
+            hour: 20,
+        };
+        for u in 0..w.num_users().min(20) {
+            let liked = w.preferred_category(u);
+            for i in 0..w.num_items() as u32 {
+                let terms = w.logit_terms(u, i, m);
+                let p = 1.0 / (1.0 + (-(w.config.base_logit + terms.sum())).exp());
+                assert!(
+                    (p - w.attraction(u, i, m)).abs() < 1e-12,
+                    "user {u}, item {i}"
+                );
+                // The taste term is the user's, by the item's category: their preferred
+                // category's items get the largest.
+                let best = w.logit_terms(u, i, m).taste;
+                if w.category_index(i) == liked {
+                    assert!(
+                        (0..w.num_items() as u32).all(|j| w.logit_terms(u, j, m).taste <= best)
+                    );
+                }
+            }
+        }
+        let mut t = LogitTerms {
+            appeal: 1.0,
+            taste: 2.0,
+            affinity: -0.5,
+            context: 0.25,
+        };
+        assert_eq!(t.sum(), 2.75);
+        t.add(&t.scaled(2.0));
+        assert_eq!(t.sum(), 3.0 * 2.75);
     }
 
     #[test]
