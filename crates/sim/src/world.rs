@@ -974,10 +974,10 @@ mod tests {
                 );
                 // The taste term is the user's, by the item's category: their preferred
                 // category's items get the largest.
-                let best = w.logit_terms(u, i, m).taste;
                 if w.category_index(i) == liked {
                     assert!(
-                        (0..w.num_items() as u32).all(|j| w.logit_terms(u, j, m).taste <= best)
+                        (0..w.num_items() as u32)
+                            .all(|j| w.logit_terms(u, j, m).taste <= terms.taste)
                     );
                 }
             }
