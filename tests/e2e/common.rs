@@ -454,13 +454,19 @@ impl RedisServer {
 
     /// A raw command's answer.
     pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).unwrap();
-        let mut conn = client.get_connection().expect("connecting to redis-server");
+        self.try_cmd(args).expect("a redis command")
+    }
+
+    /// A raw command that may meet a closed connection: a Sentinel reconfiguring a
+    /// server kills its normal clients.
+    pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?;
+        let mut conn = client.get_connection()?;
         let mut cmd = redis::cmd(args[0]);
         for a in &args[1..] {
             cmd.arg(*a);
         }
-        cmd.query(&mut conn).expect("a redis command")
+        cmd.query(&mut conn)
     }
 
     /// Starts one on a free port that logs every write to an append-only file.
