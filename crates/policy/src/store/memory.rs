@@ -177,7 +177,11 @@ impl MemoryStore {
             seg.last_write_ms = now;
             seg.totals.impressions += u.impressions * w;
             seg.totals.reward += u.reward * w;
-            let arm = seg.arms.entry(u.item_id.clone()).or_default();
+            // The id is copied only for an arm the segment does not have yet.
+            let arm = match seg.arms.get_mut(&u.item_id) {
+                Some(arm) => arm,
+                None => seg.arms.entry(u.item_id.clone()).or_default(),
+            };
             arm.impressions += u.impressions * w;
             arm.reward += u.reward * w;
             if seg.arms.len() > self.config.max_arms_per_segment {
