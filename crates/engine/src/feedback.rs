@@ -47,9 +47,9 @@ impl Engine {
             }
         };
         // Nothing is credited before the claim: the event may be a duplicate.
-        let found = match self.find_here(event, at, &candidates) {
+        let found = match self.find_here(idx, at, &candidates) {
             Some(found) => Some(found),
-            None => self.find_shared(shared, event, at, &candidates).await,
+            None => self.find_shared(shared, event, idx, at, &candidates).await,
         };
         let segment = self.segment_of(event, found.as_ref(), last_segment);
         let updates = self.updates(event, at, &segment);
@@ -132,7 +132,7 @@ impl Engine {
                 })
             }
         };
-        let found = self.find_here(event, at, &candidates);
+        let found = self.find_here(idx, at, &candidates);
         let segment = self.segment_of(event, found.as_ref(), None);
         self.queue_stats(self.updates(event, at, &segment));
         self.accepted(event, idx, at, found, &segment);
@@ -240,18 +240,20 @@ impl Engine {
         }
     }
 
-    /// Whether `shown` showed the event's item within the attribution window.
-    fn shows(&self, shown: &Impression, event: &Event, at: i64) -> bool {
+    /// Whether `shown` showed the item at catalog index `item` within the attribution
+    /// window. Its slate holds the catalog index of every served item this catalog knows,
+    /// so the indices answer as the item ids would, without comparing strings.
+    fn shows(&self, shown: &Impression, item: u32, at: i64) -> bool {
         let window = duration_ms(self.inner.config.attribution_window);
-        at.saturating_sub(shown.at_ms) <= window && shown.items.contains(&event.item_id)
+        at.saturating_sub(shown.at_ms) <= window && shown.slate.contains(&item)
     }
 
     /// The first of `candidates` (response ids, newest first) that this process served and
-    /// that showed the event's item within the attribution window.
-    fn find_here(&self, event: &Event, at: i64, candidates: &[String]) -> Option<Found> {
+    /// that showed the item at catalog index `item` within the attribution window.
+    fn find_here(&self, item: u32, at: i64, candidates: &[String]) -> Option<Found> {
         candidates.iter().find_map(|request_id| {
             let log = self.inner.impressions.shard(request_id);
-            let shown = log.peek(request_id).filter(|s| self.shows(s, event, at))?;
+            let shown = log.peek(request_id).filter(|s| self.shows(s, item, at))?;
             Some(Found {
                 request_id: request_id.clone(),
                 shown: Shown {
@@ -270,6 +272,7 @@ impl Engine {
         &self,
         shared: &RedisShared,
         event: &Event,
+        item: u32,
         at: i64,
         candidates: &[String],
     ) -> Option<Found> {
@@ -301,7 +304,7 @@ impl Engine {
                         decision: None,
                     }
                 };
-                self.shows(&shown, event, at).then(|| Found {
+                self.shows(&shown, item, at).then(|| Found {
                     request_id: request_id.clone(),
                     shown: Shown {
                         segment: shown.segment.clone(),
