@@ -6,6 +6,12 @@
 //! worker runs the encoder's written-out path ([`crate::infer`]) and keeps each
 //! history's encoding, so a user's requests between two of their events cost only the
 //! context and the scoring; elsewhere candle runs it (one forward pass, one product).
+//!
+//! On the CPU a request that finds the written-out path free is scored on its own thread
+//! instead, with the same code and the same kept encodings: it then waits for no other
+//! thread to be scheduled, twice (there and back), which is what a request waited for
+//! when the cores were busy. Requests that find it busy go to the worker, so under load
+//! they are still batched.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -77,6 +83,9 @@ struct Shared {
     start: Mutex<Option<Start>>,
     /// Set once the first query has started the thread: later queries read only this.
     started: OnceLock<Result<(), String>>,
+    /// The written-out path and its kept encodings, shared by the worker and the
+    /// requests that find it free; `None` where candle serves.
+    host: Option<Arc<Mutex<HostState>>>,
     num_items: usize,
     width: usize,
 }
@@ -113,10 +122,12 @@ impl Encoder {
         } else {
             None
         };
+        let host = host.map(|h| Arc::new(Mutex::new((h, Encoded::default()))));
+        let worker_host = host.clone();
         let start: Start = Box::new(move || {
             std::thread::Builder::new()
                 .name("onrec-encoder".into())
-                .spawn(move || worker(&model, host, &device, &rx, batching))
+                .spawn(move || worker(&model, worker_host.as_deref(), &device, &rx, batching))
                 .map(drop)
         });
         Ok(Self {
@@ -124,6 +135,7 @@ impl Encoder {
             shared: Arc::new(Shared {
                 start: Mutex::new(Some(start)),
                 started: OnceLock::new(),
+                host,
                 num_items,
                 width,
             }),
@@ -141,8 +153,12 @@ impl Encoder {
     }
 
     /// The top `k` (index, score) pairs for one user, best first, and the user's vector.
+    /// Scored on the caller's thread when the written-out path is free, else by the
+    /// worker (see the module documentation).
     pub async fn top_k(&self, query: Query) -> Result<Scored, ServeError> {
         let shared = &self.shared;
+        // Started even when this request is scored here, so that the worker is there (and
+        // at the serving threads' priority) for the requests that will find the path busy.
         shared
             .started
             .get_or_init(|| {
@@ -155,6 +171,12 @@ impl Encoder {
             })
             .clone()
             .map_err(|e| ServeError::Failed(format!("cannot start the encoder thread: {e}")))?;
+        if let Some(Ok(mut host)) = shared.host.as_ref().map(|h| h.try_lock()) {
+            let (host, encoded) = &mut *host;
+            return score_on_host(host, encoded, &[&query])
+                .pop()
+                .ok_or_else(|| ServeError::Failed("no answer for the request".into()));
+        }
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.tx.try_send((query, reply)).map_err(|e| match e {
             TrySendError::Full(_) => ServeError::Overloaded,
@@ -173,14 +195,15 @@ pub struct Batching {
     pub window: Duration,
 }
 
+type HostState = (HostEncoder, Encoded);
+
 fn worker(
     model: &SasRec,
-    host: Option<HostEncoder>,
+    host: Option<&Mutex<HostState>>,
     device: &Device,
     rx: &Receiver<(Query, Reply)>,
     batching: Batching,
 ) {
-    let mut host = host.map(|h| (h, Encoded::default()));
     let max_batch = batching.max_batch.max(1);
     while let Ok(first) = rx.recv() {
         let deadline = Instant::now() + batching.window;
@@ -197,8 +220,14 @@ fn worker(
         }
         metrics::histogram!("onrec_encoder_batch_size").record(jobs.len() as f64);
         let queries: Vec<&Query> = jobs.iter().map(|(q, _)| q).collect();
-        let scored = match &mut host {
-            Some((host, encoded)) => Ok(score_on_host(host, encoded, &queries)),
+        let scored = match host {
+            Some(host) => {
+                let mut host = host
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let (host, encoded) = &mut *host;
+                Ok(score_on_host(host, encoded, &queries))
+            }
             None => score_with_users(model, device, &queries),
         };
         match scored {
@@ -391,6 +420,59 @@ mod tests {
             scores.iter().zip(want).all(|(s, w)| (s - w).abs() < 1e-6),
             "group 2 has no offset: {scores:?}"
         );
+    }
+
+    /// A request answered on its own thread and one queued for the worker (because the
+    /// written-out path was busy) get the same answer.
+    #[test]
+    fn a_request_scored_inline_and_one_queued_for_the_worker_agree() {
+        use candle_nn::{VarBuilder, VarMap};
+        let cfg = crate::sasrec::Config {
+            num_items: 40,
+            max_len: 6,
+            hidden: 8,
+            heads: 2,
+            layers: 1,
+            ff: 16,
+            dropout: 0.0,
+            repeat: true,
+            text_dim: 0,
+        };
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+        let model = SasRec::load(vb, &cfg).unwrap();
+        crate::sasrec::init_seeded(&varmap, 3).unwrap();
+        let batching = Batching {
+            max_batch: 8,
+            window: Duration::ZERO,
+        };
+        let encoder = Encoder::start(model, Device::Cpu, 4, batching).unwrap();
+        let query = Query {
+            history: vec![3, 9, 4],
+            context: ContextIds::from_parts(Some(7), Some("app")),
+            exclude: vec![9],
+            k: 5,
+            shift: None,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let inline = runtime.block_on(encoder.top_k(query.clone())).unwrap();
+        let host = encoder.shared.host.as_ref().unwrap();
+        let mut queued = std::pin::pin!(encoder.top_k(query));
+        {
+            let _busy = host.lock().unwrap();
+            // The first poll finds the path busy, hands the request to the worker and
+            // waits for its answer; the worker waits for the path.
+            let poll = queued
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+            assert!(poll.is_pending(), "answered while the path was busy");
+        }
+        let queued = runtime.block_on(queued).unwrap();
+        assert_eq!(inline.items.len(), 5);
+        assert!(inline.items.iter().all(|&(i, _)| i != 9 && i != 0));
+        assert_eq!(inline, queued);
     }
 
     #[test]
