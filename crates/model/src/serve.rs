@@ -172,6 +172,7 @@ impl Encoder {
             .clone()
             .map_err(|e| ServeError::Failed(format!("cannot start the encoder thread: {e}")))?;
         if let Some(Ok(mut host)) = shared.host.as_ref().map(|h| h.try_lock()) {
+            metrics::histogram!("onrec_encoder_batch_size").record(1.0);
             let (host, encoded) = &mut *host;
             return score_on_host(host, encoded, &[&query])
                 .pop()
