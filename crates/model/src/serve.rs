@@ -85,7 +85,7 @@ struct Shared {
     started: OnceLock<Result<(), String>>,
     /// The written-out path and its kept encodings, shared by the worker and the
     /// requests that find it free; `None` where candle serves.
-    host: Option<Arc<Mutex<HostState>>>,
+    host: Option<Arc<Mutex<HostPath>>>,
     num_items: usize,
     width: usize,
 }
@@ -122,7 +122,12 @@ impl Encoder {
         } else {
             None
         };
-        let host = host.map(|h| Arc::new(Mutex::new((h, Encoded::default()))));
+        let host = host.map(|encoder| {
+            Arc::new(Mutex::new(HostPath {
+                encoder,
+                encoded: Encoded::default(),
+            }))
+        });
         let worker_host = host.clone();
         let start: Start = Box::new(move || {
             std::thread::Builder::new()
@@ -173,8 +178,8 @@ impl Encoder {
             .map_err(|e| ServeError::Failed(format!("cannot start the encoder thread: {e}")))?;
         if let Some(Ok(mut host)) = shared.host.as_ref().map(|h| h.try_lock()) {
             metrics::histogram!("onrec_encoder_batch_size").record(1.0);
-            let (host, encoded) = &mut *host;
-            return score_on_host(host, encoded, &[&query])
+            return host
+                .score(&[&query])
                 .pop()
                 .ok_or_else(|| ServeError::Failed("no answer for the request".into()));
         }
@@ -196,11 +201,9 @@ pub struct Batching {
     pub window: Duration,
 }
 
-type HostState = (HostEncoder, Encoded);
-
 fn worker(
     model: &SasRec,
-    host: Option<&Mutex<HostState>>,
+    host: Option<&Mutex<HostPath>>,
     device: &Device,
     rx: &Receiver<(Query, Reply)>,
     batching: Batching,
@@ -222,13 +225,10 @@ fn worker(
         metrics::histogram!("onrec_encoder_batch_size").record(jobs.len() as f64);
         let queries: Vec<&Query> = jobs.iter().map(|(q, _)| q).collect();
         let scored = match host {
-            Some(host) => {
-                let mut host = host
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let (host, encoded) = &mut *host;
-                Ok(score_on_host(host, encoded, &queries))
-            }
+            Some(host) => Ok(host
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .score(&queries)),
             None => score_with_users(model, device, &queries),
         };
         match scored {
@@ -273,31 +273,40 @@ impl Encoded {
     }
 }
 
-/// [`score_with_users`] on the CPU's written-out path.
-fn score_on_host(host: &HostEncoder, encoded: &mut Encoded, queries: &[&Query]) -> Vec<Scored> {
-    let users: Vec<Vec<f32>> = queries
-        .iter()
-        .map(|q| host.head(&encoded.get(host, &q.history), q.context))
-        .collect();
-    let asks: Vec<TopK> = queries
-        .iter()
-        .zip(&users)
-        .map(|(q, user)| TopK {
-            user,
-            exclude: &q.exclude,
-            history: &q.history,
-            offsets: q
-                .shift
-                .as_ref()
-                .map(|s| (&s.groups[..], s.offsets.as_slice())),
-            k: q.k,
-        })
-        .collect();
-    host.top_ks(&asks)
-        .into_iter()
-        .zip(users)
-        .map(|(items, user)| Scored { items, user })
-        .collect()
+/// The CPU's written-out path with the encodings it keeps.
+struct HostPath {
+    encoder: HostEncoder,
+    encoded: Encoded,
+}
+
+impl HostPath {
+    /// [`score_with_users`] on this path.
+    fn score(&mut self, queries: &[&Query]) -> Vec<Scored> {
+        let (host, encoded) = (&self.encoder, &mut self.encoded);
+        let users: Vec<Vec<f32>> = queries
+            .iter()
+            .map(|q| host.head(&encoded.get(host, &q.history), q.context))
+            .collect();
+        let asks: Vec<TopK> = queries
+            .iter()
+            .zip(&users)
+            .map(|(q, user)| TopK {
+                user,
+                exclude: &q.exclude,
+                history: &q.history,
+                offsets: q
+                    .shift
+                    .as_ref()
+                    .map(|s| (&s.groups[..], s.offsets.as_slice())),
+                k: q.k,
+            })
+            .collect();
+        host.top_ks(&asks)
+            .into_iter()
+            .zip(users)
+            .map(|(items, user)| Scored { items, user })
+            .collect()
+    }
 }
 
 /// Scores every item for every query in one product, then keeps each query's top k.
