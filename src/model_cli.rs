@@ -76,8 +76,9 @@ pub struct TrainArgs {
     #[arg(long, requires = "text_model")]
     item_text: Option<PathBuf>,
     /// With item text: the share of items whose own embedding each training step leaves
-    /// out, so that the text projection learns to rank items on its own (as it must for
-    /// items never trained on); it costs some accuracy on the items trained on
+    /// out where they are scored as the next item, so that a second projection of the
+    /// text learns to rank items on its own, as it must for items never trained on (0: no
+    /// such projection; never-trained items then get the shared one)
     #[arg(long, default_value_t = train::DEFAULT_ID_DROPOUT)]
     id_dropout: f64,
     /// Cold-item protocol: withhold this share of the items (drawn with --seed) from
@@ -254,6 +255,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         dropout: args.dropout,
         repeat: args.repeat,
         text_dim: text.as_ref().map_or(Ok(0), |t| t.dim(1))?,
+        text_alone: text.is_some() && args.id_dropout > 0.0,
     };
     let tc = TrainConfig {
         epochs: args.epochs,

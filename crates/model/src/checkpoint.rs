@@ -139,6 +139,11 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint, ModelError> {
     items.push(String::new());
     items.extend(ids);
     let index = crate::data::vocabulary_index(&items);
+    let untrained: Vec<u32> = read_withheld(dir)?
+        .iter()
+        .filter_map(|id| index.get(id.as_str()).copied())
+        .collect();
+    let model = model.with_untrained(&untrained).map_err(|e| io(dir, e))?;
     Ok(Checkpoint {
         model,
         items: Arc::new(items),

@@ -286,6 +286,7 @@ impl OnlineTrainer {
             dropout: cfg.dropout,
             repeat: cfg.repeat,
             text_dim: 0,
+            text_alone: false,
         }
     }
 
@@ -1122,6 +1123,7 @@ mod tests {
             dropout: 0.0,
             repeat: false,
             text_dim,
+            text_alone: false,
         };
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);

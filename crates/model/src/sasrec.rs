@@ -42,6 +42,11 @@ pub struct Config {
     /// Width of the item text vectors the item tower projects (0: no item text).
     #[serde(default)]
     pub text_dim: usize,
+    /// With item text: a second projection of the text, learned for items scored by their
+    /// text alone (an item never trained on, or one whose own embedding a training step
+    /// leaves out), instead of the projection that complements an item's own embedding.
+    #[serde(default)]
+    pub text_alone: bool,
 }
 
 impl Config {
@@ -57,6 +62,7 @@ impl Config {
             dropout: 0.5,
             repeat: true,
             text_dim: 0,
+            text_alone: false,
         }
     }
 }
@@ -187,6 +193,11 @@ struct ItemText {
     /// `[num_items + 1, text_dim]`; row 0 (padding) and items without text are zero.
     vectors: Tensor,
     proj: Linear,
+    /// The projection for items scored by their text alone ([`Config::text_alone`]).
+    alone: Option<Linear>,
+    /// `[num_items + 1, 1]`: 1 for items never trained on, which have no own embedding
+    /// and are scored by their text alone; `None` when every item was trained on.
+    untrained: Option<Tensor>,
 }
 
 /// The encoder.
@@ -283,7 +294,36 @@ impl SasRec {
         self.text = Some(ItemText {
             vectors,
             proj: candle_nn::linear_no_bias(dim, self.cfg.hidden, vb.pp("text.proj"))?,
+            alone: if self.cfg.text_alone {
+                Some(candle_nn::linear_no_bias(
+                    dim,
+                    self.cfg.hidden,
+                    vb.pp("text.alone"),
+                )?)
+            } else {
+                None
+            },
+            untrained: None,
         });
+        Ok(self)
+    }
+
+    /// Marks `items` (indices) as never trained on: with [`Config::text_alone`] their rows
+    /// are the text-alone projection of their text (and their category), not their own
+    /// embedding plus the other projection. Without item text it changes nothing.
+    pub fn with_untrained(mut self, items: &[u32]) -> candle_core::Result<Self> {
+        let n = self.cfg.num_items + 1;
+        if let Some(t) = self.text.as_mut() {
+            let mut mask = vec![0f32; n];
+            for &i in items {
+                if let Some(m) = mask.get_mut(i as usize) {
+                    *m = 1.0;
+                }
+            }
+            t.untrained = (!items.is_empty())
+                .then(|| Tensor::from_vec(mask, (n, 1), t.vectors.device()))
+                .transpose()?;
+        }
         Ok(self)
     }
 
@@ -314,18 +354,7 @@ impl SasRec {
             .map(|i| distinct.partition_point(|d| d < i) as u32)
             .collect();
         let picked = Tensor::from_slice(&distinct, distinct.len(), device)?;
-        let own = self.items.embeddings().index_select(&picked, 0)?;
-        let rows = match &self.categories {
-            None => own,
-            Some(c) => {
-                let of = c.of_item.index_select(&picked, 0)?;
-                (own.affine(ITEM_SHARE, 0.0)? + c.table.forward(&of)?)?
-            }
-        };
-        let rows = match &self.text {
-            None => rows,
-            Some(t) => (rows + t.proj.forward(&t.vectors.index_select(&picked, 0)?)?)?,
-        };
+        let rows = self.fold(Some(&picked), None)?;
         rows.index_select(&Tensor::from_vec(at, ids.len(), device)?, 0)
     }
 
@@ -333,17 +362,50 @@ impl SasRec {
     /// (`[num_items + 1, 1]`, 1 or 0 per item): a dropped item is known by its category
     /// and text alone, as an item never trained on is.
     pub fn item_table_keeping(&self, keep: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let own = match keep {
-            None => self.items.embeddings().clone(),
-            Some(keep) => self.items.embeddings().broadcast_mul(keep)?,
+        self.fold(None, keep)
+    }
+
+    /// The item-tower rows of the item indices `picked` (every row when `None`), with the
+    /// own embeddings of the items whose `keep` (`[rows, 1]`) is 0, and of items never
+    /// trained on, left out: with [`Config::text_alone`], such an item's text goes through
+    /// the text-alone projection instead of the other one.
+    fn fold(&self, picked: Option<&Tensor>, keep: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let pick = |t: &Tensor| match picked {
+            None => Ok(t.clone()),
+            Some(p) => t.index_select(p, 0),
+        };
+        let untrained = match self.text.as_ref().and_then(|t| t.untrained.as_ref()) {
+            Some(u) => Some(pick(u)?.affine(-1.0, 1.0)?),
+            None => None,
+        };
+        let keep = match (keep, untrained) {
+            (None, trained) => trained,
+            (Some(k), None) => Some(k.clone()),
+            (Some(k), Some(trained)) => Some(k.broadcast_mul(&trained)?),
+        };
+        let own = pick(self.items.embeddings())?;
+        let own = match &keep {
+            None => own,
+            Some(keep) => own.broadcast_mul(keep)?,
         };
         let table = match &self.categories {
             None => own,
-            Some(c) => (own.affine(ITEM_SHARE, 0.0)? + c.table.forward(&c.of_item)?)?,
+            Some(c) => (own.affine(ITEM_SHARE, 0.0)? + c.table.forward(&pick(&c.of_item)?)?)?,
         };
-        match &self.text {
-            None => Ok(table),
-            Some(t) => table + t.proj.forward(&t.vectors)?,
+        let Some(t) = &self.text else {
+            return Ok(table);
+        };
+        let vectors = pick(&t.vectors)?;
+        let projected = t.proj.forward(&vectors)?;
+        match (&t.alone, &keep) {
+            (Some(alone), Some(keep)) => {
+                let kept = projected.broadcast_mul(keep)?;
+                let dropped = alone
+                    .forward(&vectors)?
+                    .broadcast_mul(&keep.affine(-1.0, 1.0)?)?;
+                (table + kept)? + dropped
+            }
+            _ => table + projected,
         }
     }
 
@@ -644,6 +706,7 @@ mod tests {
             dropout: 0.0,
             repeat: false,
             text_dim: 0,
+            text_alone: false,
         };
         let varmap = VarMap::new();
         let model = SasRec::load(
@@ -694,11 +757,13 @@ mod tests {
         assert!(diff < 1e-5, "{diff}");
     }
 
-    #[test]
-    fn item_rows_are_the_folded_tables_rows_with_the_same_gradients() {
+    /// An encoder over 30 items in 4 categories whose item tower reads 6-wide text, with
+    /// a text-alone projection when `text_alone`, and `untrained` items never trained on.
+    fn text_model(text_alone: bool, untrained: &[u32]) -> (Config, VarMap, SasRec) {
         let cfg = Config {
             num_items: 30,
             text_dim: 6,
+            text_alone,
             ..Config::for_items(30)
         };
         let varmap = VarMap::new();
@@ -714,8 +779,23 @@ mod tests {
                 vb,
                 Tensor::from_vec(vectors, (31, 6), &Device::Cpu).unwrap(),
             )
+            .unwrap()
+            .with_untrained(untrained)
             .unwrap();
         init_seeded(&varmap, 5).unwrap();
+        (cfg, varmap, model)
+    }
+
+    #[test]
+    fn item_rows_are_the_folded_tables_rows_with_the_same_gradients() {
+        for (alone, untrained) in [(false, &[][..]), (true, &[]), (true, &[3, 15, 30])] {
+            item_rows_match_the_folded_table(alone, untrained);
+        }
+    }
+
+    fn item_rows_match_the_folded_table(text_alone: bool, untrained: &[u32]) {
+        let (cfg, varmap, model) = text_model(text_alone, untrained);
+        let mut rng = SplitMix64::new(12);
         // Repeats, padding and items of one category, in no order.
         let ids = [7u32, 3, 7, 0, 11, 30, 3, 7, 15, 0, 19];
         let index = Tensor::from_slice(&ids, ids.len(), &Device::Cpu).unwrap();
@@ -743,11 +823,68 @@ mod tests {
         };
         let (gf, gr) = (grads(&full), grads(&rows));
         for (name, var) in varmap.data().lock().unwrap().iter() {
-            if !["items.weight", "categories.weight"].contains(&name.as_str()) {
-                continue;
+            match (name.as_str(), gf.get(var), gr.get(var)) {
+                ("items.weight" | "categories.weight", Some(a), Some(b)) => {
+                    assert_eq!(values(a), values(b), "the gradient of {name}");
+                }
+                // The projection's gradient is a product summed in another order.
+                ("text.alone.weight", Some(a), Some(b)) => {
+                    for (x, y) in values(a).iter().zip(values(b)) {
+                        assert!((x - y).abs() < 1e-4, "the gradient of {name}: {x}, {y}");
+                    }
+                }
+                ("text.alone.weight", None, None) => assert!(untrained.is_empty()),
+                ("items.weight" | "categories.weight" | "text.alone.weight", a, b) => {
+                    panic!("the gradient of {name}: {a:?} against {b:?}")
+                }
+                _ => {}
             }
-            let (a, b) = (gf.get(var).unwrap(), gr.get(var).unwrap());
-            assert_eq!(values(a), values(b), "the gradient of {name}");
         }
+    }
+
+    #[test]
+    fn items_without_their_own_embedding_are_scored_by_the_text_alone_projection() {
+        let (_, varmap, model) = text_model(true, &[15]);
+        let vars = varmap.data().lock().unwrap().clone();
+        let weight = |name: &str| vars[name].as_tensor().to_vec2::<f32>().unwrap();
+        let (own, cats, proj, alone) = (
+            weight("items.weight"),
+            weight("categories.weight"),
+            weight("text.proj.weight"),
+            weight("text.alone.weight"),
+        );
+        let vectors = model.text_vectors().unwrap().to_vec2::<f32>().unwrap();
+        let times = |w: &[Vec<f32>], i: usize| -> Vec<f32> {
+            w.iter()
+                .map(|row| row.iter().zip(&vectors[i]).map(|(a, b)| a * b).sum())
+                .collect()
+        };
+        // Item 7's own embedding is left out in this step; 15 was never trained on.
+        let mut keep = vec![1f32; 31];
+        keep[7] = 0.0;
+        let keep = Tensor::from_vec(keep, (31, 1), &Device::Cpu).unwrap();
+        let table = model
+            .item_table_keeping(Some(&keep))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for i in [1usize, 7, 15, 30] {
+            let text_alone = i == 7 || i == 15;
+            let text = times(if text_alone { &alone } else { &proj }, i);
+            for (k, got) in table[i].iter().enumerate() {
+                let mine = if text_alone {
+                    0.0
+                } else {
+                    own[i][k] * ITEM_SHARE as f32
+                };
+                let want = mine + cats[i % 4][k] + text[k];
+                assert!((got - want).abs() < 1e-5, "item {i}: {got} against {want}");
+            }
+        }
+        // Served, only the untrained item is scored by its text alone.
+        let served = model.folded_item_table().unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(served[15], table[15]);
+        assert_ne!(served[7], table[7]);
+        assert_eq!(served[1], table[1]);
     }
 }

@@ -447,6 +447,7 @@ mod tests {
             dropout: 0.0,
             repeat: true,
             text_dim: 0,
+            text_alone: false,
         };
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);

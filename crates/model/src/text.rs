@@ -119,8 +119,9 @@ pub fn read_item_texts(path: &Path) -> Result<HashMap<String, String>, ModelErro
 
 /// Item vectors from item text alone, as an encoder trained with text places an item it
 /// never trained on: the sentence encoder's vector of its text through the encoder's
-/// learned projection (`text.proj.weight`). What an item added with only a description
-/// gets in the item tower.
+/// learned projection for text alone (`text.alone.weight`, or `text.proj.weight` for a
+/// checkpoint trained without one). What an item added with only a description gets in
+/// the item tower.
 #[derive(Debug)]
 pub struct TextProjection {
     model: TextModel,
@@ -142,15 +143,20 @@ impl TextProjection {
             ));
         }
         let path = checkpoint.join(crate::checkpoint::WEIGHTS);
+        let name = if shape.text_alone {
+            "text.alone.weight"
+        } else {
+            "text.proj.weight"
+        };
         let weight = candle_core::safetensors::load(&path, &Device::Cpu)
             .map_err(|e| io(&path, e))?
-            .remove("text.proj.weight")
-            .ok_or_else(|| io(&path, "has no tensor named text.proj.weight"))?;
+            .remove(name)
+            .ok_or_else(|| io(&path, format!("has no tensor named {name}")))?;
         if weight.dims() != [shape.hidden, shape.text_dim] {
             return Err(io(
                 &path,
                 format!(
-                    "text.proj.weight is {:?}, config.json says [{}, {}]",
+                    "{name} is {:?}, config.json says [{}, {}]",
                     weight.dims(),
                     shape.hidden,
                     shape.text_dim
@@ -380,9 +386,9 @@ mod projection_tests {
     use crate::infer::dot;
     use crate::sasrec::{Config, SasRec};
 
-    /// A checkpoint over two items whose item tower reads `text_dim`-wide text, in a
-    /// directory of its own.
-    fn checkpoint(text_dim: usize) -> std::path::PathBuf {
+    /// A checkpoint over two items whose item tower reads `text_dim`-wide text (with a
+    /// text-alone projection when `text_alone`), in a directory of its own.
+    fn checkpoint(text_dim: usize, text_alone: bool) -> std::path::PathBuf {
         let shape = Config {
             num_items: 2,
             max_len: 4,
@@ -393,6 +399,7 @@ mod projection_tests {
             dropout: 0.0,
             repeat: false,
             text_dim,
+            text_alone,
         };
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -404,7 +411,7 @@ mod projection_tests {
         }
         crate::sasrec::init_seeded(&varmap, 1).unwrap();
         let dir = std::env::temp_dir().join(format!(
-            "onrec-projection-{text_dim}-{}",
+            "onrec-projection-{text_dim}-{text_alone}-{}",
             std::process::id()
         ));
         let items = ["".to_owned(), "a".to_owned(), "b".to_owned()];
@@ -415,7 +422,7 @@ mod projection_tests {
 
     #[test]
     fn a_checkpoint_without_item_text_cannot_place_items_by_text() {
-        let dir = checkpoint(0);
+        let dir = checkpoint(0, false);
         let err = TextProjection::load(Path::new("/nonexistent"), &dir, &Device::Cpu)
             .unwrap_err()
             .to_string();
@@ -432,7 +439,7 @@ mod projection_tests {
             return;
         };
         let text_model = Path::new(&text_model);
-        let narrow = checkpoint(16);
+        let narrow = checkpoint(16, false);
         let err = TextProjection::load(text_model, &narrow, &Device::Cpu)
             .unwrap_err()
             .to_string();
@@ -440,27 +447,58 @@ mod projection_tests {
             err.contains("384-wide vectors") && err.contains("16-wide"),
             "{err}"
         );
-        let dir = checkpoint(384);
-        let mut p = TextProjection::load(text_model, &dir, &Device::Cpu).unwrap();
-        let rows = p.rows(&["forged steel chef knife"]).unwrap();
-        assert_eq!((rows.len(), rows[0].len(), p.hidden()), (1, 8, 8));
         let v = TextModel::load(text_model, &Device::Cpu)
             .unwrap()
             .embed(&["forged steel chef knife"])
             .unwrap()
             .remove(0);
-        let weight = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
-            .unwrap()
-            .remove("text.proj.weight")
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        for (got, w) in rows[0].iter().zip(&weight) {
-            assert!((got - dot(w, &v)).abs() < 1e-5);
+        // A checkpoint with a text-alone projection places items with that one.
+        for (alone, name) in [(false, "text.proj.weight"), (true, "text.alone.weight")] {
+            let dir = checkpoint(384, alone);
+            let mut p = TextProjection::load(text_model, &dir, &Device::Cpu).unwrap();
+            let rows = p.rows(&["forged steel chef knife"]).unwrap();
+            assert_eq!((rows.len(), rows[0].len(), p.hidden()), (1, 8, 8));
+            let weight =
+                candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+                    .unwrap()
+                    .remove(name)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+            for (got, w) in rows[0].iter().zip(&weight) {
+                assert!((got - dot(w, &v)).abs() < 1e-5, "{name}");
+            }
+            std::fs::remove_dir_all(dir).unwrap();
         }
-        for d in [narrow, dir] {
-            std::fs::remove_dir_all(d).unwrap();
+        std::fs::remove_dir_all(narrow).unwrap();
+    }
+
+    #[test]
+    fn a_withheld_item_of_a_checkpoint_is_scored_by_its_text_alone() {
+        let dir = checkpoint(4, true);
+        crate::checkpoint::write_withheld(&dir, &["b"]).unwrap();
+        let model = crate::checkpoint::load(&dir, &Device::Cpu).unwrap().model;
+        let weights =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let weight = |name: &str| weights[name].to_vec2::<f32>().unwrap();
+        let (own, proj, alone) = (
+            weight("items.weight"),
+            weight("text.proj.weight"),
+            weight("text.alone.weight"),
+        );
+        let table = model.folded_item_table().unwrap().to_vec2::<f32>().unwrap();
+        // Every text vector is ones, so a projection of it sums each of its rows.
+        let sum = |w: &[Vec<f32>], k: usize| w[k].iter().sum::<f32>();
+        for k in 0..8 {
+            let trained = own[1][k] + sum(&proj, k);
+            assert!((table[1][k] - trained).abs() < 1e-5, "a: {}", table[1][k]);
+            assert!(
+                (table[2][k] - sum(&alone, k)).abs() < 1e-5,
+                "b: {}",
+                table[2][k]
+            );
         }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
 

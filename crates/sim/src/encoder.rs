@@ -132,6 +132,7 @@ impl TrainedEncoder {
             dropout: 0.1,
             repeat: false,
             text_dim: 0,
+            text_alone: false,
         };
         let tc = TrainConfig {
             epochs: settings.epochs,
