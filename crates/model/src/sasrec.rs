@@ -308,9 +308,9 @@ impl SasRec {
         Ok(self)
     }
 
-    /// Marks `items` (indices) as never trained on: with [`Config::text_alone`] their rows
-    /// are the text-alone projection of their text (and their category), not their own
-    /// embedding plus the other projection. Without item text it changes nothing.
+    /// Marks `items` (indices) as never trained on: their rows leave out their own
+    /// embeddings, and with [`Config::text_alone`] their text goes through the text-alone
+    /// projection. Without item text it changes nothing.
     pub fn with_untrained(mut self, items: &[u32]) -> candle_core::Result<Self> {
         let n = self.cfg.num_items + 1;
         if let Some(t) = self.text.as_mut() {
