@@ -3,6 +3,7 @@
 //! It applies the same forward decay and the same limits as the Redis store (see
 //! [`crate::stats`]), except that it counts items where Redis counts hash fields.
 
+use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,20 +39,27 @@ impl Segment {
         self.landmark_ms = now_ms;
     }
 
+    /// Drops the least shown arms until `keep` are left. It runs under the store's write
+    /// lock, which requests wait on, so it copies no ids: the cut is found among the
+    /// impression counts alone, and one pass drops every arm below it and as many at it
+    /// as make up the number.
     fn prune_arms(&mut self, keep: usize) {
-        let mut by_impressions: Vec<(f64, String)> = self
-            .arms
-            .iter()
-            .map(|(id, a)| (a.impressions, id.clone()))
-            .collect();
-        let drop = by_impressions.len().saturating_sub(keep);
+        let drop = self.arms.len().saturating_sub(keep);
         if drop == 0 {
             return;
         }
-        by_impressions.select_nth_unstable_by(drop - 1, |a, b| a.0.total_cmp(&b.0));
-        for (_, id) in &by_impressions[..drop] {
-            self.arms.remove(id);
-        }
+        let mut impressions: Vec<f64> = self.arms.values().map(|a| a.impressions).collect();
+        let (below, &mut cut, _) = impressions.select_nth_unstable_by(drop - 1, f64::total_cmp);
+        let mut at_cut = drop - below.iter().filter(|x| x.total_cmp(&cut).is_lt()).count();
+        self.arms
+            .retain(|_, a| match a.impressions.total_cmp(&cut) {
+                Ordering::Less => false,
+                Ordering::Equal if at_cut > 0 => {
+                    at_cut -= 1;
+                    false
+                }
+                _ => true,
+            });
     }
 
     /// A stored value's decayed worth at `now_ms`.
@@ -422,6 +430,44 @@ mod tests {
         assert!(close(s.arm("live").impressions, 2.0), "{s:?}");
         assert!(!s.arms.contains_key("dead"));
         assert!(s.total_impressions.is_finite() && close(s.total_impressions, 2.0));
+    }
+
+    #[test]
+    fn pruning_keeps_the_most_shown_arms_ties_included() {
+        // 30 arms shown 0, 1 or 2 times (ten each), and one never shown but rewarded.
+        let mut seg = Segment::default();
+        for i in 0..30 {
+            let impressions = f64::from(i % 3);
+            seg.arms.insert(
+                format!("item-{i}"),
+                ArmStats {
+                    impressions,
+                    reward: 0.0,
+                },
+            );
+        }
+        seg.arms.insert(
+            "clicked".into(),
+            ArmStats {
+                impressions: 0.0,
+                reward: 1.0,
+            },
+        );
+        let before = seg.arms.clone();
+        // 16 go: the 11 shown 0 times and 5 of the 10 shown once.
+        seg.prune_arms(15);
+        assert_eq!(seg.arms.len(), 15);
+        let shown =
+            |seg: &Segment, n: f64| seg.arms.values().filter(|a| a.impressions == n).count();
+        assert_eq!(
+            (shown(&seg, 0.0), shown(&seg, 1.0), shown(&seg, 2.0)),
+            (0, 5, 10)
+        );
+        assert!(seg.arms.iter().all(|(id, a)| before[id] == *a));
+        seg.prune_arms(15);
+        assert_eq!(seg.arms.len(), 15, "nothing to drop");
+        seg.prune_arms(3);
+        assert_eq!((seg.arms.len(), shown(&seg, 2.0)), (3, 3));
     }
 
     #[test]
