@@ -471,11 +471,13 @@ impl Worker {
                 for w in waiters.drain(..) {
                     let _ = w.send(self.published.load(Ordering::Acquire));
                 }
-                let next = if self.unexported {
-                    rx.recv_timeout(EXPORT_EVERY)
-                } else {
-                    rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
-                };
+                let next = onrec_learn::yielding::waiting(|| {
+                    if self.unexported {
+                        rx.recv_timeout(EXPORT_EVERY)
+                    } else {
+                        rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                    }
+                });
                 match next {
                     Ok(msg) => self.take(msg, &mut waiters),
                     Err(RecvTimeoutError::Timeout) => {

@@ -43,6 +43,7 @@ mod qhost;
 pub mod qnet;
 pub mod replay;
 pub mod updater;
+pub mod yielding;
 
 pub use crate::qnet::{QConfig, QNet, State};
 pub use crate::replay::{Replay, Transition};

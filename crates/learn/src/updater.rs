@@ -410,6 +410,9 @@ pub fn spawn_training_thread<T: Send + 'static>(
         .spawn(move || {
             if priority == Priority::Idle {
                 lower_priority();
+                if let Err(e) = crate::yielding::start() {
+                    tracing::warn!(error = %e, "a training thread does not yield to serving");
+                }
             }
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(1)
@@ -565,7 +568,7 @@ impl Trainer {
             } else {
                 self.wait()
             };
-            match rx.recv_timeout(wait) {
+            match crate::yielding::waiting(|| rx.recv_timeout(wait)) {
                 Ok(msg) => {
                     self.take(msg);
                     // Bounded, so a steady stream cannot postpone training forever.
@@ -654,7 +657,7 @@ impl Trainer {
     fn rest(&self, busy: Duration) {
         if self.cfg.max_busy < 1.0 {
             let idle = busy.mul_f64((1.0 - self.cfg.max_busy) / self.cfg.max_busy);
-            std::thread::sleep(idle.min(Duration::from_millis(100)));
+            crate::yielding::waiting(|| std::thread::sleep(idle.min(Duration::from_millis(100))));
         }
     }
 
