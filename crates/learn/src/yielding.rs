@@ -120,16 +120,16 @@ mod imp {
     }
 
     pub fn waiting<T>(wait: impl FnOnce() -> T) -> T {
-        let pause = |period| {
+        let set = |period| {
             TICKER.with(|t| {
                 if let Some(ticker) = t.borrow().as_ref() {
                     ticker.set(period);
                 }
             });
         };
-        pause(STOPPED);
+        set(STOPPED);
         let out = wait();
-        pause(running());
+        set(running());
         out
     }
 }
