@@ -654,14 +654,10 @@ mod training_tests {
             text: Some(category_text(&seqs)),
             withheld: vec![cold],
         };
-        let trained = train(
-            &cfg,
-            &tc,
-            &Split::leave_one_out(&warm),
-            &inputs,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let split = Split::leave_one_out(&warm);
+        let train_on =
+            |tc: &TrainConfig, inputs: &ItemInputs| train(&cfg, tc, &split, inputs, &Device::Cpu);
+        let trained = train_on(&tc, &inputs).unwrap();
         let of = |ids: [&str; 4]| ids.map(index).to_vec();
         // Ten items per category: a category-0 user has it in their first ten, a
         // category-1 user does not.
@@ -671,14 +667,7 @@ mod training_tests {
             for_its_category < 10 && for_another >= 10,
             "{for_its_category} vs {for_another}"
         );
-        let mismatched = train(
-            &cfg,
-            &tc,
-            &Split::leave_one_out(&warm),
-            &ItemInputs::default(),
-            &Device::Cpu,
-        )
-        .unwrap_err();
+        let mismatched = train_on(&tc, &ItemInputs::default()).unwrap_err();
         assert!(
             mismatched
                 .to_string()
@@ -690,14 +679,7 @@ mod training_tests {
                 id_dropout: 0.0,
                 ..tc
             };
-            let err = train(
-                &cfg,
-                &never_learns,
-                &Split::leave_one_out(&warm),
-                &inputs,
-                &Device::Cpu,
-            )
-            .unwrap_err();
+            let err = train_on(&never_learns, &inputs).unwrap_err();
             assert!(
                 err.to_string().contains("id_dropout must be above 0"),
                 "{err}"
