@@ -47,10 +47,11 @@ pub struct SimulateArgs {
     seeds: Option<String>,
     /// Policies to compare, comma-separated: onrec (the service as shipped), oracle,
     /// oracle_average (the best slate for the average user: no personalisation),
-    /// uniform (a random slate from the whole catalog), popularity, random (uniform among
+    /// oracle_learning (the truth about items and moments, each user's tastes learned
+    /// from their responses by Bayes' rule), uniform (a random slate from the whole catalog), popularity, random (uniform among
     /// the popularity candidates), epsilon_greedy, ucb1, thompson, encoder, encoder_<policy>, each
     /// but onrec and the oracles optionally with +q (the Q-network) [classic: the rankers and
-    /// policies one by one, fresh: uniform,onrec,oracle_average,oracle]
+    /// policies one by one, fresh: uniform,onrec,oracle_average,oracle_learning,oracle]
     #[arg(long)]
     policies: Option<String>,
     /// Users in the world [classic: 2000, fresh: 3000]
@@ -390,7 +391,7 @@ fn across_seeds(
 /// Runs `onrec simulate`.
 pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let default_policies = if args.scenario == Scenario::Fresh {
-        "uniform,onrec,oracle_average,oracle"
+        "uniform,onrec,oracle_average,oracle_learning,oracle"
     } else {
         DEFAULT_POLICIES
     };

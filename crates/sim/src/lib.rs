@@ -19,6 +19,7 @@
 //! # Ok::<(), onrec_sim::SimError>(())
 //! ```
 
+pub mod bayes;
 pub mod encoder;
 pub mod error;
 pub mod http;
@@ -27,6 +28,7 @@ pub mod run;
 pub mod spec;
 pub mod world;
 
+pub use crate::bayes::LearningOracle;
 pub use crate::encoder::{EncoderReport, EncoderSettings, TrainedEncoder};
 pub use crate::error::SimError;
 pub use crate::http::HttpShop;

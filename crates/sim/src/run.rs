@@ -34,6 +34,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::SimError;
+use crate::bayes::LearningOracle;
 use crate::encoder::{EncoderSettings, TrainedEncoder};
 use crate::http::HttpShop;
 use crate::spec::{PolicyParams, PolicySpec, Ranker};
@@ -535,6 +536,7 @@ impl Simulation {
         let config = &self.config;
         let n = config.n as usize;
         let mut oracle = Oracle::new(world, Rewards::of(&config.engine), n);
+        let mut learning = LearningOracle::new(world, Rewards::of(&config.engine), n);
         let mut outcomes = world.outcomes();
         let nothing_hidden = vec![false; world.num_items()];
         // The uniform policy's draws, the same for every run of this world.
@@ -596,6 +598,8 @@ impl Simulation {
                 (best_slate, None)
             } else if spec.ranker == Ranker::OracleAverage {
                 (oracle.best_for_anyone(moment, n), None)
+            } else if spec.ranker == Ranker::OracleLearning {
+                (learning.best(u, moment, oracle.owned(u), n), None)
             } else if spec.ranker == Ranker::Uniform {
                 let mut slate = Vec::with_capacity(n);
                 while slate.len() < n.min(world.num_items()) {
@@ -639,7 +643,12 @@ impl Simulation {
                 .count() as u64;
             preferred += liked_slots;
             let expected = oracle.slate_value(u, moment, &slate);
+            let owned_before =
+                (spec.ranker == Ranker::OracleLearning).then(|| oracle.owned(u).to_vec());
             let response = oracle.respond(u, moment, &slate, outcomes.next_round(n));
+            if let Some(owned) = owned_before {
+                learning.observe(u, moment, &slate, &owned, &response);
+            }
             let event = |slot: usize, item: u32, kind: EventType| Event {
                 event_id: format!("{round}-{slot}-{}", kind.as_str()),
                 user_id: user_id.clone(),
@@ -666,7 +675,7 @@ impl Simulation {
             );
             let events = if matches!(
                 spec.ranker,
-                Ranker::Oracle | Ranker::OracleAverage | Ranker::Uniform
+                Ranker::Oracle | Ranker::OracleAverage | Ranker::OracleLearning | Ranker::Uniform
             ) {
                 Vec::new()
             } else {

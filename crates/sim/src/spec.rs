@@ -11,6 +11,7 @@
 //! | `onrec` | the service as shipped: its default configuration, only the catalog | its default policy |
 //! | `oracle` | the world's truth | the best slate |
 //! | `oracle_average` | the world's truth, except who the user is | the best slate for the average user in the moment: the most any policy gets without personalising |
+//! | `oracle_learning` | the world's truth, except who the user is, which it learns from their responses | the best slate under its posterior of the user's tastes (see [`crate::bayes`]) |
 //! | `uniform` | none | a uniformly random slate from the whole catalog |
 //!
 //! A `+q` suffix attaches the online Q-network learner in live mode, which re-ranks the
@@ -30,6 +31,8 @@ pub const SERVICE: &str = "onrec";
 pub const ORACLE: &str = "oracle";
 /// The name of the oracle that does not know the user.
 pub const ORACLE_AVERAGE: &str = "oracle_average";
+/// The name of the oracle that learns each user's tastes from their responses.
+pub const ORACLE_LEARNING: &str = "oracle_learning";
 /// The name of the uniformly random slate.
 pub const UNIFORM: &str = "uniform";
 
@@ -53,6 +56,9 @@ pub enum Ranker {
     /// The oracle without the user: the best slate for the average user in the
     /// request's moment, through no engine.
     OracleAverage,
+    /// The oracle that learns who the user is from their responses
+    /// ([`crate::bayes::LearningOracle`]), through no engine.
+    OracleLearning,
     /// A uniformly random slate from the whole catalog, through no engine.
     Uniform,
 }
@@ -155,6 +161,7 @@ impl PolicySpec {
             SERVICE.to_owned(),
             ORACLE.to_owned(),
             ORACLE_AVERAGE.to_owned(),
+            ORACLE_LEARNING.to_owned(),
             UNIFORM.to_owned(),
         ];
         for prefix in ["", "encoder_"] {
@@ -196,6 +203,7 @@ impl FromStr for PolicySpec {
             SERVICE => Some(Ranker::Service),
             ORACLE => Some(Ranker::Oracle),
             ORACLE_AVERAGE => Some(Ranker::OracleAverage),
+            ORACLE_LEARNING => Some(Ranker::OracleLearning),
             UNIFORM => Some(Ranker::Uniform),
             _ => None,
         };
@@ -288,7 +296,7 @@ mod tests {
         let err = parse_list("ucb1,softmax").unwrap_err().to_string();
         assert!(
             err.starts_with(
-                "unknown policy 'softmax' (known: onrec, oracle, oracle_average, uniform, popularity, random"
+                "unknown policy 'softmax' (known: onrec, oracle, oracle_average, oracle_learning, uniform, popularity, random"
             ),
             "{err}"
         );

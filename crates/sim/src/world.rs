@@ -516,20 +516,39 @@ impl World {
     /// The probability that user `u` clicks item `i` in moment `m` once they examine it,
     /// before any purchase.
     pub fn attraction(&self, u: usize, i: u32, m: Moment) -> f64 {
-        1.0 / (1.0 + (-self.logit(u, i, m)).exp())
+        self.attraction_of(self.logit(u, i, m), false)
     }
 
     /// The same once `u` has bought `i` (see [`Repeats`]).
     pub fn attraction_owned(&self, u: usize, i: u32, m: Moment) -> f64 {
-        match self.config.repeats {
-            Repeats::Indifferent => self.attraction(u, i, m),
-            Repeats::Consumable => 1.0 / (1.0 + (-(self.logit(u, i, m) + REPEAT_BOOST)).exp()),
-            Repeats::Durable => OWNED_SHARE * self.attraction(u, i, m),
+        self.attraction_of(self.logit(u, i, m), true)
+    }
+
+    /// The click probability of an examined item whose click logit is `logit`, after
+    /// the user bought it when `owned`.
+    pub fn attraction_of(&self, logit: f64, owned: bool) -> f64 {
+        let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+        match (owned, self.config.repeats) {
+            (false, _) | (true, Repeats::Indifferent) => sigmoid(logit),
+            (true, Repeats::Consumable) => sigmoid(logit + REPEAT_BOOST),
+            (true, Repeats::Durable) => OWNED_SHARE * sigmoid(logit),
         }
     }
 
     fn logit(&self, u: usize, i: u32, m: Moment) -> f64 {
         self.config.base_logit + self.logit_terms(u, i, m).sum()
+    }
+
+    /// The click logit of item `i` in moment `m` without its user's terms: the base
+    /// rate, the item's appeal and the moment's shift of its category, all a policy
+    /// could know without knowing who asks.
+    pub fn logit_without_user(&self, i: u32, m: Moment) -> f64 {
+        let item = &self.items[i as usize];
+        let c = item.category;
+        self.config.base_logit
+            + item.appeal
+            + self.device_shift[m.device][c]
+            + self.band_shift[m.band()][c]
     }
 
     /// The terms of the click logit of user `u` for item `i` in moment `m` past the base
