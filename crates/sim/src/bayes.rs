@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use onrec_engine::EventType;
 
-use crate::world::{Response, Rewards, World};
+use crate::world::{Moment, Response, Rewards, World};
 
 /// Grid points of each category's taste posterior, evenly over ±[`GRID_SPREADS`] prior
 /// spreads.
@@ -88,7 +88,7 @@ impl<'w> LearningOracle<'w> {
 
     /// The slate of up to `n` slots with the largest expected reward for user `u` in
     /// `moment` under their posterior, `owned` being what they bought so far.
-    pub fn best(&mut self, u: usize, moment: crate::Moment, owned: &[u32], n: usize) -> Vec<u32> {
+    pub fn best(&mut self, u: usize, moment: Moment, owned: &[u32], n: usize) -> Vec<u32> {
         let world = self.world;
         let weights = self.posterior(u);
         self.scratch.clear();
@@ -120,7 +120,7 @@ impl<'w> LearningOracle<'w> {
     pub fn observe(
         &mut self,
         u: usize,
-        moment: crate::Moment,
+        moment: Moment,
         slate: &[u32],
         owned: &[u32],
         response: &Response,
@@ -150,7 +150,7 @@ impl<'w> LearningOracle<'w> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::world::{Action, Moment, WorldConfig};
+    use crate::world::{Action, WorldConfig};
 
     #[test]
     fn clicks_in_a_category_move_the_slates_towards_it_and_passing_over_moves_them_away() {
