@@ -536,7 +536,8 @@ impl Simulation {
         let config = &self.config;
         let n = config.n as usize;
         let mut oracle = Oracle::new(world, Rewards::of(&config.engine), n);
-        let mut learning = LearningOracle::new(world, Rewards::of(&config.engine), n);
+        let mut learning = (spec.ranker == Ranker::OracleLearning)
+            .then(|| LearningOracle::new(world, Rewards::of(&config.engine), n));
         let mut outcomes = world.outcomes();
         let nothing_hidden = vec![false; world.num_items()];
         // The uniform policy's draws, the same for every run of this world.
@@ -598,7 +599,7 @@ impl Simulation {
                 (best_slate, None)
             } else if spec.ranker == Ranker::OracleAverage {
                 (oracle.best_for_anyone(moment, n), None)
-            } else if spec.ranker == Ranker::OracleLearning {
+            } else if let Some(learning) = learning.as_mut() {
                 (learning.best(u, moment, oracle.owned(u), n), None)
             } else if spec.ranker == Ranker::Uniform {
                 let mut slate = Vec::with_capacity(n);
@@ -643,10 +644,10 @@ impl Simulation {
                 .count() as u64;
             preferred += liked_slots;
             let expected = oracle.slate_value(u, moment, &slate);
-            let owned_before =
-                (spec.ranker == Ranker::OracleLearning).then(|| oracle.owned(u).to_vec());
+            // What the user owned before this response is what their response is judged by.
+            let owned_before = learning.as_ref().map(|_| oracle.owned(u).to_vec());
             let response = oracle.respond(u, moment, &slate, outcomes.next_round(n));
-            if let Some(owned) = owned_before {
+            if let (Some(learning), Some(owned)) = (learning.as_mut(), owned_before) {
                 learning.observe(u, moment, &slate, &owned, &response);
             }
             let event = |slot: usize, item: u32, kind: EventType| Event {
