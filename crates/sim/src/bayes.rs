@@ -56,10 +56,8 @@ impl<'w> LearningOracle<'w> {
             .collect();
         let log_prior = grid.iter().map(|t| -0.5 * (t / sd).powi(2)).collect();
         Self {
-            click_value: (0..world.num_items() as u32)
-                .map(|i| world.click_value(i, &rewards))
-                .collect(),
-            examine: (0..n).map(|k| world.examine(k)).collect(),
+            click_value: world.click_values(&rewards),
+            examine: world.examination(n),
             world,
             grid,
             log_prior,

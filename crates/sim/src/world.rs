@@ -574,6 +574,18 @@ impl World {
         rewards.click + item.cart * (rewards.add_to_cart + item.purchase * rewards.purchase)
     }
 
+    /// [`World::click_value`] of every item, by item index.
+    pub fn click_values(&self, rewards: &Rewards) -> Vec<f64> {
+        (0..self.num_items() as u32)
+            .map(|i| self.click_value(i, rewards))
+            .collect()
+    }
+
+    /// [`World::examine`] of each of the first `n` slots.
+    pub fn examination(&self, n: usize) -> Vec<f64> {
+        (0..n).map(|k| self.examine(k)).collect()
+    }
+
     /// The stream of who shops when: user and moment per round, the same for every run
     /// of this world.
     pub fn traffic(&self) -> Traffic<'_> {
@@ -716,10 +728,8 @@ impl<'w> Oracle<'w> {
     /// The oracle of `world` for slates of up to `n` slots under `rewards`.
     pub fn new(world: &'w World, rewards: Rewards, n: usize) -> Self {
         Self {
-            click_value: (0..world.num_items() as u32)
-                .map(|i| world.click_value(i, &rewards))
-                .collect(),
-            examine: (0..n).map(|k| world.examine(k)).collect(),
+            click_value: world.click_values(&rewards),
+            examine: world.examination(n),
             world,
             rewards,
             owned: HashMap::new(),
