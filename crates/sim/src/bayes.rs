@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use onrec_engine::EventType;
 
-use crate::world::{Moment, Response, Rewards, World};
+use crate::world::{Moment, Response, Rewards, World, top_by_value};
 
 /// Grid points of each category's taste posterior, evenly over ±[`GRID_SPREADS`] prior
 /// spreads.
@@ -102,15 +102,10 @@ impl<'w> LearningOracle<'w> {
             self.scratch
                 .push((attraction * self.click_value[i as usize], i));
         }
-        let by_value = |a: &(f64, u32), b: &(f64, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        let k = n.min(self.examine.len()).min(self.scratch.len());
-        if k == 0 {
-            return Vec::new();
-        }
-        self.scratch.select_nth_unstable_by(k - 1, by_value);
-        let top = &mut self.scratch[..k];
-        top.sort_by(by_value);
-        top.iter().map(|v| v.1).collect()
+        top_by_value(&mut self.scratch, n.min(self.examine.len()))
+            .iter()
+            .map(|v| v.1)
+            .collect()
     }
 
     /// Learns from user `u`'s `response` to `slate` in `moment`, `owned` being what they

@@ -544,11 +544,12 @@ impl World {
     /// could know without knowing who asks.
     pub fn logit_without_user(&self, i: u32, m: Moment) -> f64 {
         let item = &self.items[i as usize];
-        let c = item.category;
-        self.config.base_logit
-            + item.appeal
-            + self.device_shift[m.device][c]
-            + self.band_shift[m.band()][c]
+        self.config.base_logit + item.appeal + self.context_shift(item.category, m)
+    }
+
+    /// The moment's shift of category `c`'s click logit.
+    fn context_shift(&self, c: usize, m: Moment) -> f64 {
+        self.device_shift[m.device][c] + self.band_shift[m.band()][c]
     }
 
     /// The terms of the click logit of user `u` for item `i` in moment `m` past the base
@@ -564,7 +565,7 @@ impl World {
             appeal: item.appeal,
             taste: self.users[u].taste[c],
             affinity: self.config.latent_weight * affinity,
-            context: self.device_shift[m.device][c] + self.band_shift[m.band()][c],
+            context: self.context_shift(c, m),
         }
     }
 
@@ -724,6 +725,20 @@ pub struct Oracle<'w> {
     for_anyone: HashMap<(usize, usize), Vec<u32>>,
 }
 
+/// The `n` (value, item) pairs of largest value, best first, ties to the lower item;
+/// `values` is reordered.
+pub(crate) fn top_by_value(values: &mut [(f64, u32)], n: usize) -> &[(f64, u32)] {
+    let by_value = |a: &(f64, u32), b: &(f64, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    let k = n.min(values.len());
+    if k == 0 {
+        return &[];
+    }
+    values.select_nth_unstable_by(k - 1, by_value);
+    let top = &mut values[..k];
+    top.sort_by(by_value);
+    top
+}
+
 impl<'w> Oracle<'w> {
     /// The oracle of `world` for slates of up to `n` slots under `rewards`.
     pub fn new(world: &'w World, rewards: Rewards, n: usize) -> Self {
@@ -782,14 +797,7 @@ impl<'w> Oracle<'w> {
                 self.scratch.push((self.item_value(u, i, m), i));
             }
         }
-        let by_value = |a: &(f64, u32), b: &(f64, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        let k = n.min(self.scratch.len());
-        if k == 0 {
-            return (0.0, Vec::new());
-        }
-        self.scratch.select_nth_unstable_by(k - 1, by_value);
-        let top = &mut self.scratch[..k];
-        top.sort_by(by_value);
+        let top = top_by_value(&mut self.scratch, n);
         let value = top.iter().zip(&self.examine).map(|(v, e)| v.0 * e).sum();
         (value, top.iter().map(|v| v.1).collect())
     }
