@@ -27,6 +27,7 @@
 //! # Ok::<(), onrec_policy::StoreError>(()) }).unwrap();
 //! ```
 
+mod beta;
 pub mod error;
 pub mod explorer;
 pub mod policy;
