@@ -6,10 +6,11 @@
 //! three passes written lane by lane in `f32`, which the compiler vectorises (with AVX2 and
 //! FMA where the processor has them, chosen at run time):
 //! 1. standard normals by the Box–Muller transform, from 24-bit uniforms;
-//! 2. Marsaglia and Tsang's proposal d·(1 + c·z)³ and their quick acceptance test;
-//! 3. for the proposals the quick test leaves (about one in twelve), their exact test in
-//!    `f64` (but for ln u, whose `f32` value is as exact as u), and for those that fail it too a fresh draw from `rand_distr`'s sampler, as the
-//!    rejection method prescribes.
+//! 2. Marsaglia and Tsang's proposals d·(1 + c·z)³, with their quick acceptance test and,
+//!    for the one proposal in about twelve that it leaves, their exact test;
+//! 3. one at a time: the exact test again, in `f64`, for the rare proposal too near its
+//!    line for `f32` to decide, and a fresh draw from `rand_distr`'s sampler for each
+//!    proposal the tests reject, as the rejection method prescribes.
 //!
 //! The draws follow the Gamma distribution to `f32` precision (unit tests compare the
 //! quantiles with `rand_distr`'s sampler); the normals' tails end at 5.8 standard deviations,
@@ -124,7 +125,9 @@ fn gamma_column<R: Rng + ?Sized>(
         out: &mut out[..n],
     });
     for ((o, &z), &u) in out[..n].iter_mut().zip(normals.iter()).zip(tests) {
-        if o.is_nan() {
+        if *o == REJECTED {
+            *o = exact.sample(rng) as f32;
+        } else if o.is_nan() {
             let z = f64::from(z);
             let v = 1.0 + c * z;
             let accept =
@@ -141,9 +144,15 @@ fn gamma_column<R: Rng + ?Sized>(
         .for_each(|o| *o = exact.sample(rng) as f32);
 }
 
-/// Passes 1 and 2 of [`gamma_column`]: normals from `box_muller`'s bits, and the proposals
-/// the quick test accepts (NaN where it does not), compiled for the processor's widest
-/// vectors.
+/// A proposal both of Marsaglia and Tsang's tests reject (draws are positive).
+const REJECTED: f32 = -1.0;
+
+/// How near the exact test's line a proposal is left to the `f64` test.
+const UNSURE: f32 = 1e-3;
+
+/// Passes 1 and 2 of [`gamma_column`]: normals from `box_muller`'s bits, and the accepted
+/// proposals ([`REJECTED`] where the tests reject one, NaN where `f32` cannot tell),
+/// compiled for the processor's widest vectors.
 struct Proposals<'a> {
     d: f32,
     c: f32,
@@ -178,8 +187,27 @@ impl pulp::WithSimd for Proposals<'_> {
         for ((o, &z), &u) in out.iter_mut().zip(normals.iter()).zip(tests) {
             let v = 1.0 + c * z;
             let z2 = z * z;
-            let quick = v > 0.0 && unit(u) < 1.0 - 0.0331 * z2 * z2;
-            *o = if quick { d * v * v * v } else { f32::NAN };
+            let u = unit(u);
+            let quick = u < 1.0 - 0.0331 * z2 * z2;
+            // The exact test's margin; `f32` puts it at most about 2e-4 from its exact
+            // value (the direct formula, which shapes up to 1,000 take, loses the most), so
+            // a proposal closer than `UNSURE` to the line is left to the `f64` test.
+            let t = c * z;
+            let g = if t.abs() < 0.0625 {
+                series_one_minus_v_plus_ln_v(t)
+            } else {
+                1.0 - v * v * v + 3.0 * ln(v.max(f32::MIN_POSITIVE))
+            };
+            let margin = 0.5 * z2 + d * g - ln(u);
+            *o = if v <= 0.0 {
+                REJECTED
+            } else if quick || margin > UNSURE {
+                d * v * v * v
+            } else if margin < -UNSURE {
+                REJECTED
+            } else {
+                f32::NAN
+            };
         }
     }
 }
@@ -228,6 +256,16 @@ fn sin_cos_of_turn(t: f32) -> (f32, f32) {
     let sin_sign = if q == 2.0 || q == 3.0 { -1.0 } else { 1.0 };
     let cos_sign = if q == 1.0 || q == 2.0 { -1.0 } else { 1.0 };
     (s * sin_sign, c * cos_sign)
+}
+
+/// [`one_minus_v_plus_ln_v`] by its series, for |t| < 1/16, in `f32`.
+#[inline(always)]
+fn series_one_minus_v_plus_ln_v(t: f32) -> f32 {
+    t * t
+        * (-4.5
+            + t * t
+                * (-0.75
+                    + t * (0.6 + t * (-0.5 + t * (3.0 / 7.0 + t * (-0.375 + t * (1.0 / 3.0)))))))
 }
 
 /// 1 − v + ln v for v = (1 + t)³, t > −1, without the cancellation of the direct formula
