@@ -767,6 +767,7 @@ fn thompson<R: Rng + ?Sized>(
 mod tests {
     use rand::SeedableRng;
     use rand::rngs::SmallRng;
+    use rand_distr::{Beta, Distribution};
 
     use super::*;
     use crate::stats::ArmStats;
@@ -1128,6 +1129,53 @@ mod tests {
         }
         // The estimator's bias is at most (1 − p)/(draws + 1) per slot.
         assert!((err_sum / trials as f64).abs() < 1.0 / 201.0);
+    }
+
+    #[test]
+    fn thompson_chooses_as_one_beta_draw_at_a_time_would() {
+        // Posteriors from small to large, mixed with a personal ranking.
+        let c = candidates(8);
+        let arms: Vec<(String, f64, f64)> = (0..8)
+            .map(|i| {
+                let shown = [3.0, 40.0, 400.0, 5_000.0, 60_000.0][i % 5];
+                let rate = 0.05 + 0.01 * i as f64;
+                (format!("item-{i}"), shown, shown * rate)
+            })
+            .collect();
+        let arms: Vec<(&str, f64, f64)> = arms
+            .iter()
+            .map(|(id, n, r)| (id.as_str(), *n, *r))
+            .collect();
+        let s = stats(&arms);
+        let policy = Policy::from_config(&PolicyConfig::thompson(1.0, 1.0, MAX_DRAWS)).unwrap();
+        let mut rng = SmallRng::seed_from_u64(17);
+        let batched = policy.slot_probabilities(&c, &s, &[2], &mut rng);
+        // The reference: rand_distr's Beta sampler, one draw at a time, mixed the same way.
+        let PolicyConfig::Thompson { personal, .. } = policy.config else {
+            unreachable!()
+        };
+        let mix = Mix::new(&c, personal);
+        let betas: Vec<Beta<f64>> = arms
+            .iter()
+            .map(|&(_, n, r)| Beta::new(1.0 + r, 1.0 + n - r).unwrap())
+            .collect();
+        let remaining: Vec<usize> = (0..8).filter(|&i| i != 2).collect();
+        let trials = 100_000;
+        let mut counts = [0.0; 8];
+        for _ in 0..trials {
+            let theta: Vec<f64> = betas.iter().map(|b| b.sample(&mut rng)).collect();
+            counts[argmax(&mix.apply(&theta), &remaining)] += 1.0;
+        }
+        for i in 0..8 {
+            let p = counts[i] / f64::from(trials);
+            // Both are shares of 100,000 independent draws.
+            let sd = (2.0 * p * (1.0 - p) / f64::from(trials)).sqrt();
+            assert!(
+                (batched[i] - p).abs() <= 5.0 * sd + 1e-4,
+                "item-{i}: {} batched, {p} one at a time",
+                batched[i]
+            );
+        }
     }
 
     #[test]
