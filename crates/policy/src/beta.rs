@@ -258,25 +258,27 @@ fn sin_cos_of_turn(t: f32) -> (f32, f32) {
     (s * sin_sign, c * cos_sign)
 }
 
-/// [`one_minus_v_plus_ln_v`] by its series, for |t| < 1/16, in `f32`.
+/// [`one_minus_v_plus_ln_v`] by its series, for |t| < 1/16, in `f32` (the vectorised pass)
+/// or `f64`: 3·ln(1 + t) − 3t − 3t² − t³ by the series of ln(1 + t), to t⁹.
 #[inline(always)]
-fn series_one_minus_v_plus_ln_v(t: f32) -> f32 {
+fn series_one_minus_v_plus_ln_v<T>(t: T) -> T
+where
+    T: Copy + From<f32> + std::ops::Add<Output = T> + std::ops::Mul<Output = T>,
+{
+    let k = |c: f32| T::from(c);
     t * t
-        * (-4.5
+        * (k(-4.5)
             + t * t
-                * (-0.75
-                    + t * (0.6 + t * (-0.5 + t * (3.0 / 7.0 + t * (-0.375 + t * (1.0 / 3.0)))))))
+                * (k(-0.75)
+                    + t * (k(0.6)
+                        + t * (k(-0.5) + t * (k(3.0 / 7.0) + t * (k(-0.375) + t * k(1.0 / 3.0)))))))
 }
 
 /// 1 − v + ln v for v = (1 + t)³, t > −1, without the cancellation of the direct formula
-/// for small t (large shapes): 3·ln(1 + t) − 3t − 3t² − t³ by the series of ln(1 + t).
+/// for small t (large shapes).
 fn one_minus_v_plus_ln_v(t: f64) -> f64 {
     if t.abs() < 0.0625 {
-        let t2 = t * t;
-        t2 * (-4.5
-            + t * t
-                * (-0.75
-                    + t * (0.6 + t * (-0.5 + t * (3.0 / 7.0 + t * (-0.375 + t * (1.0 / 3.0)))))))
+        series_one_minus_v_plus_ln_v(t)
     } else {
         let v = (1.0 + t).powi(3);
         1.0 - v + v.ln()
