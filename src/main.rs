@@ -8,6 +8,11 @@ mod sim_cli;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use onrec_server::{App, Config, Listeners};
 
+/// mimalloc: the request path and the learners allocate many short-lived buffers across
+/// threads, which glibc's allocator serves more slowly.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// onrec: online recommendations over HTTP and gRPC, learning from feedback as it serves.
 #[derive(Debug, Parser)]
 #[command(name = "onrec", version, about, args_conflicts_with_subcommands = true)]
