@@ -28,6 +28,7 @@
 //! ```
 
 mod beta;
+mod draws;
 pub mod error;
 pub mod explorer;
 pub mod policy;

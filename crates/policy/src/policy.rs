@@ -41,6 +41,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::beta::{BetaDraw, Scratch};
+use crate::draws::Draws;
 use crate::error::ConfigError;
 use crate::stats::SegmentStats;
 
@@ -439,22 +440,20 @@ impl Policy {
                 }
             }
             PolicyConfig::Thompson { .. } => {
-                let mixed = self.mixed_draws(candidates, stats, rng);
-                p = win_shares(&mixed, candidates.len(), &remaining);
+                p = win_shares(&self.mixed_draws(candidates, stats, rng), &taken);
             }
         }
         p
     }
 
-    /// A Thompson policy's `draws` joint draws of the candidates' values, row-major, each
-    /// row mixed with the personal ranking as [`Policy::select`] mixes it; empty for
-    /// other policies.
+    /// A Thompson policy's `draws` joint draws of the candidates' values, each mixed with
+    /// the personal ranking as [`Policy::select`] mixes it; none for other policies.
     fn mixed_draws<R: Rng + ?Sized>(
         &self,
         candidates: &[Candidate],
         stats: &SegmentStats,
         rng: &mut R,
-    ) -> Vec<f64> {
+    ) -> Draws {
         let PolicyConfig::Thompson {
             alpha,
             beta,
@@ -462,7 +461,7 @@ impl Policy {
             personal,
         } = self.config
         else {
-            return Vec::new();
+            return Draws::zeros(0, candidates.len());
         };
         Mix::new(candidates, personal).draws(
             &Posteriors::new(candidates, stats, alpha, beta),
@@ -472,15 +471,14 @@ impl Policy {
     }
 }
 
-/// For the rows of `mixed` (`m` values each, one per candidate), the share of rows in
-/// which each candidate is the best of `remaining` (not empty).
-fn win_shares(mixed: &[f64], m: usize, remaining: &[usize]) -> Vec<f64> {
-    let mut p = vec![0.0; m];
-    let rows = mixed.len() / m.max(1);
-    for row in mixed.chunks_exact(m.max(1)) {
-        p[argmax(row, remaining)] += 1.0;
+/// For the draws of `mixed`, the share of draws in which each candidate is the best of
+/// those not `taken` (at least one is not).
+fn win_shares(mixed: &Draws, taken: &[bool]) -> Vec<f64> {
+    let mut p = vec![0.0; taken.len()];
+    for i in mixed.best(0..mixed.rows(), taken) {
+        p[i] += 1.0;
     }
-    p.iter_mut().for_each(|v| *v /= rows.max(1) as f64);
+    p.iter_mut().for_each(|v| *v /= mixed.rows().max(1) as f64);
     p
 }
 
@@ -563,16 +561,11 @@ impl Mix {
         }
     }
 
-    /// Draws `draws` joint values from `posteriors` and mixes each row: row-major.
-    fn draws<R: Rng + ?Sized>(
-        &self,
-        posteriors: &Posteriors,
-        draws: usize,
-        rng: &mut R,
-    ) -> Vec<f64> {
-        let mut theta = posteriors.sample_matrix(draws, rng);
-        for row in theta.chunks_exact_mut(posteriors.dists.len().max(1)) {
-            self.apply_in_place(row);
+    /// Draws `draws` joint values from `posteriors` and mixes each draw.
+    fn draws<R: Rng + ?Sized>(&self, posteriors: &Posteriors, draws: usize, rng: &mut R) -> Draws {
+        let mut theta = posteriors.sample(draws, rng);
+        if let Some(personal) = &self.personal {
+            theta.mix(personal, self.weight);
         }
         theta
     }
@@ -647,11 +640,10 @@ impl Policy {
                 if let Some(t) = k.checked_sub(1).and_then(|j| taken.get_mut(slate[j])) {
                     *t = true;
                 }
-                let remaining: Vec<usize> = (0..m).filter(|&i| !taken[i]).collect();
-                if remaining.is_empty() {
+                if taken.iter().all(|&t| t) {
                     return vec![0.0; m];
                 }
-                win_shares(&mixed, m, &remaining)
+                win_shares(&mixed, &taken)
             })
             .collect()
     }
@@ -687,34 +679,18 @@ impl Posteriors {
         Self { dists }
     }
 
-    /// `rows` joint draws, row-major: row d holds θ of every candidate.
-    fn sample_matrix<R: Rng + ?Sized>(&self, rows: usize, rng: &mut R) -> Vec<f64> {
-        let m = self.dists.len();
-        let mut theta = vec![0.0; rows * m];
-        let mut column = vec![0.0; rows];
+    /// `rows` joint draws of every candidate's θ.
+    fn sample<R: Rng + ?Sized>(&self, rows: usize, rng: &mut R) -> Draws {
+        let mut theta = Draws::zeros(rows, self.dists.len());
         let mut scratch = Scratch::default();
-        for (i, dist) in self.dists.iter().enumerate() {
+        for (column, dist) in theta.columns_mut().zip(&self.dists) {
             match dist {
-                Ok(beta) => beta.fill(&mut column, &mut scratch, rng),
+                Ok(beta) => beta.fill(column, &mut scratch, rng),
                 Err(mean) => column.fill(*mean),
-            }
-            for (row, &v) in theta.chunks_exact_mut(m).zip(&column) {
-                row[i] = v;
             }
         }
         theta
     }
-}
-
-/// The index in `among` with the largest θ; ties go to the earlier one.
-fn argmax(theta: &[f64], among: &[usize]) -> usize {
-    let mut best = among[0];
-    for &i in &among[1..] {
-        if theta[i] > theta[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 fn thompson<R: Rng + ?Sized>(
@@ -733,31 +709,24 @@ fn thompson<R: Rng + ?Sized>(
     // Each slot's own draw first, then the estimate's draws; every candidate is drawn in
     // each, so that the mix standardises over the same set.
     let theta = mix.draws(posteriors, slots_n + draws, rng);
-    let (own, estimate) = theta.split_at(slots_n * m);
-    let mut remaining: Vec<usize> = (0..m).collect();
-    // The best remaining candidate of every row: only rows whose best was taken change.
-    let mut best: Vec<usize> = estimate
-        .chunks_exact(m)
-        .map(|row| argmax(row, &remaining))
-        .collect();
+    let estimate = slots_n..slots_n + draws;
+    let mut taken = vec![false; m];
+    // The best remaining candidate of every estimate draw: it changes only in the draws
+    // whose best was taken, and there to the best of the rest.
+    let mut best = theta.best(estimate.clone(), &taken);
     let mut slots = Vec::with_capacity(slots_n);
-    for fresh in own.chunks_exact(m) {
-        let chosen = argmax(fresh, &remaining);
+    for k in 0..slots_n {
+        let chosen = theta.best_of(k, &taken);
         let wins = best.iter().filter(|&&b| b == chosen).count();
         slots.push(Slot {
             item_id: candidates[chosen].item_id.clone(),
             score: candidates[chosen].score,
             propensity: (wins + 1) as f64 / (draws + 1) as f64,
-            explored: chosen != remaining[0],
+            explored: taken.iter().position(|&t| !t) != Some(chosen),
         });
-        remaining.retain(|&i| i != chosen);
-        if remaining.is_empty() {
-            break;
-        }
-        for (b, row) in best.iter_mut().zip(estimate.chunks_exact(m)) {
-            if *b == chosen {
-                *b = argmax(row, &remaining);
-            }
+        taken[chosen] = true;
+        if wins > 0 && k + 1 < slots_n {
+            best = theta.best(estimate.clone(), &taken);
         }
     }
     slots
@@ -1129,6 +1098,17 @@ mod tests {
         }
         // The estimator's bias is at most (1 − p)/(draws + 1) per slot.
         assert!((err_sum / trials as f64).abs() < 1.0 / 201.0);
+    }
+
+    /// The first of `among` with the largest θ.
+    fn argmax(theta: &[f64], among: &[usize]) -> usize {
+        let mut best = among[0];
+        for &i in &among[1..] {
+            if theta[i] > theta[best] {
+                best = i;
+            }
+        }
+        best
     }
 
     #[test]
