@@ -122,7 +122,8 @@ impl pulp::WithSimd for Mix<'_> {
     }
 }
 
-/// [`Draws::best`]'s pass: the best so far of every draw, updated a candidate at a time.
+/// [`Draws::best`]'s pass, [`BLOCK`] draws at a time: their best so far stays in
+/// registers while the candidates' columns go by.
 struct Best<'a> {
     rows: usize,
     cols: &'a [f64],
@@ -130,6 +131,9 @@ struct Best<'a> {
     taken: &'a [bool],
     best: &'a mut [usize],
 }
+
+/// Draws whose best values one pass of [`Best`] keeps in registers.
+const BLOCK: usize = 16;
 
 impl pulp::WithSimd for Best<'_> {
     type Output = ();
@@ -143,26 +147,46 @@ impl pulp::WithSimd for Best<'_> {
             taken,
             best,
         } = self;
-        let mut open = cols
-            .chunks_exact(rows)
-            .map(|column| &column[range.clone()])
-            .enumerate()
-            .zip(taken)
-            .filter(|(_, t)| !**t)
-            .map(|(column, _)| column);
-        let Some((first, column)) = open.next() else {
+        let open: Vec<usize> = (0..taken.len()).filter(|&i| !taken[i]).collect();
+        let Some((&first, rest)) = open.split_first() else {
             return;
         };
-        let mut value = column.to_vec();
-        best.fill(first);
-        for (i, column) in open {
-            for ((b, v), &c) in best.iter_mut().zip(value.iter_mut()).zip(column) {
-                let better = c > *v;
-                *v = if better { c } else { *v };
-                *b = if better { i } else { *b };
-            }
+        let mut blocks = best.chunks_exact_mut(BLOCK);
+        let mut at = range.start;
+        for out in blocks.by_ref() {
+            best_of_block::<BLOCK>(cols, rows, at, (first, rest), out);
+            at += BLOCK;
+        }
+        for out in blocks.into_remainder().chunks_exact_mut(1) {
+            best_of_block::<1>(cols, rows, at, (first, rest), out);
+            at += 1;
         }
     }
+}
+
+/// The best candidate of draws `at..at + N` into `out`: the first of `open`'s columns with
+/// the largest value.
+#[inline(always)]
+fn best_of_block<const N: usize>(
+    cols: &[f64],
+    rows: usize,
+    at: usize,
+    (first, rest): (usize, &[usize]),
+    out: &mut [usize],
+) {
+    let column = |i: usize| &cols[i * rows + at..i * rows + at + N];
+    let mut value = [0.0; N];
+    value.copy_from_slice(column(first));
+    let mut index = [first; N];
+    for &i in rest {
+        let c = column(i);
+        for l in 0..N {
+            let better = c[l] > value[l];
+            value[l] = if better { c[l] } else { value[l] };
+            index[l] = if better { i } else { index[l] };
+        }
+    }
+    out.copy_from_slice(&index);
 }
 
 #[cfg(test)]
