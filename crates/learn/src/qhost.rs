@@ -76,7 +76,14 @@ impl HostQ {
             features
                 .iter()
                 .zip(candidates)
-                .map(|(s, list)| self.q_of(rows, s, list))
+                .map(|(s, list)| {
+                    pulp::Arch::new().dispatch(QOf {
+                        host: self,
+                        rows,
+                        s,
+                        candidates: list,
+                    })
+                })
                 .collect()
         })
     }
@@ -109,32 +116,53 @@ impl HostQ {
         }
         x
     }
+}
 
-    /// Q of each candidate in state features `s`: the first layer's state part once, its
-    /// action part per candidate.
-    fn q_of(&self, rows: &[f32], s: &[f32], candidates: &[u32]) -> Vec<f32> {
-        let (e, h) = (self.cfg.embed, self.l1.outputs());
-        let shared: Vec<f32> = (0..h)
-            .map(|o| dot(&self.l1.row(o)[..s.len()], s) + self.l1.bias()[o])
-            .collect();
+/// Q of each of `candidates` in state features `s`: the first layer's state part once,
+/// its action part per candidate; compiled for the processor's widest vectors, so every
+/// loop is written out here or inlined.
+struct QOf<'a> {
+    host: &'a HostQ,
+    rows: &'a [f32],
+    s: &'a [f32],
+    candidates: &'a [u32],
+}
+
+impl pulp::WithSimd for QOf<'_> {
+    type Output = Vec<f32>;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> Vec<f32> {
+        let Self {
+            host,
+            rows,
+            s,
+            candidates,
+        } = self;
+        let (e, h) = (host.cfg.embed, host.l1.outputs());
+        let mut shared = vec![0f32; h];
+        for (o, z) in shared.iter_mut().enumerate() {
+            *z = dot(&host.l1.row(o)[..s.len()], s) + host.l1.bias()[o];
+        }
         let zeros = vec![0f32; e];
-        let (mut z1, mut z2) = (vec![0f32; h], vec![0f32; self.l2.outputs()]);
-        let mut q = [0f32];
-        candidates
-            .iter()
-            .map(|&a| {
-                let action = rows
-                    .get(a as usize * e..(a as usize + 1) * e)
-                    .unwrap_or(&zeros);
-                for (o, z) in z1.iter_mut().enumerate() {
-                    *z = (shared[o] + dot(&self.l1.row(o)[s.len()..], action)).max(0.0);
-                }
-                self.l2.apply(&z1, &mut z2);
-                z2.iter_mut().for_each(|z| *z = z.max(0.0));
-                self.out.apply(&z2, &mut q);
-                q[0]
-            })
-            .collect()
+        let (mut z1, mut z2) = (vec![0f32; h], vec![0f32; host.l2.outputs()]);
+        let mut q = Vec::with_capacity(candidates.len());
+        let mut out = [0f32];
+        for &a in candidates {
+            let action = rows
+                .get(a as usize * e..(a as usize + 1) * e)
+                .unwrap_or(&zeros);
+            for (o, z) in z1.iter_mut().enumerate() {
+                *z = (shared[o] + dot(&host.l1.row(o)[s.len()..], action)).max(0.0);
+            }
+            host.l2.apply(&z1, &mut z2);
+            for z in &mut z2 {
+                *z = z.max(0.0);
+            }
+            host.out.apply(&z2, &mut out);
+            q.push(out[0]);
+        }
+        q
     }
 }
 

@@ -90,16 +90,19 @@ impl HostLinear {
     }
 
     /// Row `o` of the weights: what output `o` multiplies the inputs by.
+    #[inline]
     pub fn row(&self, o: usize) -> &[f32] {
         &self.weight[o * self.inputs..(o + 1) * self.inputs]
     }
 
     /// The bias.
+    #[inline]
     pub fn bias(&self) -> &[f32] {
         &self.bias
     }
 
     /// `out` = weight · `x` + bias.
+    #[inline(always)]
     pub fn apply(&self, x: &[f32], out: &mut [f32]) {
         for ((o, row), b) in out
             .iter_mut()
@@ -197,7 +200,9 @@ fn gelu(v: f32) -> f32 {
     0.5 * v * (1.0 + (SQRT_TWO_OVER_PI * v * (1.0 + 0.044_715 * v * v)).tanh())
 }
 
-/// The inner product, in eight lanes so that it vectorises.
+/// The inner product, in eight lanes so that it vectorises (inlined, so that a caller
+/// compiled for wider vectors gets them).
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (a8, a_tail) = a.as_chunks::<8>();
     let (b8, b_tail) = b.as_chunks::<8>();
