@@ -41,7 +41,7 @@ impl Draws {
         if self.rows == 0 {
             return;
         }
-        pulp::Arch::new().dispatch(Mix {
+        pulp::Arch::new().dispatch(MixPass {
             rows: self.rows,
             cols: &mut self.cols,
             personal,
@@ -56,7 +56,7 @@ impl Draws {
         if best.is_empty() {
             return best;
         }
-        pulp::Arch::new().dispatch(Best {
+        pulp::Arch::new().dispatch(BestPass {
             rows: self.rows,
             cols: &self.cols,
             range: rows,
@@ -80,14 +80,14 @@ impl Draws {
 }
 
 /// [`Draws::mix`]'s passes: each draw's sum, then its squared deviations, then the mix.
-struct Mix<'a> {
+struct MixPass<'a> {
     rows: usize,
     cols: &'a mut [f64],
     personal: &'a [f64],
     weight: f64,
 }
 
-impl pulp::WithSimd for Mix<'_> {
+impl pulp::WithSimd for MixPass<'_> {
     type Output = ();
 
     #[inline(always)]
@@ -124,7 +124,7 @@ impl pulp::WithSimd for Mix<'_> {
 
 /// [`Draws::best`]'s pass, [`BLOCK`] draws at a time: their best so far stays in
 /// registers while the candidates' columns go by.
-struct Best<'a> {
+struct BestPass<'a> {
     rows: usize,
     cols: &'a [f64],
     range: Range<usize>,
@@ -132,10 +132,10 @@ struct Best<'a> {
     best: &'a mut [usize],
 }
 
-/// Draws whose best values one pass of [`Best`] keeps in registers.
+/// Draws whose best values one pass of [`BestPass`] keeps in registers.
 const BLOCK: usize = 16;
 
-impl pulp::WithSimd for Best<'_> {
+impl pulp::WithSimd for BestPass<'_> {
     type Output = ();
 
     #[inline(always)]
